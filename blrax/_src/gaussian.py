@@ -1,0 +1,249 @@
+r"""The diagonal-Gaussian posterior shared by every diagonal BLR variant.
+
+All diagonal variants (IVON, diagonal VON, Vadam, VOGN) keep the same
+variational family, in the normalised form of Shen et al. (2024):
+
+.. math::
+
+  q(\theta) = \mathcal{N}\big(m,\ \mathrm{diag}(\sigma^2)\big), \qquad
+  \sigma = \frac{1}{\sqrt{\lambda\,(h + \delta)}},
+
+where the mean :math:`m` is the params, :math:`h` a curvature estimate kept in
+the optimizer state, :math:`\lambda` the effective sample size (``ess``) and
+:math:`\delta` the weight decay (prior precision divided by :math:`\lambda`).
+A draw is :math:`\theta = m + \sigma\epsilon`, :math:`\epsilon\sim\mathcal{N}(0,I)`.
+
+This module holds that family as the state :class:`DiagonalGaussian`, the
+noise it draws from its own key, and the per-element curvature estimators the
+variants combine. It imports no variant.
+
+References:
+  Shen et al., `Variational Learning is Effective for Large Deep Networks
+  <https://arxiv.org/abs/2402.17641>`_, ICML 2024.
+  Khan & Rue, `The Bayesian Learning Rule <https://arxiv.org/abs/2107.04562>`_,
+  JMLR 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blrax._src import lookup
+
+
+def canonicalize_key(key: int | jax.Array) -> jax.Array:
+  """Returns a typed PRNG key from an int, an int array, or a (typed/raw) key.
+
+  The decision is made on the dtype, not ``isinstance(key, int)``, because
+  ``optax.inject_hyperparams`` hands an int ``key`` back as an int32 array.
+  """
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key
+  ):
+    return key
+  key = jnp.asarray(key)
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  if not jnp.issubdtype(key.dtype, jnp.integer) or key.shape != ():
+    raise ValueError(
+        "`key` must be an int, an integer scalar array or a PRNG key, got "
+        f"key={key!r}."
+    )
+  return jax.random.key(key)
+
+
+def state_dtype(dtype: Any) -> jnp.dtype:
+  """Curvature and momentum dtype: at least float32 whatever the params use.
+
+  A bfloat16 EMA with ``b2 = 0.99999`` would never move (the increment is
+  below bf16 resolution), so low-precision params get float32 state.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def initial_key(key: int | jax.Array, mc_samples: int) -> jax.Array:
+  """A scalar key for one sample per step, or ``mc_samples`` keys.
+
+  The shape of the key array is how the state records ``mc_samples``: the
+  state then holds arrays only, and ``sample_params`` needs no hyperparameter.
+  """
+  key = canonicalize_key(key)
+  return key if mc_samples == 1 else jax.random.split(key, mc_samples)
+
+
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(noise key, next key) for a scalar key or a batch of keys."""
+  if key.ndim == 0:
+    keys = jax.random.split(key)
+    return keys[0], keys[1]
+  keys = jax.vmap(jax.random.split)(key)
+  return keys[:, 0], keys[:, 1]
+
+
+def standard_normal_like(key: jax.Array, tree: Any) -> Any:
+  """:math:`\\epsilon \\sim N(0, I)` like ``tree``; leading axis if key is batched.
+
+  ``optax.MaskedNode`` holes in ``tree`` stay holes (they get no noise).
+  """
+
+  def draw(k):
+    return optax.tree.random_like(k, tree, jax.random.normal)
+
+  return draw(key) if key.ndim == 0 else jax.vmap(draw)(key)
+
+
+def stddev(curvature: jax.Array, ess: jax.Array, weight_decay: jax.Array):
+  r""":math:`\sigma = 1/\sqrt{\lambda (h + \delta)}` for one leaf."""
+  return jax.lax.rsqrt(ess * (curvature + weight_decay))
+
+
+def price_curvature(grads, noise, curvature, ess, weight_decay):
+  r"""Price/Stein estimate :math:`\hat h = \mathrm{mean}_s\,\hat g_s \epsilon_s/\sigma`.
+
+  Equal to :math:`\hat g \odot (\theta - m)\,\lambda(h+\delta)` but computed from
+  :math:`\epsilon`, which avoids the cancellation in :math:`\theta - m`.
+  Unbiased for :math:`E_q[\mathrm{diag}\,\nabla^2 \bar\ell]` with Gaussian noise.
+  ``grads`` and ``noise`` carry the Monte-Carlo axis first when batched.
+  """
+  inverse_stddev = jnp.sqrt(ess * (curvature + weight_decay))
+  product = grads * noise
+  if product.ndim > curvature.ndim:
+    product = jnp.mean(product, axis=0)
+  return product * inverse_stddev
+
+
+def positive_ema(curvature, estimate, rho, weight_decay):
+  r"""Curvature EMA with the correction that keeps it positive.
+
+  .. math::
+
+    h \leftarrow (1-\rho) h + \rho \hat h
+      + \tfrac{1}{2}\rho^2 (h - \hat h)^2 / (h + \delta)
+
+  This is the Riemannian-gradient step of Lin et al. (2020) used by IVON; it
+  is positive for any finite :math:`\hat h` when :math:`h > 0`.
+
+  References:
+    Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
+    Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
+  """
+  return (
+      (1.0 - rho) * curvature
+      + rho * estimate
+      + 0.5 * rho**2 * jnp.square(curvature - estimate) / (curvature + weight_decay)
+  )
+
+
+def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Mean over the leading Monte-Carlo axis, if ``x`` has one beyond ``like``."""
+  return jnp.mean(x, axis=0) if x.ndim > like.ndim else x
+
+
+def scalar(value: Any) -> jax.Array:
+  """A hyperparameter kept in the state: a float32 scalar (float64 under x64)."""
+  return jnp.asarray(value, jnp.result_type(float))
+
+
+def _hole(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+@lookup.register_posterior
+class DiagonalGaussian(NamedTuple):
+  r"""A diagonal Gaussian :math:`N(m, 1/(\lambda(h+\delta)))` around the params.
+
+  Attributes:
+    key: typed PRNG key of the next draw; an array of ``mc_samples`` keys when
+      the optimizer draws several samples per step.
+    curvature: :math:`h`, a pytree like the params (``optax.MaskedNode`` where
+      a wrapper masked a param out), float32 or wider.
+    ess: :math:`\lambda`, the effective sample size, a float scalar.
+    weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`.
+  """
+
+  key: jax.Array
+  curvature: Any
+  ess: jax.Array
+  weight_decay: jax.Array
+
+  @property
+  def mc_samples(self) -> int:
+    return 1 if self.key.ndim == 0 else self.key.shape[0]
+
+  def noise(self) -> Any:
+    """The standard-normal draw this state's next update expects."""
+    return standard_normal_like(_split(self.key)[0], self.curvature)
+
+  def next_key(self) -> jax.Array:
+    return _split(self.key)[1]
+
+  def stddev(self) -> Any:
+    """:math:`\\sigma` like the params, with holes where masked."""
+    return jax.tree.map(
+        lambda h: stddev(h, self.ess, self.weight_decay), self.curvature
+    )
+
+  def offset(self, noise: Any | None = None) -> Any:
+    """:math:`\\sigma\\epsilon`, by default with the state's own noise."""
+    noise = self.noise() if noise is None else noise
+    return jax.tree.map(lambda s, e: s * e, self.stddev(), noise)
+
+  def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
+    """``num_samples`` fresh draws of :math:`\\sigma\\epsilon` from ``key``."""
+    keys = jax.random.split(key, num_samples)
+    return self.offset(standard_normal_like(keys, self.curvature))
+
+
+def init_diagonal_gaussian(
+    params: Any,
+    *,
+    key: int | jax.Array,
+    curvature_init: Any,
+    ess: Any,
+    weight_decay: Any,
+    mc_samples: int,
+) -> DiagonalGaussian:
+  """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
+  curvature = jax.tree.map(
+      lambda p: jnp.full(p.shape, curvature_init, state_dtype(p.dtype)), params
+  )
+  return DiagonalGaussian(
+      key=initial_key(key, mc_samples),
+      curvature=curvature,
+      ess=scalar(ess),
+      weight_decay=scalar(weight_decay),
+  )
+
+
+def check_grads(grads: Any, params: Any, mc_samples: int, name: str = "grads"):
+  """Raises ``ValueError`` unless each leaf is ``(mc_samples,) + param.shape``.
+
+  With ``mc_samples == 1`` the leading axis is absent.
+  """
+  if params is None:
+    raise ValueError(
+        "blrax optimizers need `params` (the posterior mean) in `update`."
+    )
+  grads_def = jax.tree.structure(grads, is_leaf=_hole)
+  params_def = jax.tree.structure(params, is_leaf=_hole)
+  if grads_def != params_def:
+    raise ValueError(
+        f"`{name}` must have the structure of params; got {grads_def} for "
+        f"params {params_def}."
+    )
+  prefix = () if mc_samples == 1 else (mc_samples,)
+  for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+    want = prefix + tuple(p.shape)
+    if tuple(g.shape) != want:
+      raise ValueError(
+          f"`{name}` leaf has shape {tuple(g.shape)}, expected {want} "
+          f"(mc_samples={mc_samples}: "
+          + ("no leading sample axis" if mc_samples == 1
+             else "leading axis of size mc_samples, e.g. from "
+             "jax.vmap(jax.grad(loss))")
+          + ")."
+      )

@@ -1,0 +1,173 @@
+r"""Find the variational posterior in any optax state, and use it.
+
+The posterior of a blrax optimizer is a sub-state of a registered type (for
+example :class:`blrax.DiagonalGaussian`). It is found **by type**, anywhere in
+a nested optax state: inside ``chain``, ``named_chain``, ``inject_hyperparams``,
+``MultiSteps``, ``apply_if_finite``, ``masked`` and ``partition`` (whose
+``optax.MaskedNode`` holes mark params that get no noise), and inside an
+``nnx.Optimizer``'s ``opt_state``. Several posteriors (one per partition) may
+cover disjoint parts of the params.
+
+A posterior type implements ``mc_samples``, ``stddev()``, ``offset()`` (the
+draw the next update expects, :math:`\theta - m`) and
+``sample_offsets(key, n)``, each returning a tree like the params with holes
+where it does not reach.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_POSTERIOR_TYPES: list[type] = []
+
+
+def register_posterior(cls: type) -> type:
+  """Class decorator: makes ``cls`` findable by :func:`find_posteriors`."""
+  _POSTERIOR_TYPES.append(cls)
+  return cls
+
+
+def _is_posterior(x: Any) -> bool:
+  return isinstance(x, tuple(_POSTERIOR_TYPES))
+
+
+def _hole(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _unwrap_nnx(tree: Any) -> Any:
+  """Strips flax ``nnx.Variable`` wrappers (an ``nnx.Optimizer``'s state)."""
+  from flax import nnx  # Imported lazily: flax is only needed for NNX states.
+
+  if any(
+      isinstance(x, nnx.Variable)
+      for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  ):
+    return nnx.as_pure(tree)
+  return tree
+
+
+def find_posteriors(opt_state: Any) -> list[Any]:
+  """All variational sub-states in ``opt_state``, in tree order.
+
+  Raises:
+    ValueError: if there is none.
+  """
+  opt_state = _unwrap_nnx(opt_state)
+  found = [
+      x for x in jax.tree.leaves(opt_state, is_leaf=_is_posterior)
+      if _is_posterior(x)
+  ]
+  if not found:
+    raise ValueError(
+        "`opt_state` holds no blrax posterior: pass the state of a blrax "
+        "optimizer (alone or inside optax wrappers)."
+    )
+  return found
+
+
+def _merge(params: Any, trees: list[Any], fill: Any) -> list[Any]:
+  """For each params leaf, the first covering leaf among ``trees`` (or fill)."""
+
+  def pick(p, *candidates):
+    for c in candidates:
+      if not _hole(c):
+        return c
+    return fill(p)
+
+  return jax.tree.map(pick, params, *trees, is_leaf=_hole)
+
+
+def _mc_samples(posteriors: list[Any]) -> int:
+  counts = {p.mc_samples for p in posteriors}
+  if len(counts) != 1:
+    raise ValueError(f"posteriors disagree on mc_samples: {sorted(counts)}.")
+  return counts.pop()
+
+
+def _add_offsets(params: Any, offsets: Any, leading: tuple[int, ...]) -> Any:
+  def add(p, d):
+    if d is None:
+      return jnp.broadcast_to(p, leading + p.shape)
+    return (p.astype(d.dtype) + d).astype(p.dtype)
+
+  return jax.tree.map(add, params, offsets)
+
+
+def sample_params(params: Any, opt_state: Any) -> Any:
+  r"""The draw :math:`\theta = m + \sigma\epsilon` the next ``update`` expects.
+
+  A pure function of its inputs: the noise comes from the key in
+  ``opt_state``, and ``update`` regenerates the same noise from the same
+  state (inside one ``jit``, XLA computes it once). With ``mc_samples = S > 1``
+  every leaf gets a leading axis of size ``S``; take gradients with
+  ``jax.vmap(jax.grad(loss))``. Params outside the posterior (masked by
+  ``optax.masked``/``partition``) are returned unperturbed.
+
+  Args:
+    params: the posterior mean :math:`m` (the params being trained).
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+
+  Returns:
+    A pytree like ``params``, in the params' dtypes.
+  """
+  posteriors = find_posteriors(opt_state)
+  mc = _mc_samples(posteriors)
+  offsets = _merge(params, [p.offset() for p in posteriors], lambda _: None)
+  return _add_offsets(params, offsets, () if mc == 1 else (mc,))
+
+
+def posterior_stddev(opt_state: Any, params: Any | None = None) -> Any:
+  r"""The posterior standard deviation :math:`\sigma`, a pytree like the params.
+
+  Needs no hyperparameters: ``ess`` and the prior precision live in the state.
+
+  Args:
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+    params: optional; when given, params outside every posterior (frozen by a
+      mask) get an exact zero of their shape, and the result has the params'
+      tree structure even where the state has ``optax.MaskedNode`` holes.
+
+  Returns:
+    A pytree of float32 (or wider) arrays.
+  """
+  posteriors = find_posteriors(opt_state)
+  trees = [p.stddev() for p in posteriors]
+  if params is None:
+    params = trees[0]
+    fill = lambda _: jnp.zeros((), jnp.float32)
+  else:
+    fill = lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
+  return _merge(params, trees, fill)
+
+
+def sample_posterior(
+    key: jax.Array, params: Any, opt_state: Any, num_samples: int
+) -> Any:
+  r"""``num_samples`` independent draws from :math:`q`, for model averaging.
+
+  Args:
+    key: a PRNG key; independent of the key inside the optimizer state.
+    params: the posterior mean.
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+    num_samples: how many draws; the leading axis of every leaf.
+
+  Returns:
+    A pytree like ``params`` whose leaves have a leading axis ``num_samples``.
+  """
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(
+        f"`num_samples` must be an int >= 1, got num_samples={num_samples!r}."
+    )
+  posteriors = find_posteriors(opt_state)
+  keys = jax.random.split(key, len(posteriors))
+  offsets = _merge(
+      params,
+      [p.sample_offsets(k, num_samples) for p, k in zip(posteriors, keys)],
+      lambda _: None,
+  )
+  return _add_offsets(params, offsets, (num_samples,))
