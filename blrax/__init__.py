@@ -7,6 +7,13 @@ precision and the PRNG key of the weight noise.
 
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
+from blrax._src.metrics import (
+    accuracy,
+    brier_score,
+    calibration_bins,
+    expected_calibration_error,
+    negative_log_likelihood,
+)
 from blrax._src.lookup import (
     find_posteriors,
     posterior_stddev,
@@ -19,6 +26,11 @@ __version__ = "0.1.0"
 __all__ = (
     "DiagonalGaussian",
     "ScaleByIVONState",
+    "accuracy",
+    "brier_score",
+    "calibration_bins",
+    "expected_calibration_error",
+    "negative_log_likelihood",
     "find_posteriors",
     "ivon",
     "posterior_stddev",

@@ -175,8 +175,24 @@ class DiagonalGaussian(NamedTuple):
     return 1 if self.key.ndim == 0 else self.key.shape[0]
 
   def noise(self) -> Any:
-    """The standard-normal draw this state's next update expects."""
-    return standard_normal_like(_split(self.key)[0], self.curvature)
+    """The standard-normal draw this state's next update expects.
+
+    With ``ess = inf`` the posterior is a point mass and the draw is skipped
+    (zeros). The ``lax.cond`` on that runtime flag also has a cost purpose:
+    its output is materialised once, so XLA's CSE can share one draw between
+    ``sample_params`` and ``update`` instead of fusing (recomputing) the
+    normal transform into each of their consumers.
+    """
+    # For CSE to merge the two calls, their conditionals must have identical
+    # operands: so the key is split inside the branch (the state's key is the
+    # operand), and the zeros are 0 * h (XLA never merges operand-less tuples).
+    return jax.lax.cond(
+        jnp.isfinite(self.ess),
+        lambda: standard_normal_like(_split(self.key)[0], self.curvature),
+        lambda: jax.tree.map(
+            lambda h: jnp.broadcast_to(0.0 * h, self.key.shape + h.shape),
+            self.curvature),
+    )
 
   def next_key(self) -> jax.Array:
     return _split(self.key)[1]

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import gaussian
-from blrax._src import validation
+from blrax._src import gaussian, validation
 
 
 class ScaleByIVONState(NamedTuple):
@@ -122,6 +121,11 @@ def scale_by_ivon(
     gaussian.check_grads(updates, params, mc_samples)
     if hessian is not None:
       gaussian.check_grads(hessian, params, mc_samples, name="hessian")
+    elif validation.concrete_float(ess) == math.inf:
+      raise ValueError(
+          "ess=inf means no weight noise, so the Price curvature estimate is "
+          "undefined: pass the curvature as `update(..., hessian=...)`."
+      )
     posterior = state.posterior
     noise = posterior.noise()
     count = optax.safe_increment(state.count)

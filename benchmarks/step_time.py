@@ -1,0 +1,126 @@
+"""Train-step time of blrax optimizers against optax.adamw on the same MLP.
+
+Each optimizer runs the full step the user writes (draw the weights, take the
+gradient, update), jitted, for ``--inner`` steps inside one ``lax.scan``.
+Three steps are timed in the same process, interleaved round by round so the
+shared machine's drift hits all alike:
+
+- ``adamw``: optax.adamw's step (the reference, ratio 1.00);
+- ``floor``: adamw's step plus one normal draw of all params, added (tiny)
+  to the weights before the gradient. On CPU the threefry normal draw costs
+  about as much as a whole Adam step, so this is what "as cheap as Adam"
+  means for any weight-perturbation method;
+- the blrax optimizers.
+
+    python benchmarks/step_time.py [--sizes 256,1024,1024,10] [--batch 128]
+
+Prints a markdown table of median step times and ratios to adamw and floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import blrax
+
+
+def mlp_init(key, sizes):
+  params = []
+  for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1),
+                       zip(sizes[:-1], sizes[1:])):
+    params.append({"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a),
+                   "b": jnp.zeros(b)})
+  return params
+
+
+def mlp_loss(params, x, y):
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  logits = x @ params[-1]["w"] + params[-1]["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_run(opt, kind, inner):
+  """A jitted function running ``inner`` full train steps of ``kind``."""
+
+  def step(carry, batch):
+    params, state, key = carry
+    x, y = batch
+    if kind == "blrax":
+      theta = blrax.sample_params(params, state)
+    elif kind == "floor":
+      key, sub = jax.random.split(key)
+      noise = optax.tree.random_like(sub, params, jax.random.normal)
+      theta = jax.tree.map(lambda p, e: p + 1e-6 * e, params, noise)
+    else:
+      theta = params
+    grads = jax.grad(mlp_loss)(theta, x, y)
+    updates, state = opt.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state, key), None
+
+  @jax.jit
+  def run(params, state, key, xs, ys):
+    return jax.lax.scan(step, (params, state, key), (xs, ys))[0]
+
+  return run
+
+
+def benchmark(sizes, batch, inner, rounds, variants):
+  key = jax.random.key(0)
+  params = mlp_init(key, sizes)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  xs = jax.random.normal(key, (inner, batch, sizes[0]))
+  ys = jax.random.randint(key, (inner, batch), 0, sizes[-1])
+  adamw = optax.adamw(1e-3)
+  entries = {"adamw": (adamw, "adam"), "floor": (adamw, "floor")}
+  entries.update({name: (opt, "blrax") for name, opt in variants.items()})
+  runs = {}
+  for name, (opt, kind) in entries.items():
+    run = make_run(opt, kind, inner)
+    args = (params, opt.init(params), key, xs, ys)
+    jax.block_until_ready(run(*args))  # compile and warm up
+    runs[name] = (run, args)
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, (run, args) in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run(*args))
+      times[name].append((time.perf_counter() - start) / inner)
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  return n_params, medians
+
+
+def default_variants(n_train=60_000):
+  return {"blrax.ivon": blrax.ivon(1e-3, ess=n_train)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default="256,1024,1024,10",
+                      help="MLP layer widths, comma separated")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--inner", type=int, default=20,
+                      help="steps per timed call (inside one lax.scan)")
+  parser.add_argument("--rounds", type=int, default=15)
+  args = parser.parse_args()
+  sizes = [int(s) for s in args.sizes.split(",")]
+  n_params, medians = benchmark(sizes, args.batch, args.inner, args.rounds,
+                                default_variants())
+  print(f"MLP {sizes}, {n_params:,} params, batch {args.batch}, "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, "
+        f"jax {jax.__version__}, optax {optax.__version__}\n")
+  print("| step | median ms | / adamw | / floor |")
+  print("|---|---:|---:|---:|")
+  for name, t in medians.items():
+    print(f"| {name} | {1e3 * t:.3f} | {t / medians['adamw']:.2f} | "
+          f"{t / medians['floor']:.2f} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""Bad input raises ValueError naming the argument and its value."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import blrax
+
+BAD_IVON = [
+    ("learning_rate", -0.1),
+    ("ess", 0.0),
+    ("ess", -5.0),
+    ("hess_init", 0.0),
+    ("hess_init", -1.0),
+    ("b1", 1.5),
+    ("b1", -0.1),
+    ("b2", 1.01),
+    ("weight_decay", -1e-4),
+    ("clip_radius", 0.0),
+    ("mc_samples", 0),
+    ("mc_samples", 1.5),
+    ("ess", math.nan),
+]
+
+
+@pytest.mark.parametrize("arg,value", BAD_IVON)
+def test_ivon_rejects_bad_hyperparameter(arg, value):
+  kwargs = dict(learning_rate=0.1, ess=100.0)
+  kwargs[arg] = value
+  with pytest.raises(ValueError, match=rf"`{arg}`.*{arg}="):
+    blrax.ivon(**kwargs)
+
+
+def test_ivon_rejects_bad_key():
+  with pytest.raises(ValueError, match="key"):
+    blrax.ivon(0.1, ess=10.0, key=1.5).init(jnp.zeros(2))
+
+
+def test_ivon_accepts_edge_values():
+  blrax.ivon(0.0, ess=math.inf, b1=0.0, b2=1.0, weight_decay=0.0)
+  blrax.ivon(optax.linear_schedule(0.1, 0.0, 100), ess=10.0)
+
+
+def test_grads_shape_mismatch_names_grads():
+  opt = blrax.ivon(0.1, ess=10.0)
+  params = {"w": jnp.zeros((2, 3))}
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r"`grads` leaf has shape \(3, 2\)"):
+    opt.update({"w": jnp.zeros((3, 2))}, state, params)
+  with pytest.raises(ValueError, match="`grads` must have the structure"):
+    opt.update({"v": jnp.zeros((2, 3))}, state, params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update({"w": jnp.zeros((2, 3))}, state)
+
+
+def test_mc_samples_grads_need_leading_axis():
+  opt = blrax.ivon(0.1, ess=10.0, mc_samples=4)
+  params = jnp.zeros(3)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r"expected \(4, 3\)"):
+    opt.update(jnp.zeros((2, 3)), state, params)
+
+
+def test_traced_mc_samples_explains_static_args():
+  opt = optax.inject_hyperparams(blrax.ivon)(learning_rate=0.1, ess=10.0,
+                                             mc_samples=2)
+  with pytest.raises(ValueError, match="static_args"):
+    jax.jit(opt.init)(jnp.zeros(3))
+
+
+def test_state_without_posterior():
+  with pytest.raises(ValueError, match="no blrax posterior"):
+    blrax.sample_params(jnp.zeros(2), optax.adam(0.1).init(jnp.zeros(2)))
+
+
+def test_sample_posterior_num_samples():
+  opt = blrax.ivon(0.1, ess=10.0)
+  state = opt.init(jnp.zeros(2))
+  with pytest.raises(ValueError, match="num_samples=0"):
+    blrax.sample_posterior(jnp.zeros((), jnp.uint32), jnp.zeros(2), state, 0)

@@ -1,0 +1,142 @@
+"""Invariants of the diagonal posterior: positivity, sampling, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from cases import WIDE, ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import blrax
+
+finite_grads = hnp.arrays(
+    np.float32, (4, 6),
+    elements=st.floats(-1e3, 1e3, width=32, allow_nan=False))
+
+
+@pytest.fixture(scope="module")
+def ivon_step():
+  """One jitted step with traced hyperparameters, compiled once."""
+
+  def step(grads, hess_init, ess, b2, weight_decay, key):
+    opt = blrax.scale_by_ivon(ess=ess, hess_init=hess_init, b2=b2,
+                              weight_decay=weight_decay, key=key)
+    params = jnp.zeros((6,))
+    state = opt.init(params)
+    hs = []
+    for g in grads:  # several steps from the same draw sequence
+      _, state = opt.update(g, state, params)
+      hs.append(state.posterior.curvature)
+    return jnp.stack(hs)
+
+  return jax.jit(step)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grads=finite_grads,
+       hess_init=st.floats(1e-3, 10.0),
+       ess=st.floats(1.0, 1e5),
+       b2=st.floats(0.0, 0.99999),
+       key=st.integers(0, 2**16))
+def test_curvature_stays_positive_without_decay(ivon_step, grads, hess_init,
+                                                ess, b2, key):
+  h = ivon_step(grads, hess_init, ess, b2, 0.0, key)
+  assert np.all(np.asarray(h) > 0), np.asarray(h).min()
+
+
+@settings(max_examples=60, deadline=None)
+@given(grads=finite_grads,
+       hess_init=st.floats(1e-3, 10.0),
+       ess=st.floats(1.0, 1e5),
+       b2=st.floats(0.0, 0.99999),
+       weight_decay=st.floats(1e-6, 1.0),
+       key=st.integers(0, 2**16))
+def test_precision_stays_positive_with_decay(ivon_step, grads, hess_init, ess,
+                                             b2, weight_decay, key):
+  # The correction guarantees h + delta >= (h_old + delta) / 2 > 0: the
+  # posterior precision ess * (h + delta) stays positive.
+  h = np.asarray(ivon_step(grads, hess_init, ess, b2, weight_decay, key))
+  assert np.all(h + np.float32(weight_decay) > 0), (h + weight_decay).min()
+
+
+def _trained_state(factory, kwargs, params, steps=5):
+  opt = factory(**kwargs)
+  state = opt.init(params)
+  loss = lambda p: jnp.sum(jnp.cos(3 * p) * p**2)
+  for _ in range(steps):
+    theta = blrax.sample_params(params, state)
+    updates, state = opt.update(jax.grad(loss)(theta), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
+def test_sample_posterior_moments_match_stddev(name, factory, kwargs):
+  params, state = _trained_state(factory, dict(kwargs, b2=0.5),
+                                 jnp.linspace(-1.0, 1.0, 8))
+  std = np.asarray(blrax.posterior_stddev(state))
+  assert np.ptp(std) > 0.05 * std.mean()  # the curvature moved: stds differ
+  n = 20_000
+  samples = np.asarray(blrax.sample_posterior(jax.random.key(7), params, state, n),
+                       np.float64)
+  # Standard errors: std/sqrt(n) for the mean, std/sqrt(2n) for the std.
+  np.testing.assert_allclose(samples.mean(0), params, atol=5 * std.max() / np.sqrt(n))
+  np.testing.assert_allclose(samples.std(0), std, rtol=5 / np.sqrt(2 * n))
+
+
+def _replace_key(state, key):
+  is_posterior = lambda x: isinstance(x, blrax.DiagonalGaussian)
+  return jax.tree.map(lambda x: x._replace(key=key) if is_posterior(x) else x,
+                      state, is_leaf=is_posterior)
+
+
+@pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
+def test_sample_params_moments_match_stddev(name, factory, kwargs):
+  """The per-step draws are N(m, sigma^2) too (over state keys)."""
+  params = jnp.linspace(-1.0, 1.0, 8)
+  state = factory(**kwargs).init(params)
+  draw = jax.jit(jax.vmap(
+      lambda k: blrax.sample_params(params, _replace_key(state, k))))
+  n = 20_000
+  samples = np.asarray(draw(jax.random.split(jax.random.key(3), n)), np.float64)
+  std = np.asarray(blrax.posterior_stddev(state))
+  np.testing.assert_allclose(samples.mean(0), params, atol=5 * std.max() / np.sqrt(n))
+  np.testing.assert_allclose(samples.std(0), std, rtol=5 / np.sqrt(2 * n))
+
+
+@pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
+def test_same_key_same_run_bitwise(name, factory, kwargs):
+  params = jnp.linspace(-1.0, 1.0, 8)
+  run = lambda key: _trained_state(factory, dict(kwargs, key=key), params, 4)
+  (p1, s1), (p2, s2), (p3, _) = run(5), run(5), run(6)
+  np.testing.assert_array_equal(p1, p2)
+  np.testing.assert_array_equal(blrax.posterior_stddev(s1),
+                                blrax.posterior_stddev(s2))
+  assert not np.array_equal(p1, p3)
+
+
+@pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
+def test_bfloat16_params_float32_curvature(name, factory, kwargs):
+  params = jnp.linspace(-1.0, 1.0, 8).astype(jnp.bfloat16)
+  opt = factory(**dict(kwargs, b2=0.99999))
+  state = opt.init(params)
+  (posterior,) = blrax.find_posteriors(state)
+  assert posterior.curvature.dtype == jnp.float32
+  h0 = np.asarray(posterior.curvature).copy()
+  step = jax.jit(lambda p, s: opt.update(
+      jax.grad(lambda t: jnp.sum(t.astype(jnp.float32) ** 2))(
+          blrax.sample_params(p, s)), s, p))
+  for _ in range(3):
+    theta = blrax.sample_params(params, state)
+    assert theta.dtype == jnp.bfloat16
+    updates, state = step(params, state)
+    assert updates.dtype == jnp.bfloat16
+    params = optax.apply_updates(params, updates)
+  assert params.dtype == jnp.bfloat16
+  (posterior,) = blrax.find_posteriors(state)
+  # A bf16 EMA with b2 = 0.99999 could not move (1 - 1e-5 rounds to 1).
+  assert posterior.curvature.dtype == jnp.float32
+  assert np.max(np.abs(np.asarray(posterior.curvature) - h0)) > 0
