@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import cases
 from cases import WIDE, ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,13 +65,15 @@ def test_precision_stays_positive_with_decay(ivon_step, grads, hess_init, ess,
 
 def _trained_state(factory, kwargs, params, steps=5):
   opt = factory(**kwargs)
-  state = opt.init(params)
   loss = lambda p: jnp.sum(jnp.cos(3 * p) * p**2)
-  for _ in range(steps):
+
+  def step(carry, _):
+    params, state = carry
     theta = blrax.sample_params(params, state)
-    updates, state = opt.update(jax.grad(loss)(theta), state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
+    updates, state = opt.update(cases.grads(factory, loss, theta), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  return jax.lax.scan(step, (params, opt.init(params)), length=steps)[0]
 
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
@@ -88,7 +91,8 @@ def test_sample_posterior_moments_match_stddev(name, factory, kwargs):
 
 
 def _replace_key(state, key):
-  is_posterior = lambda x: isinstance(x, blrax.DiagonalGaussian)
+  is_posterior = lambda x: isinstance(x, (blrax.DiagonalGaussian,
+                                          blrax.FullGaussian))
   return jax.tree.map(lambda x: x._replace(key=key) if is_posterior(x) else x,
                       state, is_leaf=is_posterior)
 
@@ -126,9 +130,9 @@ def test_bfloat16_params_float32_curvature(name, factory, kwargs):
   (posterior,) = blrax.find_posteriors(state)
   assert posterior.curvature.dtype == jnp.float32
   h0 = np.asarray(posterior.curvature).copy()
+  loss = lambda t: jnp.sum(t.astype(jnp.float32) ** 2)
   step = jax.jit(lambda p, s: opt.update(
-      jax.grad(lambda t: jnp.sum(t.astype(jnp.float32) ** 2))(
-          blrax.sample_params(p, s)), s, p))
+      cases.grads(factory, loss, blrax.sample_params(p, s)), s, p))
   for _ in range(3):
     theta = blrax.sample_params(params, state)
     assert theta.dtype == jnp.bfloat16

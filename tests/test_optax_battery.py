@@ -4,11 +4,14 @@ Gradients are taken at ``blrax.sample_params``, as in the user's loop.
 """
 
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import cases
 from cases import OPTIMIZERS, ids
 from optax._src import test_utils
 
@@ -44,15 +47,14 @@ def mixed_target(dtype):
   return start, (t1, t2), objective
 
 
-def grad_at_sample(objective, params, state, mc_samples):
+def grad_at_sample(factory, objective, params, state, mc_samples):
   theta = blrax.sample_params(params, state)
-  grad = jax.grad(objective)
-  return jax.vmap(grad)(theta) if mc_samples > 1 else grad(theta)
+  return cases.grads(factory, objective, theta, mc_samples)
 
 
-def make_step(opt, objective, mc_samples, **update_kwargs):
+def make_step(opt, factory, objective, mc_samples, **update_kwargs):
   def step(params, state):
-    grads = grad_at_sample(objective, params, state, mc_samples)
+    grads = grad_at_sample(factory, objective, params, state, mc_samples)
     updates, state = opt.update(grads, state, params, **update_kwargs)
     return optax.apply_updates(params, updates), state
 
@@ -66,7 +68,7 @@ def make_step(opt, objective, mc_samples, **update_kwargs):
 def test_converges(name, factory, kwargs, target):
   opt = factory(**kwargs)
   start, final, objective = target(jnp.float32)
-  step = jax.jit(make_step(opt, objective, kwargs.get("mc_samples", 1)))
+  step = jax.jit(make_step(opt, factory, objective, kwargs.get("mc_samples", 1)))
   state = opt.init(start)
   state = optax.tree.map_params(opt, lambda v: v, state)  # a no-op must work
   (params, state), _ = jax.lax.scan(
@@ -78,7 +80,7 @@ def test_converges(name, factory, kwargs, target):
 def test_extra_args_and_no_recompilation(name, factory, kwargs):
   opt = factory(**kwargs)
   start, _, objective = rosenbrock(jnp.float32)
-  step = jax.jit(make_step(opt, objective, kwargs.get("mc_samples", 1),
+  step = jax.jit(make_step(opt, factory, objective, kwargs.get("mc_samples", 1),
                            unexpected_extra_arg=1))
   params, state = step(start, opt.init(start))
   with test_utils.log_compilations() as logs:
@@ -92,12 +94,14 @@ def test_inject_hyperparams_is_identical(name, factory, kwargs):
   # (0.99999 -> 0.99998999: 1 - b2 moves by 0.14%), so use an exact b2.
   kwargs = dict(kwargs, b2=1.0 - 2.0**-16)
   opt = factory(**kwargs)
-  injected = optax.inject_hyperparams(factory, static_args=("mc_samples",))(
-      **kwargs)
+  static = [a for a in ("mc_samples", "max_dim")
+            if a in inspect.signature(factory).parameters]
+  injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
   params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
   mc = kwargs.get("mc_samples", 1)
   lead = (mc,) if mc > 1 else ()
-  grads = [jnp.ones(lead + (2, 3)), -jnp.ones(lead + (2, 5, 2))]
+  grads = cases.lift(
+      factory, [jnp.ones(lead + (2, 3)), -jnp.ones(lead + (2, 5, 2))], mc)
   state = jax.jit(opt.init)(params)
   updates, new_state = jax.jit(opt.update)(grads, state, params)
   state_i = jax.jit(injected.init)(params)
@@ -120,7 +124,7 @@ def test_preserves_dtype(name, factory, kwargs, dtype):
   params = jnp.array([1.0, 2.0], dtype)
   mc = kwargs.get("mc_samples", 1)
   state = jax.jit(opt.init)(params)
-  grads = grad_at_sample(lambda x: jnp.sum(x**2), params, state, mc)
+  grads = grad_at_sample(factory, lambda x: jnp.sum(x**2), params, state, mc)
   updates, _ = jax.jit(opt.update)(grads, state, params)
   assert updates.dtype == params.dtype
   assert blrax.sample_params(params, state).dtype == params.dtype
@@ -133,11 +137,12 @@ def test_multi_steps_first_call_is_zero(name, factory, kwargs, dtype):
   params = jnp.array([1.0, 2.0], dtype)
   state = jax.jit(opt.init)(params)
   mc = kwargs.get("mc_samples", 1)
-  grads = grad_at_sample(lambda x: jnp.sum(x**2), params, state, mc)
-  if mc > 1:
+  grads = grad_at_sample(factory, lambda x: jnp.sum(x**2), params, state, mc)
+  if mc > 1 or cases.per_example(factory):
     # MultiSteps' accumulator has the params' shape: it cannot hold the
-    # per-sample grads that the curvature estimate needs. Say so clearly.
-    with pytest.raises(ValueError, match="mc_samples"):
+    # per-sample (or VOGN's per-example) grads the curvature estimate needs.
+    # The update must say so clearly.
+    with pytest.raises(ValueError, match="`grads` leaf has shape"):
       jax.jit(opt.update)(grads, state, params)
     return
   updates, _ = jax.jit(opt.update)(grads, state, params)
@@ -156,7 +161,7 @@ def test_state_type_stable_under_cond(name, factory, kwargs, dtype):
 
     @jax.jit
     def step(params, state):
-      grads = grad_at_sample(objective, params, state, mc)
+      grads = grad_at_sample(factory, objective, params, state, mc)
       take = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
       updates, state = jax.lax.cond(
           take, lambda: opt.update(grads, state, params),
@@ -178,7 +183,7 @@ def test_constant_schedule_equals_float(name, factory, kwargs):
   runs = []
   for lr in (1e-3, optax.constant_schedule(1e-3)):
     opt = factory(**dict(kwargs, learning_rate=lr))
-    step = jax.jit(make_step(opt, objective, mc))
+    step = jax.jit(make_step(opt, factory, objective, mc))
     params, state = start, opt.init(start)
     for _ in range(10):
       params, state = step(params, state)

@@ -75,7 +75,7 @@ def initial_key(key: int | jax.Array, mc_samples: int) -> jax.Array:
   return key if mc_samples == 1 else jax.random.split(key, mc_samples)
 
 
-def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(noise key, next key) for a scalar key or a batch of keys."""
   if key.ndim == 0:
     keys = jax.random.split(key)
@@ -188,14 +188,14 @@ class DiagonalGaussian(NamedTuple):
     # operand), and the zeros are 0 * h (XLA never merges operand-less tuples).
     return jax.lax.cond(
         jnp.isfinite(self.ess),
-        lambda: standard_normal_like(_split(self.key)[0], self.curvature),
+        lambda: standard_normal_like(split_key(self.key)[0], self.curvature),
         lambda: jax.tree.map(
             lambda h: jnp.broadcast_to(0.0 * h, self.key.shape + h.shape),
             self.curvature),
     )
 
   def next_key(self) -> jax.Array:
-    return _split(self.key)[1]
+    return split_key(self.key)[1]
 
   def stddev(self) -> Any:
     """:math:`\\sigma` like the params, with holes where masked."""

@@ -1,0 +1,136 @@
+r"""The full-covariance Gaussian posterior over all params, flattened.
+
+.. math::
+
+  q(\theta) = \mathcal{N}(m, P^{-1}), \qquad P = \lambda (S + \delta I),
+
+with :math:`m` the params flattened by ``jax.flatten_util.ravel_pytree``,
+:math:`S` a :math:`D\times D` curvature matrix kept in the state, :math:`\lambda`
+the effective sample size and :math:`\delta` the weight decay. A draw is
+:math:`\theta = m + L^{-\top}\epsilon` with :math:`LL^\top = P` (Cholesky), whose
+covariance is :math:`L^{-\top}L^{-1} = P^{-1}`. Cost: :math:`O(D^2)` memory and
+an :math:`O(D^3)` factorisation per step, so it is for small models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from blrax._src import gaussian, lookup
+
+
+def _hole(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def flatten(tree: Any, leading: int = 0) -> jax.Array:
+  """Concatenates the leaves (ravel_pytree order); keeps ``leading`` axes."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((0,))
+  lead = leaves[0].shape[:leading]
+  dtype = jnp.result_type(*leaves)
+  return jnp.concatenate(
+      [x.reshape(lead + (-1,)).astype(dtype) for x in leaves], axis=-1)
+
+
+def unflatten(template: Any, flat: jax.Array) -> Any:
+  """Splits the last axis of ``flat`` into leaves shaped like ``template``.
+
+  ``template`` leaves have a leading axis of size 0 (they carry shape and
+  dtype at no memory cost); holes (``optax.MaskedNode``) stay holes.
+  """
+  leaves, treedef = jax.tree.flatten(template)
+  lead = flat.shape[:-1]
+  out, start = [], 0
+  for leaf in leaves:
+    shape = leaf.shape[1:]
+    size = int(np.prod(shape))
+    out.append(flat[..., start:start + size].reshape(lead + shape))
+    start += size
+  return jax.tree.unflatten(treedef, out)
+
+
+def shape_template(params: Any) -> Any:
+  """Zero-size arrays that remember each param's shape and dtype."""
+  return jax.tree.map(lambda p: jnp.zeros((0,) + tuple(p.shape), p.dtype),
+                      params)
+
+
+def dimension(template: Any) -> int:
+  return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(template))
+
+
+@lookup.register_posterior
+class FullGaussian(NamedTuple):
+  r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.
+
+  Attributes:
+    key: PRNG key of the next draw (a batch of keys for several samples).
+    curvature: :math:`S`, a ``(D, D)`` symmetric matrix (float32 or wider).
+    ess: :math:`\lambda`, a float scalar.
+    weight_decay: :math:`\delta`, a float scalar.
+    template: zero-size arrays shaped like the params (for unflattening).
+  """
+
+  key: jax.Array
+  curvature: jax.Array
+  ess: jax.Array
+  weight_decay: jax.Array
+  template: Any
+
+  @property
+  def mc_samples(self) -> int:
+    return 1 if self.key.ndim == 0 else self.key.shape[0]
+
+  def precision(self) -> jax.Array:
+    """:math:`P = \\lambda (S + \\delta I)`."""
+    eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
+    return self.ess * (self.curvature + self.weight_decay * eye)
+
+  def covariance(self) -> jax.Array:
+    """:math:`P^{-1}`, a ``(D, D)`` matrix (zeros when ``ess = inf``)."""
+    eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
+    return jax.lax.cond(
+        jnp.isfinite(self.ess),
+        lambda: jax.scipy.linalg.cho_solve(
+            (jnp.linalg.cholesky(self.precision()), True), eye),
+        lambda: 0.0 * self.curvature)
+
+  def noise(self) -> jax.Array:
+    """Standard-normal :math:`\\epsilon`, shape ``(D,)`` or ``(S, D)``."""
+    noise_key = gaussian.split_key(self.key)[0]
+    dim = self.curvature.shape[0]
+    draw = lambda k: jax.random.normal(k, (dim,), self.curvature.dtype)
+    return draw(noise_key) if noise_key.ndim == 0 else jax.vmap(draw)(noise_key)
+
+  def next_key(self) -> jax.Array:
+    return gaussian.split_key(self.key)[1]
+
+  def flat_offset(self, noise: jax.Array) -> jax.Array:
+    """:math:`L^{-\\top}\\epsilon` for each row of ``noise`` (zeros if ess=inf)."""
+
+    def solve():
+      chol = jnp.linalg.cholesky(self.precision())
+      return jax.scipy.linalg.solve_triangular(
+          chol.T, noise.reshape(-1, noise.shape[-1]).T, lower=False
+      ).T.reshape(noise.shape)
+
+    return jax.lax.cond(jnp.isfinite(self.ess), solve, lambda: 0.0 * noise)
+
+  def stddev(self) -> Any:
+    return unflatten(self.template, jnp.sqrt(jnp.diag(self.covariance())))
+
+  def offset(self, noise: jax.Array | None = None) -> Any:
+    noise = self.noise() if noise is None else noise
+    return unflatten(self.template, self.flat_offset(noise))
+
+  def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
+    noise = jax.random.normal(
+        key, (num_samples, self.curvature.shape[0]), self.curvature.dtype)
+    return self.offset(noise)

@@ -1,0 +1,275 @@
+r"""VON: Variational Online Newton, with diagonal or full covariance."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blrax._src import full_gaussian, gaussian, validation
+
+COVARIANCES = ("diag", "full")
+
+
+class ScaleByVONState(NamedTuple):
+  """State of :func:`scale_by_von`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    posterior: a :class:`blrax.DiagonalGaussian` or :class:`blrax.FullGaussian`.
+  """
+
+  count: jax.Array
+  posterior: Any
+
+
+def _check_dim(dim: int, max_dim: Any) -> None:
+  if isinstance(max_dim, jax.core.Tracer):
+    raise ValueError("`max_dim` sets a shape limit and cannot be traced; pass "
+                     "static_args=('mc_samples', 'max_dim') to inject_hyperparams.")
+  if dim > max_dim:
+    raise ValueError(
+        f"covariance='full' needs a {dim}x{dim} matrix "
+        f"({dim * dim * 4 / 2**30:.1f} GiB in float32) and an O(D^3) "
+        f"factorisation per step; D={dim} exceeds max_dim={max_dim}. Use "
+        "covariance='diag', or raise max_dim if you mean it.")
+
+
+def _full_hessian_shape(hessian, dim, mc_samples):
+  want = (dim, dim) if mc_samples == 1 else (mc_samples, dim, dim)
+  if not hasattr(hessian, "shape") or tuple(hessian.shape) != want:
+    raise ValueError(
+        f"`hessian` for covariance='full' must be a matrix of shape {want} "
+        f"(ravel_pytree order), got shape {getattr(hessian, 'shape', None)}.")
+
+
+def scale_by_von(
+    ess: jax.typing.ArrayLike,
+    *,
+    covariance: str = "diag",
+    hess_init: jax.typing.ArrayLike = 1.0,
+    b2: jax.typing.ArrayLike = 0.999,
+    weight_decay: jax.typing.ArrayLike = 1e-4,
+    mc_samples: int = 1,
+    key: int | jax.Array = 0,
+    max_dim: int = 16384,
+) -> optax.GradientTransformationExtraArgs:
+  r"""VON's Newton-like direction, before the learning rate.
+
+  With :math:`\rho = 1-\beta_2`, gradients :math:`\hat g_s` at the draws
+  :math:`\theta_s` of :func:`blrax.sample_params`, :math:`\bar g` their mean:
+
+  .. math::
+
+    S &\leftarrow (1-\rho) S + \rho \hat H
+      \ [+\ \tfrac12\rho^2 (S-\hat H)(S+\delta I)^{-1}(S-\hat H)] \\
+    \Delta &= (S + \delta I)^{-1} (\bar g + \delta m)
+
+  :math:`\hat H` is the ``hessian=`` passed to ``update`` (diag: a pytree like
+  the params; full: a ``(D, D)`` matrix in ``ravel_pytree`` order), averaged
+  over samples, or else the Price estimator: diag
+  :math:`\hat h = \mathrm{mean}_s \hat g_s\epsilon_s/\sigma`, full
+  :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s(\theta_s-m)^\top P)`.
+  The bracketed correction (Lin et al., 2020) is applied to the Price
+  estimator only; it keeps :math:`S + \delta I` positive definite. A given
+  ``hessian`` must keep :math:`S+\delta I` positive definite itself (use a
+  Gauss-Newton matrix for non-convex losses).
+
+  Args:
+    ess: effective sample size :math:`\lambda`; ``inf`` gives no noise (then
+      ``hessian=`` is required, and the method is damped Newton).
+    covariance: ``"diag"`` or ``"full"`` (params flattened with
+      ``ravel_pytree``; for small models).
+    hess_init: initial curvature (:math:`S = h_0 I` for full).
+    b2: curvature decay; the curvature step is :math:`\rho = 1 - \beta_2`.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    mc_samples: samples per step (leading axis of draws and grads).
+    key: PRNG key or int seed of the weight noise.
+    max_dim: largest parameter count accepted with ``covariance="full"``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Khan & Rue, `The Bayesian Learning Rule
+    <https://arxiv.org/abs/2107.04562>`_, JMLR 2023.
+    Khan et al., `Fast and Scalable Bayesian Deep Learning by
+    Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, 2018.
+    Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
+    Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
+  """
+  if covariance not in COVARIANCES:
+    raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
+                     f"covariance={covariance!r}.")
+  validation.check_positive("ess", ess)
+  validation.check_positive("hess_init", hess_init)
+  validation.check_unit_interval("b2", b2)
+  validation.check_nonnegative("weight_decay", weight_decay)
+  mc_samples = validation.check_mc_samples(mc_samples)
+  rho = 1.0 - b2
+
+  def check_price(hessian):
+    if hessian is None and validation.concrete_float(ess) == math.inf:
+      raise ValueError(
+          "ess=inf means no weight noise, so the Price curvature estimate is "
+          "undefined: pass the curvature as `update(..., hessian=...)`.")
+
+  def init_fn(params):
+    if covariance == "diag":
+      posterior = gaussian.init_diagonal_gaussian(
+          params, key=key, curvature_init=hess_init, ess=ess,
+          weight_decay=weight_decay, mc_samples=mc_samples)
+    else:
+      template = full_gaussian.shape_template(params)
+      dim = full_gaussian.dimension(template)
+      _check_dim(dim, max_dim)
+      dtype = gaussian.state_dtype(
+          jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params)
+          else jnp.float32)
+      posterior = full_gaussian.FullGaussian(
+          key=gaussian.initial_key(key, mc_samples),
+          curvature=hess_init * jnp.eye(dim, dtype=dtype),
+          ess=gaussian.scalar(ess),
+          weight_decay=gaussian.scalar(weight_decay),
+          template=template)
+    return ScaleByVONState(count=jnp.zeros([], jnp.int32), posterior=posterior)
+
+  def diag_update(updates, posterior, params, hessian):
+    noise = posterior.noise()
+
+    def leaf(grad, eps, mean, h, hess):
+      grad = grad.astype(h.dtype)
+      if hess is None:
+        estimate = gaussian.price_curvature(
+            grad, eps, h, posterior.ess, posterior.weight_decay)
+        h = gaussian.positive_ema(h, estimate, rho, weight_decay)
+      else:
+        h = (1.0 - rho) * h + rho * gaussian.mc_mean(hess.astype(h.dtype), h)
+      direction = ((gaussian.mc_mean(grad, h) + weight_decay * mean.astype(h.dtype))
+                   / (h + weight_decay))
+      return direction.astype(mean.dtype), h
+
+    hessians = updates if hessian is None else hessian
+    out = jax.tree.map(
+        lambda g, e, m, h, hs: leaf(g, e, m, h, None if hessian is None else hs),
+        updates, noise, params, posterior.curvature, hessians)
+    pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
+    return pick(0), posterior._replace(curvature=pick(1))
+
+  def full_update(updates, posterior, params, hessian):
+    s_old = posterior.curvature
+    dim = s_old.shape[0]
+    grads = full_gaussian.flatten(updates, 0 if mc_samples == 1 else 1)
+    grads = grads.astype(s_old.dtype).reshape(-1, dim)
+    mean = full_gaussian.flatten(params).astype(s_old.dtype)
+    eye = jnp.eye(dim, dtype=s_old.dtype)
+    if hessian is None:
+      noise = posterior.noise().reshape(-1, dim)
+      chol = jnp.linalg.cholesky(posterior.precision())
+      scaled = noise @ chol.T  # rows L eps_s = P (theta_s - m)
+      outer = grads.T @ scaled / grads.shape[0]
+      estimate = 0.5 * (outer + outer.T)
+      diff = s_old - estimate
+      s_new = ((1.0 - rho) * s_old + rho * estimate + 0.5 * rho**2 * diff
+               @ jax.scipy.linalg.solve(s_old + weight_decay * eye, diff,
+                                        assume_a="pos"))
+    else:
+      _full_hessian_shape(hessian, dim, mc_samples)
+      estimate = jnp.asarray(hessian, s_old.dtype).reshape(-1, dim, dim).mean(0)
+      s_new = (1.0 - rho) * s_old + rho * estimate
+    s_new = 0.5 * (s_new + s_new.T)
+    chol = jnp.linalg.cholesky(s_new + weight_decay * eye)
+    direction = jax.scipy.linalg.cho_solve(
+        (chol, True), grads.mean(0) + weight_decay * mean)
+    direction = full_gaussian.unflatten(posterior.template, direction)
+    direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
+    return direction, posterior._replace(curvature=s_new)
+
+  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    del extra_args
+    gaussian.check_grads(updates, params, mc_samples)
+    check_price(hessian)
+    if covariance == "diag":
+      if hessian is not None:
+        gaussian.check_grads(hessian, params, mc_samples, name="hessian")
+      updates, posterior = diag_update(updates, state.posterior, params, hessian)
+    else:
+      updates, posterior = full_update(updates, state.posterior, params, hessian)
+    posterior = posterior._replace(
+        key=state.posterior.next_key(),
+        ess=gaussian.scalar(ess),
+        weight_decay=gaussian.scalar(weight_decay))
+    return updates, ScaleByVONState(
+        count=optax.safe_increment(state.count), posterior=posterior)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def von(
+    learning_rate: optax.ScalarOrSchedule,
+    ess: jax.typing.ArrayLike,
+    *,
+    covariance: str = "diag",
+    hess_init: jax.typing.ArrayLike = 1.0,
+    b2: jax.typing.ArrayLike = 0.999,
+    weight_decay: jax.typing.ArrayLike = 1e-4,
+    mc_samples: int = 1,
+    key: int | jax.Array = 0,
+    max_dim: int = 16384,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
+
+  For :math:`q = N(m, (\lambda(S+\delta I))^{-1})` the BLR natural-gradient
+  step with step size :math:`\rho = 1-\beta_2` for the precision and
+  :math:`\alpha` for the mean is
+
+  .. math::
+
+    S &\leftarrow (1-\rho) S + \rho\, E_q[\nabla^2 \bar\ell] \\
+    m &\leftarrow m - \alpha (S + \delta I)^{-1} (E_q[\nabla \bar\ell] + \delta m)
+
+  with the expectations estimated at draws from :func:`blrax.sample_params`
+  (see :func:`scale_by_von` for the estimators). With ``ess = inf``, an exact
+  Hessian and :math:`\alpha = \rho = 1` (``b2=0``) one step is Newton's method.
+
+  Args:
+    learning_rate: :math:`\alpha`, a float or an optax schedule.
+    ess: effective sample size :math:`\lambda`.
+    covariance: ``"diag"`` or ``"full"``.
+    hess_init: initial curvature.
+    b2: curvature decay (:math:`\rho = 1 - \beta_2`).
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
+      ``static_args=("mc_samples", "max_dim")``.
+    key: PRNG key or int seed of the weight noise.
+    max_dim: largest parameter count accepted with ``covariance="full"``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
+    ``hessian=``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, blrax
+    >>> a = jnp.array([[3.0, 1.0], [1.0, 2.0]]); b = jnp.array([1.0, -1.0])
+    >>> loss = lambda p: 0.5 * p @ a @ p - b @ p
+    >>> opt = blrax.von(1.0, ess=jnp.inf, covariance="full", b2=0.0,
+    ...                 weight_decay=0.0)
+    >>> params = jnp.zeros(2); state = opt.init(params)
+    >>> updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                             hessian=jax.hessian(loss)(params))
+    >>> print(jnp.allclose(params + updates, jnp.linalg.solve(a, b)))
+    True
+
+  References:
+    Khan & Rue, `The Bayesian Learning Rule
+    <https://arxiv.org/abs/2107.04562>`_, JMLR 2023.
+  """
+  validation.check_learning_rate(learning_rate)
+  return optax.chain(
+      scale_by_von(ess, covariance=covariance, hess_init=hess_init, b2=b2,
+                   weight_decay=weight_decay, mc_samples=mc_samples, key=key,
+                   max_dim=max_dim),
+      optax.scale_by_learning_rate(learning_rate))
