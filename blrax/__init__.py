@@ -5,6 +5,7 @@ a Gaussian posterior over the params: the params are its mean, the state its
 precision and the PRNG key of the weight noise.
 """
 
+from blrax._src import expfam
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
@@ -35,6 +36,7 @@ __all__ = (
     "ScaleByVadamState",
     "ScaleByIVONState",
     "accuracy",
+    "expfam",
     "brier_score",
     "calibration_bins",
     "expected_calibration_error",

@@ -81,3 +81,50 @@ def test_sample_posterior_num_samples():
   state = opt.init(jnp.zeros(2))
   with pytest.raises(ValueError, match="num_samples=0"):
     blrax.sample_posterior(jnp.zeros((), jnp.uint32), jnp.zeros(2), state, 0)
+
+
+VARIANT_BAD = [
+    (blrax.von, "ess", 0.0), (blrax.von, "b2", 2.0), (blrax.von, "hess_init", 0.0),
+    (blrax.von, "weight_decay", -1.0), (blrax.von, "mc_samples", 0),
+    (blrax.von, "covariance", "lowrank"),
+    (blrax.vadam, "ess", -1.0), (blrax.vadam, "b1", 1.2), (blrax.vadam, "b2", -0.5),
+    (blrax.vadam, "hess_init", -1.0), (blrax.vadam, "learning_rate", -1.0),
+    (blrax.vogn, "ess", 0.0), (blrax.vogn, "hess_init", 0.0),
+    (blrax.vogn, "b2", 1.5), (blrax.vogn, "mc_samples", -2),
+]
+
+
+@pytest.mark.parametrize("factory,arg,value", VARIANT_BAD,
+                         ids=[f"{f.__name__}-{a}" for f, a, _ in VARIANT_BAD])
+def test_variants_reject_bad_hyperparameter(factory, arg, value):
+  kwargs = dict(learning_rate=0.1, ess=100.0)
+  kwargs[arg] = value
+  with pytest.raises(ValueError, match=rf"`{arg}`.*{arg}="):
+    factory(**kwargs)
+
+
+def test_vadam_needs_positive_initial_precision():
+  with pytest.raises(ValueError, match="hess_init.*weight_decay"):
+    blrax.vadam(0.1, ess=10.0, hess_init=0.0, weight_decay=0.0)
+  blrax.vadam(0.1, ess=float("inf"), hess_init=0.0, weight_decay=0.0)
+
+
+def test_von_full_refuses_huge_dimension():
+  opt = blrax.von(0.1, ess=10.0, covariance="full", max_dim=100)
+  with pytest.raises(ValueError, match="D=101 exceeds max_dim=100"):
+    opt.init(jnp.zeros(101))
+
+
+def test_von_full_hessian_shape():
+  opt = blrax.von(0.1, ess=10.0, covariance="full")
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r"shape \(5, 5\)"):
+    opt.update(params, state, params, hessian=jnp.eye(4))
+
+
+def test_vogn_needs_per_example_grads():
+  opt = blrax.vogn(0.1, ess=10.0)
+  params = jnp.zeros(3)
+  with pytest.raises(ValueError, match="per-example"):
+    opt.update(jnp.zeros(3), opt.init(params), params)

@@ -5,12 +5,12 @@ through any wrapper must equal the bare draw bit for bit (on the leaves the
 posterior covers), and masked leaves must come back untouched.
 """
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import cases
 from cases import WIDE, ids
 
 import blrax

@@ -6,12 +6,12 @@ Gradients are taken at ``blrax.sample_params``, as in the user's loop.
 
 import inspect
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import cases
 from cases import OPTIMIZERS, ids
 from optax._src import test_utils
 

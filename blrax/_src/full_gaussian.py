@@ -66,6 +66,25 @@ def dimension(template: Any) -> int:
   return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(template))
 
 
+def price_curvature(grads: jax.Array, noise: jax.Array,
+                    precision: jax.Array) -> jax.Array:
+  r"""Price estimate :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s
+  (\theta_s - m)^\top P)`.
+
+  With :math:`\theta_s - m = L^{-\top}\epsilon_s` and :math:`LL^\top = P`,
+  :math:`(\theta_s - m)^\top P = (L\epsilon_s)^\top`, so no inverse is
+  needed. Unbiased for :math:`E_q[\nabla^2\bar\ell]` (Stein's lemma).
+
+  Args:
+    grads: ``(S, D)`` gradients at the draws.
+    noise: ``(S, D)`` standard-normal draws :math:`\epsilon_s`.
+    precision: :math:`P`, ``(D, D)``.
+  """
+  scaled = noise @ jnp.linalg.cholesky(precision).T  # rows L eps_s
+  outer = grads.T @ scaled / grads.shape[0]
+  return 0.5 * (outer + outer.T)
+
+
 @lookup.register_posterior
 class FullGaussian(NamedTuple):
   r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.

@@ -97,8 +97,12 @@ def standard_normal_like(key: jax.Array, tree: Any) -> Any:
 
 
 def stddev(curvature: jax.Array, ess: jax.Array, weight_decay: jax.Array):
-  r""":math:`\sigma = 1/\sqrt{\lambda (h + \delta)}` for one leaf."""
-  return jax.lax.rsqrt(ess * (curvature + weight_decay))
+  r""":math:`\sigma = 1/\sqrt{\lambda (h + \delta)}` for one leaf.
+
+  Exactly 0 when ``ess = inf`` (a point mass), even where :math:`h+\delta=0`.
+  """
+  return jnp.where(jnp.isinf(ess), 0.0,
+                   jax.lax.rsqrt(ess * (curvature + weight_decay)))
 
 
 def price_curvature(grads, noise, curvature, ess, weight_decay):
@@ -124,18 +128,21 @@ def positive_ema(curvature, estimate, rho, weight_decay):
     h \leftarrow (1-\rho) h + \rho \hat h
       + \tfrac{1}{2}\rho^2 (h - \hat h)^2 / (h + \delta)
 
-  This is the Riemannian-gradient step of Lin et al. (2020) used by IVON; it
-  is positive for any finite :math:`\hat h` when :math:`h > 0`.
+  This is the Riemannian-gradient step of Lin et al. (2020) used by IVON.
+  It is evaluated in the equivalent form
+  :math:`h + \delta \leftarrow \tfrac12 (a + c^2/a)` with
+  :math:`a = h + \delta` and :math:`c = (1-\rho)a + \rho(\hat h + \delta)`,
+  a sum of positive terms: the textbook form cancels catastrophically when
+  :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can then
+  round to a negative :math:`h`. Guarantees :math:`h+\delta \ge (h_{old}+\delta)/2`.
 
   References:
     Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
     Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
   """
-  return (
-      (1.0 - rho) * curvature
-      + rho * estimate
-      + 0.5 * rho**2 * jnp.square(curvature - estimate) / (curvature + weight_decay)
-  )
+  a = curvature + weight_decay
+  c = (1.0 - rho) * a + rho * (estimate + weight_decay)
+  return 0.5 * (a + jnp.square(c) / a) - weight_decay
 
 
 def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:

@@ -26,11 +26,12 @@ class ScaleByVadamState(NamedTuple):
   posterior: gaussian.DiagonalGaussian
 
 
-def check_curvature_floor(hess_init: Any, weight_decay: Any) -> None:
-  """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 from the start."""
+def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any) -> None:
+  """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 unless ess = inf."""
   validation.check_nonnegative("hess_init", hess_init)
   h, d = validation.concrete_float(hess_init), validation.concrete_float(weight_decay)
-  if h is not None and d is not None and h + d <= 0:
+  e = validation.concrete_float(ess)
+  if h is not None and d is not None and h + d <= 0 and e != float("inf"):
     raise ValueError(
         "`hess_init` + `weight_decay` must be > 0 so the initial posterior "
         f"variance is finite, got hess_init={hess_init!r}, "
@@ -82,7 +83,7 @@ def scale_by_vadam(
   validation.check_unit_interval("b1", b1)
   validation.check_unit_interval("b2", b2)
   validation.check_nonnegative("weight_decay", weight_decay)
-  check_curvature_floor(hess_init, weight_decay)
+  check_curvature_floor(hess_init, weight_decay, ess)
   mc_samples = validation.check_mc_samples(mc_samples)
 
   def init_fn(params):

@@ -167,15 +167,16 @@ def scale_by_von(
     mean = full_gaussian.flatten(params).astype(s_old.dtype)
     eye = jnp.eye(dim, dtype=s_old.dtype)
     if hessian is None:
-      noise = posterior.noise().reshape(-1, dim)
-      chol = jnp.linalg.cholesky(posterior.precision())
-      scaled = noise @ chol.T  # rows L eps_s = P (theta_s - m)
-      outer = grads.T @ scaled / grads.shape[0]
-      estimate = 0.5 * (outer + outer.T)
-      diff = s_old - estimate
-      s_new = ((1.0 - rho) * s_old + rho * estimate + 0.5 * rho**2 * diff
-               @ jax.scipy.linalg.solve(s_old + weight_decay * eye, diff,
-                                        assume_a="pos"))
+      estimate = full_gaussian.price_curvature(
+          grads, posterior.noise().reshape(-1, dim), posterior.precision())
+      # S + dI <- (A + C'A^-1 C)/2 with A = S + dI, C = (1-rho)A + rho(H + dI):
+      # the correction of Lin et al. (2020) as a PD matrix plus a Gram
+      # matrix, positive definite even when H is huge and indefinite.
+      a = s_old + weight_decay * eye
+      c = (1.0 - rho) * a + rho * (estimate + weight_decay * eye)
+      x = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(a), c,
+                                            lower=True)
+      s_new = 0.5 * (a + x.T @ x) - weight_decay * eye
     else:
       _full_hessian_shape(hessian, dim, mc_samples)
       estimate = jnp.asarray(hessian, s_old.dtype).reshape(-1, dim, dim).mean(0)
