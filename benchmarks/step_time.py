@@ -10,7 +10,7 @@ shared machine's drift hits all alike:
   to the weights before the gradient. On CPU the threefry normal draw costs
   about as much as a whole Adam step, so this is what "as cheap as Adam"
   means for any weight-perturbation method;
-- the blrax optimizers.
+- the blrax optimizers (VOGN with per-example gradients, as it needs).
 
     python benchmarks/step_time.py [--sizes 256,1024,1024,10] [--batch 128]
 
@@ -46,12 +46,21 @@ def mlp_loss(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+def example_loss(params, x, y):
+  return mlp_loss(params, x[None], y[None])
+
+
 def make_run(opt, kind, inner):
   """A jitted function running ``inner`` full train steps of ``kind``."""
 
   def step(carry, batch):
     params, state, key = carry
     x, y = batch
+    if kind == "per_example":  # VOGN: per-example gradients at the draw
+      theta = blrax.sample_params(params, state)
+      grads = blrax.per_example_grads(example_loss, theta, x, y)
+      updates, state = opt.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state, key), None
     if kind == "blrax":
       theta = blrax.sample_params(params, state)
     elif kind == "floor":
@@ -79,7 +88,7 @@ def benchmark(sizes, batch, inner, rounds, variants):
   ys = jax.random.randint(key, (inner, batch), 0, sizes[-1])
   adamw = optax.adamw(1e-3)
   entries = {"adamw": (adamw, "adam"), "floor": (adamw, "floor")}
-  entries.update({name: (opt, "blrax") for name, opt in variants.items()})
+  entries.update(variants)
   runs = {}
   for name, (opt, kind) in entries.items():
     run = make_run(opt, kind, inner)
@@ -96,8 +105,16 @@ def benchmark(sizes, batch, inner, rounds, variants):
   return n_params, medians
 
 
-def default_variants(n_train=60_000):
-  return {"blrax.ivon": blrax.ivon(1e-3, ess=n_train)}
+def default_variants(n_train=60_000, with_vogn=True):
+  """name -> (optimizer, kind); VOGN's per-example grads cost ~batch x memory."""
+  variants = {
+      "blrax.ivon": (blrax.ivon(1e-3, ess=n_train), "blrax"),
+      "blrax.von (diag)": (blrax.von(1e-3, ess=n_train), "blrax"),
+      "blrax.vadam": (blrax.vadam(1e-3, ess=n_train), "blrax"),
+  }
+  if with_vogn:
+    variants["blrax.vogn"] = (blrax.vogn(1e-3, ess=n_train), "per_example")
+  return variants
 
 
 def main():
@@ -108,10 +125,12 @@ def main():
   parser.add_argument("--inner", type=int, default=20,
                       help="steps per timed call (inside one lax.scan)")
   parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--no-vogn", action="store_true",
+                      help="skip VOGN (per-example gradients are slow on CPU)")
   args = parser.parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   n_params, medians = benchmark(sizes, args.batch, args.inner, args.rounds,
-                                default_variants())
+                                default_variants(with_vogn=not args.no_vogn))
   print(f"MLP {sizes}, {n_params:,} params, batch {args.batch}, "
         f"{jax.devices()[0].platform} x{jax.device_count()}, "
         f"jax {jax.__version__}, optax {optax.__version__}\n")
