@@ -51,3 +51,12 @@ def test_bad_shapes():
     blrax.accuracy(PROBS, LABELS[:3])
   with pytest.raises(ValueError, match="num_bins=0"):
     blrax.expected_calibration_error(PROBS, LABELS, num_bins=0)
+
+
+def test_reliability_diagram_bars_are_bin_accuracies():
+  import matplotlib
+  matplotlib.use("Agg")
+  ax = blrax.reliability_diagram(PROBS, LABELS, num_bins=2, label="m")
+  heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+  assert heights == [round(2 / 3, 6), 1.0]
+  assert "ECE" in ax.get_legend().get_texts()[0].get_text()

@@ -145,6 +145,10 @@ class FullGaussian(NamedTuple):
   def stddev(self) -> Any:
     return unflatten(self.template, jnp.sqrt(jnp.diag(self.covariance())))
 
+  def curvature_diagonal(self) -> Any:
+    """The diagonal of :math:`S`, like the params (for diagnostics)."""
+    return unflatten(self.template, jnp.diag(self.curvature))
+
   def offset(self, noise: jax.Array | None = None) -> Any:
     noise = self.noise() if noise is None else noise
     return unflatten(self.template, self.flat_offset(noise))

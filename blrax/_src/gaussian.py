@@ -204,6 +204,10 @@ class DiagonalGaussian(NamedTuple):
   def next_key(self) -> jax.Array:
     return split_key(self.key)[1]
 
+  def curvature_diagonal(self) -> Any:
+    """:math:`h`, like the params (for diagnostics)."""
+    return self.curvature
+
   def stddev(self) -> Any:
     """:math:`\\sigma` like the params, with holes where masked."""
     return jax.tree.map(

@@ -71,3 +71,29 @@ def expected_calibration_error(probs: jax.Array, labels: jax.Array,
   \mathrm{conf}_b|`."""
   count, confidence, acc = calibration_bins(probs, labels, num_bins)
   return jnp.sum(count * jnp.abs(acc - confidence)) / probs.shape[0]
+
+
+def reliability_diagram(probs, labels, num_bins: int = 15, ax=None,
+                        label: str | None = None):
+  """Plots accuracy against confidence per equal-width bin (matplotlib).
+
+  Bars show each non-empty bin's accuracy at its mean confidence; the
+  diagonal is perfect calibration. Returns the matplotlib ``Axes``.
+  """
+  import matplotlib.pyplot as plt  # Imported lazily: plotting is optional.
+
+  count, confidence, acc = (jnp.asarray(x) for x in
+                            calibration_bins(probs, labels, num_bins))
+  if ax is None:
+    _, ax = plt.subplots(figsize=(4, 4))
+  keep = count > 0
+  ece = float(expected_calibration_error(probs, labels, num_bins))
+  ax.bar(confidence[keep], acc[keep], width=1.0 / num_bins, alpha=0.6,
+         edgecolor="k", label=f"{label or 'model'} (ECE {ece:.3f})")
+  ax.plot([0, 1], [0, 1], "k--", lw=1)
+  ax.set_xlabel("confidence")
+  ax.set_ylabel("accuracy")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.legend(loc="upper left")
+  return ax
