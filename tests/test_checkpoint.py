@@ -1,5 +1,6 @@
 """Checkpoints resume bitwise; diagnostics and export report the posterior."""
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 from cases import WIDE, ids
 
 import blrax
-import cases
 
 
 def loss(p):
