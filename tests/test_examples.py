@@ -1,0 +1,55 @@
+"""The example scripts run end to end (tiny settings) and report what they say."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "examples", script), *args],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_quickstart():
+  out = run("quickstart.py", "--epochs", "2", "--samples", "4")
+  for row in ("AdamW", "IVON (mean)", "IVON (BMA, 4 samples)"):
+    assert row in out
+
+
+def test_digits(tmp_path):
+  png = tmp_path / "rel.png"
+  out = run("digits.py", "--seeds", "0", "--epochs", "1", "--samples", "4",
+            "--out", str(png))
+  assert "| IVON (BMA, 4)" in out and png.stat().st_size > 0
+
+
+def test_regression_1d(tmp_path):
+  png = tmp_path / "reg.png"
+  out = run("regression_1d.py", "--steps", "50", "--samples", "50",
+            "--out", str(png))
+  assert "predictive std" in out and png.stat().st_size > 0
+
+
+def test_partial_posterior():
+  out = run("partial_posterior.py", "--epochs", "1", "--samples", "4")
+  # the frozen layers get no noise at all; the last layer does
+  assert "layer0: max |sample - mean| = 0.0000, median stddev = 0.0000" in out
+  assert "layer1: max |sample - mean| = 0.0000, median stddev = 0.0000" in out
+  assert "layer2: max |sample - mean| = 0.0000" not in out
+
+
+@pytest.mark.parametrize("script", ["step_time.py"])
+def test_benchmark_runs(script):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", script), "--sizes",
+       "8,16,4", "--batch", "4", "--inner", "2", "--rounds", "1"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| blrax.ivon |" in result.stdout
