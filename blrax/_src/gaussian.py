@@ -235,8 +235,10 @@ def init_diagonal_gaussian(
     mc_samples: int,
 ) -> DiagonalGaussian:
   """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
+  # full_like (not full) so that under an explicit-sharding mesh the state is
+  # sharded like the params; it also accepts ShapeDtypeStructs.
   curvature = jax.tree.map(
-      lambda p: jnp.full(p.shape, curvature_init, state_dtype(p.dtype)), params
+      lambda p: jnp.full_like(p, curvature_init, state_dtype(p.dtype)), params
   )
   return DiagonalGaussian(
       key=initial_key(key, mc_samples),
