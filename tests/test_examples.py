@@ -53,3 +53,12 @@ def test_benchmark_runs(script):
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| blrax.ivon |" in result.stdout
+
+
+def test_char_gpt_tiny_bf16_two_devices():
+  out = run("char_gpt.py", "--tiny", "--bf16", "--devices", "2")
+  assert "2 device(s)" in out and "(bfloat16)" in out
+  for row in ("| AdamW |", "| IVON (mean) |", "| IVON (BMA, 2) |"):
+    assert row in out
+  # mixed precision: params bf16, curvature float32
+  assert "IVON curvature (float32)" in out and "params bfloat16" in out
