@@ -109,6 +109,8 @@ def default_variants(n_train=60_000, with_vogn=True):
   """name -> (optimizer, kind); VOGN's per-example grads cost ~batch x memory."""
   variants = {
       "blrax.ivon": (blrax.ivon(1e-3, ess=n_train), "blrax"),
+      "blrax.ivon (hash noise)": (blrax.ivon(1e-3, ess=n_train, noise="hash"),
+                                  "blrax"),
       "blrax.von (diag)": (blrax.von(1e-3, ess=n_train), "blrax"),
       "blrax.vadam": (blrax.vadam(1e-3, ess=n_train), "blrax"),
   }

@@ -17,6 +17,7 @@ import blrax
 OPTIMIZERS = [
     ("ivon", blrax.ivon, dict(learning_rate=1e-2, ess=1e6)),
     ("ivon_mc2", blrax.ivon, dict(learning_rate=1e-2, ess=1e6, mc_samples=2)),
+    ("ivon_hash", blrax.ivon, dict(learning_rate=1e-2, ess=1e6, noise="hash")),
     ("von_diag", blrax.von, dict(learning_rate=0.1, ess=1e6, b2=0.9999)),
     ("von_full", blrax.von,
      dict(learning_rate=1e-2, ess=1e6, b2=0.99999, covariance="full")),
@@ -27,6 +28,8 @@ OPTIMIZERS = [
 # Small ess: wide posteriors, for tests about the noise itself.
 WIDE = [
     ("ivon", blrax.ivon, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0)),
+    ("ivon_hash", blrax.ivon,
+     dict(learning_rate=1e-2, ess=50.0, hess_init=2.0, noise="hash")),
     ("von_diag", blrax.von, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0)),
     ("von_full", blrax.von,
      dict(learning_rate=1e-2, ess=50.0, hess_init=2.0, covariance="full")),

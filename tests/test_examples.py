@@ -62,3 +62,18 @@ def test_char_gpt_tiny_bf16_two_devices():
     assert row in out
   # mixed precision: params bf16, curvature float32
   assert "IVON curvature (float32)" in out and "params bfloat16" in out
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path), BLRAX_CHECK_PLATFORM="cpu",
+             BLRAX_CHECK_NO_INSTALL="1")
+  result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks",
+                                                "gpu_check.sh")],
+                          capture_output=True, text=True, timeout=900, env=env,
+                          cwd=ROOT)
+  assert result.returncode == 0, result.stdout + result.stderr
+  report = (tmp_path / "results.md").read_text()
+  for section in ("## step time", "| blrax.ivon |", "## scaling",
+                  "## char_gpt", "| IVON (mean) |"):
+    assert section in report, report
+  assert (tmp_path / "scaling.png").stat().st_size > 0

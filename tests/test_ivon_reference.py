@@ -50,18 +50,22 @@ CASES = [
     dict(mc_samples=2, clip_radius=0.05, rescale_lr=False, debias=False),
     dict(mc_samples=1, clip_radius=np.inf, rescale_lr=False, debias=True),
     dict(mc_samples=1, clip_radius=np.inf, rescale_lr=True, debias=False),
+    dict(mc_samples=2, clip_radius=np.inf, rescale_lr=True, debias=True,
+         noise="hash"),
 ]
 
 
 def run(case, steps, correction=True):
   """Runs blrax and the oracle side by side; returns both trajectories."""
   hp = dict(lr=0.05, ess=ESS, hess_init=0.7, b1=0.8, b2=0.9,
-            weight_decay=2.0**-6, correction=correction, **case)
+            weight_decay=2.0**-6, correction=correction, noise="normal")
+  hp.update(case)
   opt = blrax.ivon(
       learning_rate=hp["lr"], ess=hp["ess"], hess_init=hp["hess_init"],
       b1=hp["b1"], b2=hp["b2"], weight_decay=hp["weight_decay"],
       clip_radius=hp["clip_radius"], rescale_lr=hp["rescale_lr"],
-      debias=hp["debias"], mc_samples=hp["mc_samples"], key=3)
+      debias=hp["debias"], mc_samples=hp["mc_samples"], noise=hp["noise"],
+      key=3)
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(3, 4))),
             "b": jnp.asarray(rng.normal(size=(5,)))}

@@ -195,7 +195,7 @@ class DiagonalGaussian(NamedTuple):
     # operand), and the zeros are 0 * h (XLA never merges operand-less tuples).
     return jax.lax.cond(
         jnp.isfinite(self.ess),
-        lambda: standard_normal_like(split_key(self.key)[0], self.curvature),
+        lambda: self.normal_like(split_key(self.key)[0], self.curvature),
         lambda: jax.tree.map(
             lambda h: jnp.broadcast_to(0.0 * h, self.key.shape + h.shape),
             self.curvature),
@@ -203,6 +203,10 @@ class DiagonalGaussian(NamedTuple):
 
   def next_key(self) -> jax.Array:
     return split_key(self.key)[1]
+
+  def normal_like(self, key: jax.Array, tree: Any) -> Any:
+    """The generator of the noise (subclasses may use a cheaper one)."""
+    return standard_normal_like(key, tree)
 
   def curvature_diagonal(self) -> Any:
     """:math:`h`, like the params (for diagnostics)."""
@@ -222,7 +226,7 @@ class DiagonalGaussian(NamedTuple):
   def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
     """``num_samples`` fresh draws of :math:`\\sigma\\epsilon` from ``key``."""
     keys = jax.random.split(key, num_samples)
-    return self.offset(standard_normal_like(keys, self.curvature))
+    return self.offset(self.normal_like(keys, self.curvature))
 
 
 def init_diagonal_gaussian(
@@ -233,14 +237,19 @@ def init_diagonal_gaussian(
     ess: Any,
     weight_decay: Any,
     mc_samples: int,
+    posterior_type: type | None = None,
 ) -> DiagonalGaussian:
-  """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
+  """Builds the posterior state; only maps over ``params`` (shapes suffice).
+
+  ``posterior_type`` may be a subclass of :class:`DiagonalGaussian` with
+  another noise generator.
+  """
   # full_like (not full) so that under an explicit-sharding mesh the state is
   # sharded like the params; it also accepts ShapeDtypeStructs.
   curvature = jax.tree.map(
       lambda p: jnp.full_like(p, curvature_init, state_dtype(p.dtype)), params
   )
-  return DiagonalGaussian(
+  return (posterior_type or DiagonalGaussian)(
       key=initial_key(key, mc_samples),
       curvature=curvature,
       ess=scalar(ess),

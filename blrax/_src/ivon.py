@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import gaussian, validation
+from blrax._src import fast_noise, gaussian, validation
 
 
 class ScaleByIVONState(NamedTuple):
@@ -38,6 +38,16 @@ def _check_hyperparams(
   return validation.check_mc_samples(mc_samples)
 
 
+NOISES = ("normal", "hash")
+
+
+def _posterior_type(noise: str) -> type:
+  if noise not in NOISES:
+    raise ValueError(f"`noise` must be one of {NOISES}, got noise={noise!r}.")
+  return (gaussian.DiagonalGaussian if noise == "normal"
+          else fast_noise.HashNoiseDiagonalGaussian)
+
+
 def scale_by_ivon(
     ess: jax.typing.ArrayLike,
     hess_init: jax.typing.ArrayLike = 1.0,
@@ -49,6 +59,7 @@ def scale_by_ivon(
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON's preconditioned direction, before the learning rate.
 
@@ -88,6 +99,9 @@ def scale_by_ivon(
       and grads. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key (or int seed) of the weight noise; kept in the state.
+    noise: ``"normal"`` (``jax.random.normal``, threefry) or ``"hash"``, a
+      cheaper counter-based generator (see ``blrax/_src/fast_noise.py`` for
+      the trade-off).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -101,6 +115,7 @@ def scale_by_ivon(
   mc_samples = _check_hyperparams(
       ess, hess_init, b1, b2, weight_decay, clip_radius, mc_samples
   )
+  posterior_type = _posterior_type(noise)
 
   def init_fn(params):
     posterior = gaussian.init_diagonal_gaussian(
@@ -110,6 +125,7 @@ def scale_by_ivon(
         ess=ess,
         weight_decay=weight_decay,
         mc_samples=mc_samples,
+        posterior_type=posterior_type,
     )
     momentum = jax.tree.map(jnp.zeros_like, posterior.curvature)
     return ScaleByIVONState(
@@ -157,7 +173,7 @@ def scale_by_ivon(
         updates, noise, params, posterior.curvature, state.momentum, hessians,
     )
     pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
-    new_posterior = gaussian.DiagonalGaussian(
+    new_posterior = posterior._replace(  # keeps the posterior's type
         key=posterior.next_key(),
         curvature=pick(1),
         ess=gaussian.scalar(ess),
@@ -182,6 +198,7 @@ def ivon(
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The IVON optimizer: variational learning at Adam's cost.
 
@@ -219,6 +236,8 @@ def ivon(
     mc_samples: weight samples per step (leading axis of draws and grads).
       Under ``optax.inject_hyperparams`` pass ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise, kept in the state.
+    noise: ``"normal"`` (default, threefry normals) or ``"hash"`` (a cheaper
+      counter-based generator, see :func:`scale_by_ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` accepts
@@ -254,6 +273,7 @@ def ivon(
           debias=debias,
           mc_samples=mc_samples,
           key=key,
+          noise=noise,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
