@@ -34,6 +34,8 @@ WIDE = [
     ("von_full", blrax.von,
      dict(learning_rate=1e-2, ess=50.0, hess_init=2.0, covariance="full")),
     ("vadam", blrax.vadam, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0)),
+    ("vadam_hash", blrax.vadam,
+     dict(learning_rate=1e-2, ess=50.0, hess_init=2.0, noise="hash")),
     ("vogn", blrax.vogn, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0)),
 ]
 

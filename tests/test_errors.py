@@ -128,3 +128,12 @@ def test_vogn_needs_per_example_grads():
   params = jnp.zeros(3)
   with pytest.raises(ValueError, match="per-example"):
     opt.update(jnp.zeros(3), opt.init(params), params)
+
+
+@pytest.mark.parametrize("factory", [blrax.ivon, blrax.von, blrax.vadam,
+                                     blrax.vogn])
+def test_unknown_noise_generator(factory):
+  with pytest.raises(ValueError, match="`noise`.*noise='philox'"):
+    factory(0.1, ess=10.0, noise="philox")
+  with pytest.raises(ValueError, match="covariance='full'"):
+    blrax.von(0.1, ess=10.0, covariance="full", noise="hash")

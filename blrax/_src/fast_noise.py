@@ -88,3 +88,14 @@ class HashNoiseDiagonalGaussian(gaussian.DiagonalGaussian):
 
   def normal_like(self, key: jax.Array, tree: Any) -> Any:
     return hash_normal_like(key, tree)
+
+
+NOISES = ("normal", "hash")
+
+
+def posterior_type(noise: str) -> type:
+  """The diagonal posterior class for a factory's ``noise`` argument."""
+  if noise not in NOISES:
+    raise ValueError(f"`noise` must be one of {NOISES}, got noise={noise!r}.")
+  return (gaussian.DiagonalGaussian if noise == "normal"
+          else HashNoiseDiagonalGaussian)

@@ -38,16 +38,6 @@ def _check_hyperparams(
   return validation.check_mc_samples(mc_samples)
 
 
-NOISES = ("normal", "hash")
-
-
-def _posterior_type(noise: str) -> type:
-  if noise not in NOISES:
-    raise ValueError(f"`noise` must be one of {NOISES}, got noise={noise!r}.")
-  return (gaussian.DiagonalGaussian if noise == "normal"
-          else fast_noise.HashNoiseDiagonalGaussian)
-
-
 def scale_by_ivon(
     ess: jax.typing.ArrayLike,
     hess_init: jax.typing.ArrayLike = 1.0,
@@ -115,7 +105,7 @@ def scale_by_ivon(
   mc_samples = _check_hyperparams(
       ess, hess_init, b1, b2, weight_decay, clip_radius, mc_samples
   )
-  posterior_type = _posterior_type(noise)
+  posterior_type = fast_noise.posterior_type(noise)
 
   def init_fn(params):
     posterior = gaussian.init_diagonal_gaussian(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import gaussian, validation
+from blrax._src import fast_noise, gaussian, validation
 
 
 class ScaleByVadamState(NamedTuple):
@@ -47,6 +47,7 @@ def scale_by_vadam(
     hess_init: jax.typing.ArrayLike = 0.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam's direction, before the learning rate.
 
@@ -71,6 +72,8 @@ def scale_by_vadam(
     hess_init: initial :math:`s` (>= 0; ``hess_init + weight_decay > 0``).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
+    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
+      counter-based generator; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -85,11 +88,13 @@ def scale_by_vadam(
   validation.check_nonnegative("weight_decay", weight_decay)
   check_curvature_floor(hess_init, weight_decay, ess)
   mc_samples = validation.check_mc_samples(mc_samples)
+  posterior_type = fast_noise.posterior_type(noise)
 
   def init_fn(params):
     posterior = gaussian.init_diagonal_gaussian(
         params, key=key, curvature_init=hess_init, ess=ess,
-        weight_decay=weight_decay, mc_samples=mc_samples)
+        weight_decay=weight_decay, mc_samples=mc_samples,
+        posterior_type=posterior_type)
     return ScaleByVadamState(
         count=jnp.zeros([], jnp.int32),
         momentum=jax.tree.map(jnp.zeros_like, posterior.curvature),
@@ -133,6 +138,7 @@ def vadam(
     hess_init: jax.typing.ArrayLike = 0.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam: variational Adam, the BLR with a squared-gradient curvature.
 
@@ -161,6 +167,8 @@ def vadam(
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
+    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
+      counter-based generator; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -172,5 +180,6 @@ def vadam(
   validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_vadam(ess, b1=b1, b2=b2, weight_decay=weight_decay,
-                     hess_init=hess_init, mc_samples=mc_samples, key=key),
+                     hess_init=hess_init, mc_samples=mc_samples, key=key,
+                     noise=noise),
       optax.scale_by_learning_rate(learning_rate))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import gaussian, validation
+from blrax._src import fast_noise, gaussian, validation
 
 
 class ScaleByVOGNState(NamedTuple):
@@ -81,6 +81,7 @@ def scale_by_vogn(
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN's direction, before the learning rate.
 
@@ -102,6 +103,8 @@ def scale_by_vogn(
     hess_init: initial :math:`s` (> 0).
     mc_samples: samples per step.
     key: PRNG key or int seed of the weight noise.
+    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
+      counter-based generator; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -118,11 +121,13 @@ def scale_by_vogn(
   validation.check_nonnegative("weight_decay", weight_decay)
   validation.check_positive("hess_init", hess_init)
   mc_samples = validation.check_mc_samples(mc_samples)
+  posterior_type = fast_noise.posterior_type(noise)
 
   def init_fn(params):
     posterior = gaussian.init_diagonal_gaussian(
         params, key=key, curvature_init=hess_init, ess=ess,
-        weight_decay=weight_decay, mc_samples=mc_samples)
+        weight_decay=weight_decay, mc_samples=mc_samples,
+        posterior_type=posterior_type)
     return ScaleByVOGNState(
         count=jnp.zeros([], jnp.int32),
         momentum=jax.tree.map(jnp.zeros_like, posterior.curvature),
@@ -162,6 +167,7 @@ def vogn(
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN: the BLR with a per-example Gauss-Newton curvature.
 
@@ -189,6 +195,8 @@ def vogn(
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
+    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
+      counter-based generator; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -200,5 +208,6 @@ def vogn(
   validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_vogn(ess, b1=b1, b2=b2, weight_decay=weight_decay,
-                    hess_init=hess_init, mc_samples=mc_samples, key=key),
+                    hess_init=hess_init, mc_samples=mc_samples, key=key,
+                     noise=noise),
       optax.scale_by_learning_rate(learning_rate))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import full_gaussian, gaussian, validation
+from blrax._src import fast_noise, full_gaussian, gaussian, validation
 
 COVARIANCES = ("diag", "full")
 
@@ -56,6 +56,7 @@ def scale_by_von(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VON's Newton-like direction, before the learning rate.
 
@@ -89,6 +90,8 @@ def scale_by_von(
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
+    noise: ``"normal"`` or ``"hash"`` (diag only; a cheaper counter-based
+      generator, see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -104,6 +107,10 @@ def scale_by_von(
   if covariance not in COVARIANCES:
     raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
                      f"covariance={covariance!r}.")
+  posterior_type = fast_noise.posterior_type(noise)
+  if covariance == "full" and noise != "normal":
+    raise ValueError("`noise` must be 'normal' with covariance='full', got "
+                     f"noise={noise!r}.")
   validation.check_positive("ess", ess)
   validation.check_positive("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
@@ -121,7 +128,8 @@ def scale_by_von(
     if covariance == "diag":
       posterior = gaussian.init_diagonal_gaussian(
           params, key=key, curvature_init=hess_init, ess=ess,
-          weight_decay=weight_decay, mc_samples=mc_samples)
+          weight_decay=weight_decay, mc_samples=mc_samples,
+          posterior_type=posterior_type)
     else:
       template = full_gaussian.shape_template(params)
       dim = full_gaussian.dimension(template)
@@ -220,6 +228,7 @@ def von(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
+    noise: str = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
@@ -247,6 +256,8 @@ def von(
       ``static_args=("mc_samples", "max_dim")``.
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
+    noise: ``"normal"`` or ``"hash"`` (diag only; a cheaper counter-based
+      generator, see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
@@ -272,5 +283,5 @@ def von(
   return optax.chain(
       scale_by_von(ess, covariance=covariance, hess_init=hess_init, b2=b2,
                    weight_decay=weight_decay, mc_samples=mc_samples, key=key,
-                   max_dim=max_dim),
+                   max_dim=max_dim, noise=noise),
       optax.scale_by_learning_rate(learning_rate))
