@@ -41,6 +41,7 @@ def parse_args(argv=None):
   parser.add_argument("--lr-ivon", type=float, default=0.2)
   parser.add_argument("--hess-init", type=float, default=0.1)
   parser.add_argument("--clip-radius", type=float, default=float("inf"))
+  parser.add_argument("--b2", type=float, default=0.9999)
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long run: small model, few steps")
   args = parser.parse_args(argv)
@@ -156,7 +157,7 @@ def main(args):
           False),
       "IVON": (blrax.ivon(optax.warmup_cosine_decay_schedule(
           0.0, args.lr_ivon, args.steps // 10, args.steps), ess=ess,
-          hess_init=args.hess_init, b2=0.9999, weight_decay=1e-5,
+          hess_init=args.hess_init, b2=args.b2, weight_decay=1e-5,
           clip_radius=args.clip_radius, key=0), True),
   }
   print(f"corpus: {len(corpus):,} bytes of stdlib source; model: {n_params:,} "
