@@ -42,6 +42,8 @@ def parse_args(argv=None):
   parser.add_argument("--hess-init", type=float, default=0.1)
   parser.add_argument("--clip-radius", type=float, default=float("inf"))
   parser.add_argument("--b2", type=float, default=0.9999)
+  parser.add_argument("--optimizers", default="adamw,ivon",
+                      help="which to train, comma separated")
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long run: small model, few steps")
   args = parser.parse_args(argv)
@@ -160,6 +162,8 @@ def main(args):
           hess_init=args.hess_init, b2=args.b2, weight_decay=1e-5,
           clip_radius=args.clip_radius, key=0), True),
   }
+  wanted = args.optimizers.lower().split(",")
+  optimizers = {k: v for k, v in optimizers.items() if k.lower() in wanted}
   print(f"corpus: {len(corpus):,} bytes of stdlib source; model: {n_params:,} "
         f"params ({jnp.dtype(dtype).name}); {args.devices} device(s)")
   results = {}
@@ -200,8 +204,11 @@ def main(args):
           f"{float(blrax.expected_calibration_error(probs, labels)):.4f} | "
           f"{seconds:.1f} |")
 
-  adam_params, _, adam_seconds = results["AdamW"]
-  report("AdamW", jax.nn.log_softmax(apply(adam_params, vx)), adam_seconds)
+  if "AdamW" in results:
+    adam_params, _, adam_seconds = results["AdamW"]
+    report("AdamW", jax.nn.log_softmax(apply(adam_params, vx)), adam_seconds)
+  if "IVON" not in results:
+    return
   mean, state, ivon_seconds = results["IVON"]
   report("IVON (mean)", blrax.predictive_log_probs(apply, None, mean, state, vx,
                                                    mean_only=True), ivon_seconds)
