@@ -38,10 +38,10 @@ def parse_args(argv=None):
   parser.add_argument("--samples", type=int, default=8,
                       help="posterior samples for model averaging")
   parser.add_argument("--lr-adamw", type=float, default=1e-3)
-  parser.add_argument("--lr-ivon", type=float, default=0.2)
-  parser.add_argument("--hess-init", type=float, default=0.1)
+  parser.add_argument("--lr-ivon", type=float, default=1.0)
+  parser.add_argument("--hess-init", type=float, default=0.01)
   parser.add_argument("--clip-radius", type=float, default=float("inf"))
-  parser.add_argument("--b2", type=float, default=0.9999)
+  parser.add_argument("--b2", type=float, default=0.999)
   parser.add_argument("--optimizers", default="adamw,ivon",
                       help="which to train, comma separated")
   parser.add_argument("--tiny", action="store_true",
