@@ -34,7 +34,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -255,9 +255,3 @@ def diagonal_gaussian(dim: int) -> ExponentialFamily:
       to_natural=to_natural,
       from_natural=from_natural,
   )
-
-
-FAMILIES: dict[str, Any] = {
-    "beta": beta, "gamma": gamma, "dirichlet": dirichlet,
-    "gaussian": gaussian, "diagonal_gaussian": diagonal_gaussian,
-}

@@ -19,13 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from blrax._src import gaussian, lookup
-
-
-def _hole(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
 
 
 def flatten(tree: Any, leading: int = 0) -> jax.Array:
