@@ -126,6 +126,14 @@ class FullGaussian(NamedTuple):
   def next_key(self) -> jax.Array:
     return gaussian.split_key(self.key)[1]
 
+  def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
+    """The posterior after an update: next key, new curvature and
+    hyperparameters (the current ones, which ``inject_hyperparams`` may have
+    changed). Keeps the posterior's type."""
+    return self._replace(key=self.next_key(), curvature=curvature,
+                         ess=gaussian.scalar(ess),
+                         weight_decay=gaussian.scalar(weight_decay))
+
   def flat_offset(self, noise: jax.Array) -> jax.Array:
     """:math:`L^{-\\top}\\epsilon` for each row of ``noise`` (zeros if ess=inf)."""
 

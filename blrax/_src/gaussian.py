@@ -145,6 +145,18 @@ def positive_ema(curvature, estimate, rho, weight_decay):
   return 0.5 * (a + jnp.square(c) / a) - weight_decay
 
 
+def map_leaves(fn, num_outputs: int, tree: Any, *rest: Any) -> tuple:
+  """``jax.tree.map`` for a per-leaf ``fn`` returning ``num_outputs`` arrays.
+
+  Returns ``num_outputs`` trees shaped like ``tree`` (holes stay holes). The
+  variants write their whole update as one such function, so that XLA fuses
+  it into one elementwise pass per leaf.
+  """
+  out = jax.tree.map(fn, tree, *rest)
+  return tuple(jax.tree.map(lambda _, t, i=i: t[i], tree, out)
+               for i in range(num_outputs))
+
+
 def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:
   """Mean over the leading Monte-Carlo axis, if ``x`` has one beyond ``like``."""
   return jnp.mean(x, axis=0) if x.ndim > like.ndim else x
@@ -203,6 +215,13 @@ class DiagonalGaussian(NamedTuple):
 
   def next_key(self) -> jax.Array:
     return split_key(self.key)[1]
+
+  def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
+    """The posterior after an update: next key, new curvature and
+    hyperparameters (the current ones, which ``inject_hyperparams`` may have
+    changed). Keeps the posterior's type."""
+    return self._replace(key=self.next_key(), curvature=curvature,
+                         ess=scalar(ess), weight_decay=scalar(weight_decay))
 
   def normal_like(self, key: jax.Array, tree: Any) -> Any:
     """The generator of the noise (subclasses may use a cheaper one)."""

@@ -157,21 +157,13 @@ def scale_by_ivon(
       return direction.astype(mean.dtype), curvature, momentum
 
     hessians = updates if hessian is None else hessian
-    out = jax.tree.map(
+    direction, curvature, momentum = gaussian.map_leaves(
         lambda g, e, m, h, mu, hs: leaf(g, e, m, h, mu,
                                         None if hessian is None else hs),
-        updates, noise, params, posterior.curvature, state.momentum, hessians,
-    )
-    pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
-    new_posterior = posterior._replace(  # keeps the posterior's type
-        key=posterior.next_key(),
-        curvature=pick(1),
-        ess=gaussian.scalar(ess),
-        weight_decay=gaussian.scalar(weight_decay),
-    )
-    return pick(0), ScaleByIVONState(
-        count=count, momentum=pick(2), posterior=new_posterior
-    )
+        3, updates, noise, params, posterior.curvature, state.momentum, hessians)
+    return direction, ScaleByIVONState(
+        count=count, momentum=momentum,
+        posterior=posterior.advanced(curvature, ess, weight_decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -117,13 +117,11 @@ def scale_by_vadam(
       return direction.astype(mean.dtype), s, momentum
 
     posterior = state.posterior
-    out = jax.tree.map(leaf, updates, params, posterior.curvature, state.momentum)
-    pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
-    posterior = posterior._replace(
-        key=posterior.next_key(), curvature=pick(1),
-        ess=gaussian.scalar(ess), weight_decay=gaussian.scalar(weight_decay))
-    return pick(0), ScaleByVadamState(count=count, momentum=pick(2),
-                                      posterior=posterior)
+    direction, curvature, momentum = gaussian.map_leaves(
+        leaf, 3, updates, params, posterior.curvature, state.momentum)
+    return direction, ScaleByVadamState(
+        count=count, momentum=momentum,
+        posterior=posterior.advanced(curvature, ess, weight_decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

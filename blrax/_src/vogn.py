@@ -145,14 +145,13 @@ def scale_by_vogn(
       return (momentum / (s + weight_decay)).astype(mean.dtype), s, momentum
 
     posterior = state.posterior
-    out = jax.tree.map(leaf, updates, params, posterior.curvature, state.momentum)
-    pick = lambda i: jax.tree.map(lambda _, t: t[i], params, out)
-    posterior = posterior._replace(
-        key=posterior.next_key(), curvature=pick(1),
-        ess=gaussian.scalar(ess), weight_decay=gaussian.scalar(weight_decay))
-    return pick(0), ScaleByVOGNState(
-        count=optax.safe_increment(state.count), momentum=pick(2),
-        posterior=posterior)
+    # params first: its leaves, not the per-example grads', give the shapes.
+    direction, curvature, momentum = gaussian.map_leaves(
+        lambda m, g, h, mu: leaf(g, m, h, mu), 3,
+        params, updates, posterior.curvature, state.momentum)
+    return direction, ScaleByVOGNState(
+        count=optax.safe_increment(state.count), momentum=momentum,
+        posterior=posterior.advanced(curvature, ess, weight_decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

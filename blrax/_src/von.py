@@ -161,11 +161,9 @@ def scale_by_von(
       return direction.astype(mean.dtype), h
 
     hessians = updates if hessian is None else hessian
-    out = jax.tree.map(
+    return gaussian.map_leaves(
         lambda g, e, m, h, hs: leaf(g, e, m, h, None if hessian is None else hs),
-        updates, noise, params, posterior.curvature, hessians)
-    pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
-    return pick(0), posterior._replace(curvature=pick(1))
+        2, updates, noise, params, posterior.curvature, hessians)
 
   def full_update(updates, posterior, params, hessian):
     s_old = posterior.curvature
@@ -195,7 +193,7 @@ def scale_by_von(
         (chol, True), grads.mean(0) + weight_decay * mean)
     direction = full_gaussian.unflatten(posterior.template, direction)
     direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
-    return direction, posterior._replace(curvature=s_new)
+    return direction, s_new
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     del extra_args
@@ -204,15 +202,14 @@ def scale_by_von(
     if covariance == "diag":
       if hessian is not None:
         gaussian.check_grads(hessian, params, mc_samples, name="hessian")
-      updates, posterior = diag_update(updates, state.posterior, params, hessian)
+      direction, curvature = diag_update(updates, state.posterior, params,
+                                         hessian)
     else:
-      updates, posterior = full_update(updates, state.posterior, params, hessian)
-    posterior = posterior._replace(
-        key=state.posterior.next_key(),
-        ess=gaussian.scalar(ess),
-        weight_decay=gaussian.scalar(weight_decay))
-    return updates, ScaleByVONState(
-        count=optax.safe_increment(state.count), posterior=posterior)
+      direction, curvature = full_update(updates, state.posterior, params,
+                                         hessian)
+    return direction, ScaleByVONState(
+        count=optax.safe_increment(state.count),
+        posterior=state.posterior.advanced(curvature, ess, weight_decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
