@@ -50,7 +50,7 @@ def example_loss(params, x, y):
   return mlp_loss(params, x[None], y[None])
 
 
-def make_run(opt, kind, inner):
+def make_run(opt, kind, inner, loss=mlp_loss):
   """A jitted function running ``inner`` full train steps of ``kind``."""
 
   def step(carry, batch):
@@ -69,7 +69,7 @@ def make_run(opt, kind, inner):
       theta = jax.tree.map(lambda p, e: p + 1e-6 * e, params, noise)
     else:
       theta = params
-    grads = jax.grad(mlp_loss)(theta, x, y)
+    grads = jax.grad(loss)(theta, x, y)
     updates, state = opt.update(grads, state, params)
     return (optax.apply_updates(params, updates), state, key), None
 
@@ -81,17 +81,27 @@ def make_run(opt, kind, inner):
 
 
 def benchmark(sizes, batch, inner, rounds, variants):
+  """Median step times on the MLP ``sizes``: (param count, {name: seconds})."""
   key = jax.random.key(0)
   params = mlp_init(key, sizes)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
   xs = jax.random.normal(key, (inner, batch, sizes[0]))
   ys = jax.random.randint(key, (inner, batch), 0, sizes[-1])
+  return benchmark_model(params, mlp_loss, xs, ys, rounds, variants)
+
+
+def benchmark_model(params, loss, xs, ys, rounds, variants):
+  """Median step times of ``loss`` at ``params`` over the batches ``xs, ys``
+  (a leading axis of ``inner`` steps), for adamw, the floor and ``variants``.
+  """
+  key = jax.random.key(0)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  inner = jax.tree.leaves(xs)[0].shape[0]
   adamw = optax.adamw(1e-3)
   entries = {"adamw": (adamw, "adam"), "floor": (adamw, "floor")}
   entries.update(variants)
   runs = {}
   for name, (opt, kind) in entries.items():
-    run = make_run(opt, kind, inner)
+    run = make_run(opt, kind, inner, loss)
     args = (params, opt.init(params), key, xs, ys)
     jax.block_until_ready(run(*args))  # compile and warm up
     runs[name] = (run, args)
@@ -110,6 +120,8 @@ def default_variants(n_train=60_000, with_vogn=True):
   variants = {
       "blrax.ivon": (blrax.ivon(1e-3, ess=n_train), "blrax"),
       "blrax.ivon (hash noise)": (blrax.ivon(1e-3, ess=n_train, noise="hash"),
+                                  "blrax"),
+      "blrax.ivon (flip noise)": (blrax.ivon(1e-3, ess=n_train, noise="flip"),
                                   "blrax"),
       "blrax.von (diag)": (blrax.von(1e-3, ess=n_train), "blrax"),
       "blrax.vadam": (blrax.vadam(1e-3, ess=n_train), "blrax"),

@@ -12,6 +12,7 @@ from blrax._src.diagnostics import (
     restore_checkpoint,
     save_checkpoint,
 )
+from blrax._src.fast_noise import flip_noise
 from blrax._src.flax_integration import (
     VariationalTrainState,
     nnx_sample,
@@ -60,6 +61,7 @@ __all__ = (
     "expfam",
     "export_posterior",
     "find_posteriors",
+    "flip_noise",
     "ivon",
     "negative_log_likelihood",
     "nnx_sample",

@@ -137,3 +137,5 @@ def test_unknown_noise_generator(factory):
     factory(0.1, ess=10.0, noise="philox")
   with pytest.raises(ValueError, match="covariance='full'"):
     blrax.von(0.1, ess=10.0, covariance="full", noise="hash")
+  with pytest.raises(ValueError, match="covariance='full'"):
+    blrax.von(0.1, ess=10.0, covariance="full", noise=blrax.flip_noise(8))

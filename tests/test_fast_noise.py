@@ -8,6 +8,8 @@ the Price identity E[g(m + s e) e] / s = E_q[Hessian] on a known function.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 from scipy import stats
 
 import blrax
@@ -74,3 +76,132 @@ def test_hash_posterior_type_is_stable_and_found():
   assert type(new_state[0].posterior) is type(state[0].posterior)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert not np.allclose(blrax.sample_params(params, new_state), theta)
+
+
+# --- noise="flip": sign flips of a stored draw refreshed slice by slice ------
+
+
+def flip_sequence(shape, steps, refresh_every, mc_samples=1, key=0):
+  """The noise of ``steps`` consecutive updates at fixed curvature."""
+  opt = blrax.ivon(0.1, ess=10.0, mc_samples=mc_samples, key=key,
+                   noise=blrax.flip_noise(refresh_every))
+  (posterior,) = blrax.find_posteriors(opt.init(jnp.zeros(shape)))
+
+  @jax.jit
+  def run(posterior):
+    def step(post, _):
+      return post.advanced(post.curvature, post.ess, post.weight_decay), \
+          post.noise()
+    return jax.lax.scan(step, posterior, None, length=steps)[1]
+
+  return np.asarray(run(posterior), np.float64)
+
+
+def check_standard_normal(x):
+  x = np.ravel(x)
+  n = x.size
+  assert abs(x.mean()) < 5 / np.sqrt(n)
+  assert abs(x.var() - 1) < 5 * np.sqrt(2 / n)
+  assert abs(stats.skew(x)) < 5 * np.sqrt(6 / n)
+  assert abs(stats.kurtosis(x)) < 5 * np.sqrt(24 / n)
+  assert stats.kstest(x[:100_000], "norm").pvalue > 1e-3
+
+
+def test_flip_noise_of_each_step_is_standard_normal():
+  eps = flip_sequence((512, 512), steps=12, refresh_every=4)
+  check_standard_normal(eps[0])    # the initial (threefry) draw, flipped
+  check_standard_normal(eps[-1])   # every element redrawn since (hash)
+
+
+def test_flip_noise_across_steps_uncorrelated_magnitudes_renewed():
+  k = 8
+  eps = flip_sequence((256, 256), steps=2 * k + 1, refresh_every=k)
+  bound = 5 / np.sqrt(eps[0].size)
+  for lag in (1, 2, k):
+    assert abs(corr(eps[0], eps[lag])) < bound
+  # The trade-off, as documented: magnitudes persist within a period...
+  same = np.isclose(np.abs(eps[0]), np.abs(eps[1]))
+  np.testing.assert_allclose(same.mean(), 1 - 1 / k, atol=1e-3)
+  assert corr(eps[0] ** 2, eps[1] ** 2) > 0.8
+  # ...and every element is redrawn within refresh_every steps, after which
+  # the magnitudes are independent.
+  assert not np.isclose(np.abs(eps[0]), np.abs(eps[k])).any()
+  assert abs(corr(eps[0] ** 2, eps[k] ** 2)) < bound
+  assert abs(corr(eps[3] ** 2, eps[k + 3] ** 2)) < bound
+  # Rank-one sign patterns: still no correlation between neighbours.
+  assert abs(corr(eps[0][:, :-1], eps[0][:, 1:])) < bound
+  assert abs(corr(eps[0][:-1], eps[0][1:])) < bound
+
+
+def test_flip_noise_samples_have_independent_signs():
+  eps = flip_sequence((256, 256), steps=2, refresh_every=8, mc_samples=2)
+  assert eps.shape == (2, 2, 256, 256)
+  assert abs(corr(eps[0, 0], eps[0, 1])) < 5 / 256
+  np.testing.assert_allclose(np.abs(eps[0, 0]), np.abs(eps[0, 1]))
+
+
+def test_price_identity_holds_over_the_flip_sequence():
+  # loss = sum(c t^4 / 4) per column; rows are independent replicates. The
+  # Price estimate averaged over the generator's own sequence (two refresh
+  # periods, magnitudes shared within each) is unbiased for E_q[Hessian].
+  rows, k, steps = 40_000, 8, 16
+  c = np.array([1.0, 0.5, 2.0])
+  m = np.array([0.5, -1.0, 0.2])
+  sigma = 0.3
+  eps = flip_sequence((rows, 3), steps=steps, refresh_every=k, key=5)
+  grads = c * (m + sigma * eps) ** 3
+  per_row = (grads * eps / sigma).mean(0)          # (rows, 3), independent
+  want = 3 * c * (m**2 + sigma**2)
+  se = per_row.std(0) / np.sqrt(rows)
+  np.testing.assert_array_less(np.abs(per_row.mean(0) - want), 5 * se)
+  # The check resolves biases of a few percent.
+  assert (se < 0.01 * want).all()
+
+
+def test_flip_noise_is_zero_without_noise_and_type_is_stable():
+  params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4), "s": jnp.zeros(())}
+  opt = blrax.ivon(0.1, ess=float("inf"), noise="flip")
+  state = opt.init(params)
+  for leaf in jax.tree.leaves(blrax.sample_params(params, state)):
+    np.testing.assert_array_equal(leaf, 0.0)
+  opt = blrax.ivon(0.1, ess=10.0, noise="flip")
+  state = opt.init(params)
+  theta = blrax.sample_params(params, state)
+  _, new_state = jax.jit(opt.update)(theta, state, params)
+  assert type(new_state[0].posterior) is type(state[0].posterior)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  assert fast_noise.posterior_type(blrax.flip_noise(32)) is type(
+      state[0].posterior)
+  assert fast_noise.posterior_type(blrax.flip_noise(7)) is (
+      fast_noise.posterior_type(blrax.flip_noise(7)))
+
+
+def test_flip_checkpoint_resumes_identically(tmp_path):
+  opt = blrax.ivon(0.05, ess=50.0, noise=blrax.flip_noise(4))
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+  loss = lambda p: jnp.sum(p["w"] ** 4)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *opt.update(jax.grad(loss)(blrax.sample_params(p, s)), s, p)))
+  state = opt.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+  blrax.save_checkpoint(tmp_path / "ckpt", params, state)
+  restored = blrax.restore_checkpoint(tmp_path / "ckpt", params, state)
+  a, b = (params, state), restored
+  for _ in range(6):
+    a, b = step(*a), step(*b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(raw(x), raw(y))
+
+
+def raw(x):
+  """Key data of a typed PRNG key, the array otherwise."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(x)
+  return x
+
+
+@pytest.mark.parametrize("refresh_every", [0, -3, 2.0, True, "8"])
+def test_flip_noise_rejects_bad_refresh_every(refresh_every):
+  with pytest.raises(ValueError, match="refresh_every"):
+    blrax.flip_noise(refresh_every)

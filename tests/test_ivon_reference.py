@@ -52,6 +52,8 @@ CASES = [
     dict(mc_samples=1, clip_radius=np.inf, rescale_lr=True, debias=False),
     dict(mc_samples=2, clip_radius=np.inf, rescale_lr=True, debias=True,
          noise="hash"),
+    dict(mc_samples=2, clip_radius=0.05, rescale_lr=True, debias=True,
+         noise="flip"),
 ]
 
 

@@ -171,23 +171,21 @@ def _hole(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-@lookup.register_posterior
-class DiagonalGaussian(NamedTuple):
-  r"""A diagonal Gaussian :math:`N(m, 1/(\lambda(h+\delta)))` around the params.
+class DiagonalGaussianMethods:
+  """What every diagonal posterior state does with its fields.
 
-  Attributes:
-    key: typed PRNG key of the next draw; an array of ``mc_samples`` keys when
-      the optimizer draws several samples per step.
-    curvature: :math:`h`, a pytree like the params (``optax.MaskedNode`` where
-      a wrapper masked a param out), float32 or wider.
-    ess: :math:`\lambda`, the effective sample size, a float scalar.
-    weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`.
+  A mixin for ``NamedTuple`` states that have at least the fields ``key``,
+  ``curvature``, ``ess`` and ``weight_decay`` (see :class:`DiagonalGaussian`);
+  a noise generator that keeps more state (``fast_noise``) adds fields and
+  overrides :meth:`draw_noise`, :meth:`advanced` and :meth:`create`.
   """
 
-  key: jax.Array
-  curvature: Any
-  ess: jax.Array
-  weight_decay: jax.Array
+  __slots__ = ()
+
+  @classmethod
+  def create(cls, key, curvature, ess, weight_decay):
+    """The state at initialisation (``key`` as from :func:`initial_key`)."""
+    return cls(key=key, curvature=curvature, ess=ess, weight_decay=weight_decay)
 
   @property
   def mc_samples(self) -> int:
@@ -207,7 +205,7 @@ class DiagonalGaussian(NamedTuple):
     # operand), and the zeros are 0 * h (XLA never merges operand-less tuples).
     return jax.lax.cond(
         jnp.isfinite(self.ess),
-        lambda: self.normal_like(split_key(self.key)[0], self.curvature),
+        lambda: self.draw_noise(split_key(self.key)[0]),
         lambda: jax.tree.map(
             lambda h: jnp.broadcast_to(0.0 * h, self.key.shape + h.shape),
             self.curvature),
@@ -223,8 +221,12 @@ class DiagonalGaussian(NamedTuple):
     return self._replace(key=self.next_key(), curvature=curvature,
                          ess=scalar(ess), weight_decay=scalar(weight_decay))
 
+  def draw_noise(self, key: jax.Array) -> Any:
+    """The step's noise from the step's key (scalar or batched)."""
+    return self.normal_like(key, self.curvature)
+
   def normal_like(self, key: jax.Array, tree: Any) -> Any:
-    """The generator of the noise (subclasses may use a cheaper one)."""
+    """Fresh standard normals like ``tree`` (subclasses may be cheaper)."""
     return standard_normal_like(key, tree)
 
   def curvature_diagonal(self) -> Any:
@@ -248,6 +250,29 @@ class DiagonalGaussian(NamedTuple):
     return self.offset(self.normal_like(keys, self.curvature))
 
 
+class _DiagonalGaussianFields(NamedTuple):
+  key: jax.Array
+  curvature: Any
+  ess: jax.Array
+  weight_decay: jax.Array
+
+
+@lookup.register_posterior
+class DiagonalGaussian(_DiagonalGaussianFields, DiagonalGaussianMethods):
+  r"""A diagonal Gaussian :math:`N(m, 1/(\lambda(h+\delta)))` around the params.
+
+  Attributes:
+    key: typed PRNG key of the next draw; an array of ``mc_samples`` keys when
+      the optimizer draws several samples per step.
+    curvature: :math:`h`, a pytree like the params (``optax.MaskedNode`` where
+      a wrapper masked a param out), float32 or wider.
+    ess: :math:`\lambda`, the effective sample size, a float scalar.
+    weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`.
+  """
+
+  __slots__ = ()
+
+
 def init_diagonal_gaussian(
     params: Any,
     *,
@@ -268,7 +293,7 @@ def init_diagonal_gaussian(
   curvature = jax.tree.map(
       lambda p: jnp.full_like(p, curvature_init, state_dtype(p.dtype)), params
   )
-  return (posterior_type or DiagonalGaussian)(
+  return (posterior_type or DiagonalGaussian).create(
       key=initial_key(key, mc_samples),
       curvature=curvature,
       ess=scalar(ess),

@@ -47,7 +47,7 @@ def scale_by_vadam(
     hess_init: jax.typing.ArrayLike = 0.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam's direction, before the learning rate.
 
@@ -72,8 +72,8 @@ def scale_by_vadam(
     hess_init: initial :math:`s` (>= 0; ``hess_init + weight_decay > 0``).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
-    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
-      counter-based generator; see :func:`blrax.ivon`).
+    noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -136,7 +136,7 @@ def vadam(
     hess_init: jax.typing.ArrayLike = 0.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam: variational Adam, the BLR with a squared-gradient curvature.
 
@@ -165,8 +165,8 @@ def vadam(
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
-    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
-      counter-based generator; see :func:`blrax.ivon`).
+    noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

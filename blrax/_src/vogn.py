@@ -81,7 +81,7 @@ def scale_by_vogn(
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN's direction, before the learning rate.
 
@@ -103,8 +103,8 @@ def scale_by_vogn(
     hess_init: initial :math:`s` (> 0).
     mc_samples: samples per step.
     key: PRNG key or int seed of the weight noise.
-    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
-      counter-based generator; see :func:`blrax.ivon`).
+    noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -166,7 +166,7 @@ def vogn(
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN: the BLR with a per-example Gauss-Newton curvature.
 
@@ -194,8 +194,8 @@ def vogn(
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
-    noise: ``"normal"`` (threefry normals) or ``"hash"`` (a cheaper
-      counter-based generator; see :func:`blrax.ivon`).
+    noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

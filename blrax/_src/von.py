@@ -56,7 +56,7 @@ def scale_by_von(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VON's Newton-like direction, before the learning rate.
 
@@ -90,8 +90,8 @@ def scale_by_von(
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
-    noise: ``"normal"`` or ``"hash"`` (diag only; a cheaper counter-based
-      generator, see :func:`blrax.ivon`).
+    noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -225,7 +225,7 @@ def von(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
-    noise: str = "normal",
+    noise: str | fast_noise.FlipNoise = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
@@ -253,8 +253,8 @@ def von(
       ``static_args=("mc_samples", "max_dim")``.
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
-    noise: ``"normal"`` or ``"hash"`` (diag only; a cheaper counter-based
-      generator, see :func:`blrax.ivon`).
+    noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
+      ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
