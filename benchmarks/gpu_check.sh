@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot accelerator check: install, then run the step-time benchmark, the
-# scaling table and the language-model example on the default JAX backend,
+# scaling tables (MLP, transformer) and the language-model example on the default JAX backend,
 # writing everything to ${OUT:-gpu_check_out}/results.md. Budget: < 10 min.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on a GPU machine
@@ -38,6 +38,13 @@ fi
     timeout 300 python benchmarks/scaling.py --widths 16,32 --rounds 1 --out "$out/scaling.png"
   else
     timeout 300 python benchmarks/scaling.py --widths 32,256,900,3000,6000 --out "$out/scaling.png"
+  fi
+  echo
+  echo "## scaling (transformer)"
+  if [ "$platform" = "cpu" ]; then
+    timeout 300 python benchmarks/scaling.py --model transformer --configs 16:1 --rounds 1 --out "$out/scaling_transformer.png"
+  else
+    timeout 300 python benchmarks/scaling.py --model transformer --configs 16:1,64:2,192:4,384:6 --batch 16 --out "$out/scaling_transformer.png"
   fi
   echo
   echo "## char_gpt"

@@ -82,9 +82,11 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   report = (tmp_path / "results.md").read_text()
   for section in ("## step time", "| blrax.ivon |", "## scaling",
+                  "## scaling (transformer)", "transformer, cpu",
                   "## char_gpt", "| IVON (mean) |"):
     assert section in report, report
   assert (tmp_path / "scaling.png").stat().st_size > 0
+  assert (tmp_path / "scaling_transformer.png").stat().st_size > 0
 
 
 def test_device_scaling_benchmark_runs():
