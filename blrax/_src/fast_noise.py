@@ -116,7 +116,7 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def sign_factors(key: jax.Array, shapes: list[tuple[int, ...]]) -> list:
-  """Per leaf, random row and column signs ``(r, c)`` (float32, +-1).
+  r"""Per leaf, random row and column signs ``(r, c)`` (float32, +-1).
 
   The sign pattern of a leaf seen as a matrix is the outer product
   :math:`r c^\top`, as in Flipout: one hashed bit per row and per column
