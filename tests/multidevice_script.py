@@ -1,8 +1,8 @@
 """Run by tests/test_multidevice.py in a process with 8 CPU devices.
 
-Checks: data-parallel (replicated params) and fully sharded (FSDP) IVON runs
-equal the single-device run over many steps; one MC sample per device equals
-the single-device mc_samples=8 run; init works on abstract inputs; state
+Checks: data-parallel (replicated params, also with noise="flip") and fully
+sharded (FSDP) IVON runs equal the single-device run over many steps; one MC
+sample per device equals the single-device mc_samples=8 run; init works on abstract inputs; state
 shardings follow the params after init and after update; the noise is drawn
 shard by shard (no full-size draw on any device).
 """
@@ -95,6 +95,16 @@ def main():
   assert_close(dp_params, ref_params, "data parallel params")
   assert_close(posterior_of(dp_state).curvature,
                posterior_of(ref_state).curvature, "data parallel curvature")
+
+  # 1b. Data parallel with noise="flip" (its stored draw replicated too).
+  flip = blrax.ivon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
+                    noise=blrax.flip_noise(4))
+  flip_ref, _ = run(flip, jax.jit(make_step(flip)), params0, flip.init(params0))
+  params = jax.device_put(params0, replicated)
+  state = jax.jit(flip.init, out_shardings=replicated)(params)
+  step = jax.jit(make_step(flip), out_shardings=replicated)
+  flip_dp, _ = run(flip, step, params, state, shard_data=batch)
+  assert_close(flip_dp, flip_ref, "data parallel params, flip noise")
 
   # 2. Fully sharded: every param sharded along its last axis, the state
   #    sharded like the params (via optax.tree.map_params), batch sharded.
