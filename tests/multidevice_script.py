@@ -2,9 +2,9 @@
 
 Checks: data-parallel (replicated params, also with noise="flip") and fully
 sharded (FSDP) IVON runs equal the single-device run over many steps; one MC
-sample per device equals the single-device mc_samples=8 run; init works on abstract inputs; state
-shardings follow the params after init and after update; the noise is drawn
-shard by shard (no full-size draw on any device).
+sample per device equals the single-device mc_samples=8 run; init works on
+abstract inputs; state shardings follow the params after init and after
+update; the noise is drawn shard by shard (no full-size draw on any device).
 """
 
 import os
