@@ -8,6 +8,9 @@ its cores, so this measures the overhead of the sharded program rather than a
 speed-up; on accelerators it measures scaling.
 
     python benchmarks/device_scaling.py [--devices 1,2,4,8] [--sizes 256,512,512,10]
+        [--out device_scaling.png]
+
+Prints a markdown table; with ``--out``, also plots step time over devices.
 """
 
 from __future__ import annotations
@@ -57,13 +60,16 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--inner", type=int, default=10)
+  parser.add_argument("--out", default=None, help="PNG plot path")
   args = parser.parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   bench_dir = os.path.dirname(os.path.abspath(__file__))
   print(f"MLP {sizes}, global batch {args.batch}, data parallel\n")
   print("| devices | adamw ms | ivon ms | ivon / adamw |")
   print("|---:|---:|---:|---:|")
-  for count in [int(d) for d in args.devices.split(",")]:
+  counts = [int(d) for d in args.devices.split(",")]
+  rows = []
+  for count in counts:
     env = dict(os.environ)
     if env.get("JAX_PLATFORMS", "cpu") == "cpu":
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
@@ -73,9 +79,28 @@ def main():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                             text=True, env=env, check=True)
     medians = json.loads(result.stdout.strip().splitlines()[-1])
+    rows.append(medians)
     print(f"| {count} | {1e3 * medians['adamw']:.3f} | "
           f"{1e3 * medians['blrax.ivon']:.3f} | "
           f"{medians['blrax.ivon'] / medians['adamw']:.2f} |")
+
+  if args.out:
+    import matplotlib  # noqa: PLC0415 (only the plot needs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in ("adamw", "blrax.ivon"):
+      ax.plot(counts, [1e3 * r[name] for r in rows], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("devices (data parallel, fixed global batch)")
+    ax.set_ylabel("ms per train step")
+    ax.set_title(f"MLP {sizes}, {os.environ.get('JAX_PLATFORMS') or 'cpu'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"\nplot: {args.out}")
 
 
 if __name__ == "__main__":

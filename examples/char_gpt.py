@@ -38,7 +38,7 @@ def parse_args(argv=None):
   parser.add_argument("--samples", type=int, default=8,
                       help="posterior samples for model averaging")
   parser.add_argument("--lr-adamw", type=float, default=1e-3)
-  parser.add_argument("--lr-ivon", type=float, default=1.0)
+  parser.add_argument("--lr-ivon", type=float, default=8.0)
   parser.add_argument("--hess-init", type=float, default=0.01)
   parser.add_argument("--clip-radius", type=float, default=float("inf"))
   parser.add_argument("--b2", type=float, default=0.999)

@@ -89,10 +89,12 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
   assert (tmp_path / "scaling_transformer.png").stat().st_size > 0
 
 
-def test_device_scaling_benchmark_runs():
+def test_device_scaling_benchmark_runs(tmp_path):
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "device_scaling.py"),
        "--devices", "1,2", "--sizes", "8,16,4", "--batch", "8", "--rounds", "1",
-       "--inner", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+       "--inner", "2", "--out", str(tmp_path / "devices.png")],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| 2 |" in result.stdout
+  assert (tmp_path / "devices.png").stat().st_size > 0
