@@ -177,7 +177,7 @@ class DiagonalGaussianMethods:
   A mixin for ``NamedTuple`` states that have at least the fields ``key``,
   ``curvature``, ``ess`` and ``weight_decay`` (see :class:`DiagonalGaussian`);
   a noise generator that keeps more state (``fast_noise``) adds fields and
-  overrides :meth:`draw_noise`, :meth:`advanced` and :meth:`create`.
+  overrides :meth:`noise`, :meth:`advanced` and :meth:`create`.
   """
 
   __slots__ = ()
