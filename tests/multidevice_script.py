@@ -1,10 +1,11 @@
 """Run by tests/test_multidevice.py in a process with 8 CPU devices.
 
-Checks: data-parallel (replicated params, also with noise="flip") and fully
-sharded (FSDP) IVON runs equal the single-device run over many steps; one MC
-sample per device equals the single-device mc_samples=8 run; init works on
-abstract inputs; state shardings follow the params after init and after
-update; the noise is drawn shard by shard (no full-size draw on any device).
+Checks: data-parallel (replicated params) and fully sharded (FSDP) IVON
+runs, also with noise="flip", equal the single-device run over many steps;
+one MC sample per device equals the single-device mc_samples=8 run; init
+works on abstract inputs; state shardings follow the params after init and
+after update; the noise is drawn shard by shard (no full-size draw on any
+device).
 """
 
 import os
@@ -136,6 +137,22 @@ def main():
   bits = set(re.findall(r"u32\[(\d+,\d+)\]", compiled))
   assert "16,64" not in bits and "64,8" not in bits, sorted(bits)
   assert "16,8" in bits, sorted(bits)
+
+  # 2b. Fully sharded with noise="flip": its stored draw is sharded like the
+  #     params too (same shapes), and the run equals the single-device one.
+  abstract = jax.eval_shape(flip.init, params0)
+  flip_sharding = optax.tree.map_params(
+      flip, lambda _, s: s, abstract, param_sharding,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda v: isinstance(v, (jax.ShapeDtypeStruct, jax.Array)))
+  params = jax.device_put(params0, param_sharding)
+  state = jax.jit(flip.init, out_shardings=flip_sharding)(params)
+  step = jax.jit(make_step(flip), out_shardings=(param_sharding, flip_sharding))
+  flip_fs, flip_fs_state = run(flip, step, params, state, shard_data=batch)
+  assert_close(flip_fs, flip_ref, "fsdp params, flip noise")
+  base = posterior_of(flip_fs_state).base_noise
+  for name in params0:
+    assert base[name].sharding.is_equivalent_to(param_sharding[name], 2), name
 
   # 3. One MC sample per device: mc_samples = 8, sample axis sharded with
   #    the data; equals the single-device mc_samples = 8 run.

@@ -115,6 +115,14 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
   return (int(np.prod(shape[:-1])), shape[-1]) if shape else (1, 1)
 
 
+def _refresh_view(shape: tuple[int, ...]) -> tuple[int, int]:
+  """The (rows, columns) the refresh slices by rows: a matrix view as in
+  :func:`_matrix_shape`, but a vector (or scalar) is one column."""
+  if len(shape) >= 2:
+    return _matrix_shape(shape)
+  return (max(1, int(np.prod(shape))), 1)
+
+
 def sign_factors(key: jax.Array, shapes: list[tuple[int, ...]]) -> list:
   r"""Per leaf, random row and column signs ``(r, c)`` (float32, +-1).
 
@@ -138,16 +146,19 @@ def sign_factors(key: jax.Array, shapes: list[tuple[int, ...]]) -> list:
   return draw(key) if key.ndim == 0 else jax.vmap(draw)(key)
 
 
-def refresh_slice(key: jax.Array, flat_tree: Any, phase: jax.Array,
+def refresh_slice(key: jax.Array, tree: Any, phase: jax.Array,
                   num_slices: int, after: Any) -> Any:
-  """Redraws slice ``phase`` of ``num_slices`` of every (1-D) leaf.
+  """Redraws slice ``phase`` of ``num_slices`` of every leaf of ``tree``.
 
-  A leaf is cut in ``num_slices`` consecutive slices of
-  ``ceil(size / num_slices)`` elements (the last one clamped to the end, so it
-  may overlap its neighbour); the chosen slice gets fresh normals from the
-  hash generator, written in place (``dynamic_update_slice``). So a step
-  draws ``1 / num_slices`` of the params, and every element is redrawn at
-  least once per ``num_slices`` steps.
+  A leaf, seen as rows (all but its last axis; a vector's elements), is cut
+  in ``num_slices`` consecutive slices of ``ceil(rows / num_slices)`` rows
+  (the last one clamped to the end, so it may overlap its neighbour; a leaf
+  with fewer rows than slices redraws one row a step, some rows more often);
+  the chosen slice gets fresh normals from the hash generator, written in
+  place (``dynamic_update_slice``). So a step draws about ``1 / num_slices``
+  of the params, and every element is redrawn at least once per
+  ``num_slices`` steps. Leaves keep their shapes, so the draw can be sharded
+  like the params.
 
   ``after`` is a tree with the same leaves computed by the update (the new
   curvature): the slice update is made to depend on it, which orders it
@@ -157,18 +168,20 @@ def refresh_slice(key: jax.Array, flat_tree: Any, phase: jax.Array,
   element, 0 unless the run has already diverged.
   """
   words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32) ^ _REFRESH_SALT
-  leaves, treedef = jax.tree.flatten(flat_tree)
+  leaves, treedef = jax.tree.flatten(tree)
   out = []
   for index, (leaf, later) in enumerate(zip(leaves, jax.tree.leaves(after))):
     if leaf.size == 0:
       out.append(leaf)
       continue
-    width = -(-leaf.size // num_slices)
+    rows = leaf.reshape(_refresh_view(leaf.shape))
+    width = -(-rows.shape[0] // num_slices)
     start = phase * width + jnp.isnan(later.reshape(-1)[0]).astype(phase.dtype)
-    start = jnp.minimum(start, leaf.size - width)
-    fresh = bits_to_normal(hash_bits(_leaf_seed(words, index), (width,)),
-                           leaf.dtype)
-    out.append(jax.lax.dynamic_update_slice(leaf, fresh, (start,)))
+    start = jnp.minimum(start, rows.shape[0] - width)
+    fresh = bits_to_normal(hash_bits(_leaf_seed(words, index),
+                                     (width,) + rows.shape[1:]), rows.dtype)
+    out.append(jax.lax.dynamic_update_slice_in_dim(rows, fresh, start, 0)
+               .reshape(leaf.shape))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -204,12 +217,11 @@ class FlipNoiseDiagonalGaussian(_FlipNoiseFields,
   ``refresh_every`` steps: its variance averages down over that many times
   fewer independent draws. Harmless when the curvature EMA is long (IVON's
   ``b2 = 0.99999`` spans ~1e5 steps); keep ``refresh_every`` well below
-  :math:`1/(1-b_2)`. The state holds one more params-sized float array.
-  ``base_noise`` is stored flat (one 1-D array per leaf): meant for one
-  device; under sharded params use the default generator.
+  :math:`1/(1-b_2)`. The state holds one more params-sized float array,
+  shaped (and shardable) like the params.
 
   Attributes (beyond :class:`blrax.DiagonalGaussian`'s):
-    base_noise: :math:`z`, one flat array per leaf of the curvature.
+    base_noise: :math:`z`, like the curvature.
     refresh_phase: int32 scalar, which slice of :math:`z` the next update
       redraws.
   """
@@ -223,8 +235,7 @@ class FlipNoiseDiagonalGaussian(_FlipNoiseFields,
     base = gaussian.standard_normal_like(jax.random.fold_in(first, 1),
                                          curvature)
     return cls(key=key, curvature=curvature, ess=ess,
-               weight_decay=weight_decay,
-               base_noise=jax.tree.map(lambda z: z.reshape(-1), base),
+               weight_decay=weight_decay, base_noise=base,
                refresh_phase=jnp.zeros([], jnp.int32))
 
   def noise(self) -> Any:
