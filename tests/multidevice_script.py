@@ -78,6 +78,17 @@ def posterior_of(state):
   return posterior
 
 
+def state_shardings(opt, params, param_sharding, replicated):
+  """Shardings of ``opt``'s state: like the params for params-shaped leaves
+  (found by optax.tree.map_params), replicated otherwise. ``init`` runs on
+  abstract inputs only."""
+  abstract = jax.eval_shape(opt.init, params)
+  return optax.tree.map_params(
+      opt, lambda _, s: s, abstract, param_sharding,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda v: isinstance(v, (jax.ShapeDtypeStruct, jax.Array)))
+
+
 def main():
   params0 = init_params()
   opt = blrax.ivon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7)
@@ -112,11 +123,7 @@ def main():
   param_sharding = jax.tree.map(
       lambda p: NamedSharding(mesh, P(*([None] * (p.ndim - 1) + ["data"]))),
       params0)
-  abstract = jax.eval_shape(opt.init, params0)   # init on abstract inputs
-  state_sharding = optax.tree.map_params(
-      opt, lambda _, s: s, abstract, param_sharding,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda v: isinstance(v, (jax.ShapeDtypeStruct, jax.Array)))
+  state_sharding = state_shardings(opt, params0, param_sharding, replicated)
   params = jax.device_put(params0, param_sharding)
   state = jax.jit(opt.init, out_shardings=state_sharding)(params)
   curv = posterior_of(state).curvature
@@ -140,11 +147,7 @@ def main():
 
   # 2b. Fully sharded with noise="flip": its stored draw is sharded like the
   #     params too (same shapes), and the run equals the single-device one.
-  abstract = jax.eval_shape(flip.init, params0)
-  flip_sharding = optax.tree.map_params(
-      flip, lambda _, s: s, abstract, param_sharding,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda v: isinstance(v, (jax.ShapeDtypeStruct, jax.Array)))
+  flip_sharding = state_shardings(flip, params0, param_sharding, replicated)
   params = jax.device_put(params0, param_sharding)
   state = jax.jit(flip.init, out_shardings=flip_sharding)(params)
   step = jax.jit(make_step(flip), out_shardings=(param_sharding, flip_sharding))
