@@ -85,10 +85,10 @@ def main():
           f"{medians['blrax.ivon'] / medians['adamw']:.2f} |")
 
   if args.out:
-    import matplotlib  # noqa: PLC0415 (only the plot needs it)
+    import matplotlib  # only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for name in ("adamw", "blrax.ivon"):

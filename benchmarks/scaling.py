@@ -27,6 +27,7 @@ import optax  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.join(HERE, os.pardir, "examples"))
 import step_time  # noqa: E402
 
 
@@ -43,9 +44,8 @@ def mlp_case(width, batch):
 
 def transformer_case(d_model, layers, batch, seq_len=32):
   """The same for the char_gpt transformer (``batch`` sequences of 32)."""
-  sys.path.insert(0, os.path.join(HERE, os.pardir, "examples"))
-  import char_gpt  # noqa: PLC0415 (the example defines the model)
-  from flax import nnx  # noqa: PLC0415
+  import char_gpt  # the example defines the model
+  from flax import nnx
 
   config = argparse.Namespace(d_model=d_model, layers=layers,
                               heads=max(1, d_model // 64), seq_len=seq_len)

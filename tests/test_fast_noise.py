@@ -205,3 +205,19 @@ def raw(x):
 def test_flip_noise_rejects_bad_refresh_every(refresh_every):
   with pytest.raises(ValueError, match="refresh_every"):
     blrax.flip_noise(refresh_every)
+
+
+def test_flip_noise_keeps_the_stored_draw_exact_in_float64():
+  # The noise is the stored draw with signs flipped, bit for bit: no detour
+  # through float32 (which would round a float64 draw).
+  with jax.enable_x64(True):
+    params = {"w": jnp.zeros((5, 7), jnp.float64), "b": jnp.zeros(3, jnp.float64)}
+    state = blrax.ivon(0.1, ess=10.0, noise="flip", mc_samples=2).init(params)
+    (posterior,) = blrax.find_posteriors(state)
+    noise = posterior.noise()
+    for name in params:
+      assert noise[name].dtype == jnp.float64
+      np.testing.assert_array_equal(
+          np.abs(noise[name]),
+          np.broadcast_to(np.abs(posterior.base_noise[name]),
+                          noise[name].shape))

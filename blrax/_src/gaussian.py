@@ -205,7 +205,7 @@ class DiagonalGaussianMethods:
     # operand), and the zeros are 0 * h (XLA never merges operand-less tuples).
     return jax.lax.cond(
         jnp.isfinite(self.ess),
-        lambda: self.draw_noise(split_key(self.key)[0]),
+        lambda: self.normal_like(split_key(self.key)[0], self.curvature),
         lambda: jax.tree.map(
             lambda h: jnp.broadcast_to(0.0 * h, self.key.shape + h.shape),
             self.curvature),
@@ -220,10 +220,6 @@ class DiagonalGaussianMethods:
     changed). Keeps the posterior's type."""
     return self._replace(key=self.next_key(), curvature=curvature,
                          ess=scalar(ess), weight_decay=scalar(weight_decay))
-
-  def draw_noise(self, key: jax.Array) -> Any:
-    """The step's noise from the step's key (scalar or batched)."""
-    return self.normal_like(key, self.curvature)
 
   def normal_like(self, key: jax.Array, tree: Any) -> Any:
     """Fresh standard normals like ``tree`` (subclasses may be cheaper)."""
