@@ -3,7 +3,8 @@
 # scaling tables (MLP, transformer) and the language-model example on the
 # default JAX backend, writing everything to ${OUT:-gpu_check_out}/results.md.
 # Budget: < 10 min (sections capped at 90 + 150 + 150 + 150 s after the
-# install; on the accelerator a section that times out is noted and skipped).
+# install; on the accelerator a section that times out is noted and skipped;
+# the CPU dry run has no time caps: it must not depend on the machine's load).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on a GPU machine
 #   BLRAX_CHECK_PLATFORM=cpu bash benchmarks/gpu_check.sh  # dry run on CPU
@@ -30,28 +31,28 @@ fi
   echo
   echo "## step time (MLP 256-1024-1024-10)"
   if [ "$platform" = "cpu" ]; then
-    timeout 300 python benchmarks/step_time.py --no-vogn --sizes 16,32,32,4 --rounds 2 --inner 2
+    python benchmarks/step_time.py --no-vogn --sizes 16,32,32,4 --rounds 2 --inner 2
   else
     timeout 90 python benchmarks/step_time.py || echo "(this section failed or timed out: rc $?)"
   fi
   echo
   echo "## scaling"
   if [ "$platform" = "cpu" ]; then
-    timeout 300 python benchmarks/scaling.py --widths 16,32 --rounds 1 --out "$out/scaling.png"
+    python benchmarks/scaling.py --widths 16,32 --rounds 1 --out "$out/scaling.png"
   else
     timeout 150 python benchmarks/scaling.py --widths 32,256,900,3000,6000 --out "$out/scaling.png" || echo "(this section failed or timed out: rc $?)"
   fi
   echo
   echo "## scaling (transformer)"
   if [ "$platform" = "cpu" ]; then
-    timeout 300 python benchmarks/scaling.py --model transformer --configs 16:1 --rounds 1 --out "$out/scaling_transformer.png"
+    python benchmarks/scaling.py --model transformer --configs 16:1 --rounds 1 --out "$out/scaling_transformer.png"
   else
     timeout 150 python benchmarks/scaling.py --model transformer --configs 16:1,64:2,192:4,384:6 --batch 16 --out "$out/scaling_transformer.png" || echo "(this section failed or timed out: rc $?)"
   fi
   echo
   echo "## char_gpt"
   if [ "$platform" = "cpu" ]; then
-    timeout 300 python examples/char_gpt.py --tiny 2>/dev/null
+    python examples/char_gpt.py --tiny 2>/dev/null
   else
     timeout 150 python examples/char_gpt.py --steps 2000 --bf16 2>/dev/null || echo "(this section failed or timed out: rc $?)"
   fi

@@ -3,21 +3,21 @@
 Each optimizer is an ``optax.GradientTransformationExtraArgs`` whose state holds
 a Gaussian posterior over the params: the params are its mean, the state its
 precision and the PRNG key of the weight noise.
+
+Top level: the optimizers (and their ``scale_by_*`` transforms), the posterior
+functions and the posterior types. Topical modules: ``blrax.noise`` (weight
+noise generators), ``blrax.predictive`` (model averaging), ``blrax.metrics``,
+``blrax.expfam`` (exponential families, Bayes' rule as natural gradients),
+``blrax.flax`` (NNX/Linen helpers; the ``flax`` extra) and
+``blrax.checkpoint`` (orbax; the ``checkpoint`` extra).
 """
 
-from blrax._src import expfam
-from blrax._src.diagnostics import (
-    export_posterior,
-    posterior_summary,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from blrax._src.fast_noise import flip_noise
-from blrax._src.flax_integration import (
-    VariationalTrainState,
-    nnx_sample,
-    nnx_value_and_grad,
-)
+import importlib as _importlib
+import warnings as _warnings
+
+from blrax import expfam, metrics, noise, predictive
+from blrax._src.diagnostics import export_posterior, posterior_summary
+from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
@@ -27,56 +27,43 @@ from blrax._src.lookup import (
     sample_params,
     sample_posterior,
 )
-from blrax._src.metrics import (
-    accuracy,
-    brier_score,
-    calibration_bins,
-    expected_calibration_error,
-    negative_log_likelihood,
-    reliability_diagram,
-)
-from blrax._src.predictive import (
-    predictive_log_probs,
-    predictive_mean_variance,
-    predictive_probs,
-)
+from blrax._src.noise import flip_noise
 from blrax._src.vadam import ScaleByVadamState, scale_by_vadam, vadam
 from blrax._src.vogn import ScaleByVOGNState, per_example_grads, scale_by_vogn, vogn
-from blrax._src.von import ScaleByVONState, scale_by_von, von
+from blrax._src.von import (
+    ScaleByFullVONState,
+    ScaleByVONState,
+    scale_by_full_von,
+    scale_by_von,
+    von,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "DiagonalGaussian",
     "FullGaussian",
+    "ScaleByBLRState",
+    "ScaleByFullVONState",
     "ScaleByIVONState",
-    "ScaleByVadamState",
     "ScaleByVOGNState",
     "ScaleByVONState",
-    "VariationalTrainState",
-    "accuracy",
-    "brier_score",
-    "calibration_bins",
-    "expected_calibration_error",
+    "ScaleByVadamState",
     "expfam",
     "export_posterior",
     "find_posteriors",
     "flip_noise",
     "ivon",
-    "negative_log_likelihood",
-    "nnx_sample",
-    "nnx_value_and_grad",
+    "metrics",
+    "noise",
     "per_example_grads",
     "posterior_stddev",
     "posterior_summary",
-    "predictive_log_probs",
-    "predictive_mean_variance",
-    "predictive_probs",
-    "reliability_diagram",
-    "restore_checkpoint",
+    "predictive",
     "sample_params",
     "sample_posterior",
-    "save_checkpoint",
+    "scale_by_blr",
+    "scale_by_full_von",
     "scale_by_ivon",
     "scale_by_vadam",
     "scale_by_vogn",
@@ -85,3 +72,26 @@ __all__ = (
     "vogn",
     "von",
 )
+
+# Names that moved to a topical module in 0.2: still importable from the top
+# level for now, with a DeprecationWarning naming the new home.
+_MOVED = {
+    **dict.fromkeys(metrics.__all__, "blrax.metrics"),
+    **dict.fromkeys(predictive.__all__, "blrax.predictive"),
+    **dict.fromkeys(("nnx_sample", "nnx_value_and_grad",
+                     "VariationalTrainState"), "blrax.flax"),
+    **dict.fromkeys(("save_checkpoint", "restore_checkpoint"),
+                    "blrax.checkpoint"),
+}
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    home = _MOVED[name]
+    _warnings.warn(f"blrax.{name} moved to {home}.{name}; the old name will be "
+                   "removed in a future release.", DeprecationWarning,
+                   stacklevel=2)
+    return getattr(_importlib.import_module(home), name)
+  if name in ("flax", "checkpoint"):
+    return _importlib.import_module(f"blrax.{name}")
+  raise AttributeError(f"module 'blrax' has no attribute {name!r}")

@@ -200,8 +200,8 @@ def main(args):
     nll = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1))
     probs = jnp.exp(log_probs)
     print(f"| {label} | {float(nll):.4f} | {float(jnp.exp(nll)):.3f} | "
-          f"{float(blrax.accuracy(probs, labels)):.4f} | "
-          f"{float(blrax.expected_calibration_error(probs, labels)):.4f} | "
+          f"{float(blrax.metrics.accuracy(probs, labels)):.4f} | "
+          f"{float(blrax.metrics.expected_calibration_error(probs, labels)):.4f} | "
           f"{seconds:.1f} |")
 
   if "AdamW" in results:
@@ -210,9 +210,9 @@ def main(args):
   if "IVON" not in results:
     return
   mean, state, ivon_seconds = results["IVON"]
-  report("IVON (mean)", blrax.predictive_log_probs(apply, None, mean, state, vx,
-                                                   mean_only=True), ivon_seconds)
-  report(f"IVON (BMA, {args.samples})", blrax.predictive_log_probs(
+  report("IVON (mean)", blrax.predictive.predictive_log_probs(
+      apply, None, mean, state, vx, mean_only=True), ivon_seconds)
+  report(f"IVON (BMA, {args.samples})", blrax.predictive.predictive_log_probs(
       apply, jax.random.key(2), mean, state, vx, num_samples=args.samples,
       chunk_size=1), ivon_seconds)
   (posterior,) = blrax.find_posteriors(state)

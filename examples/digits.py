@@ -1,10 +1,10 @@
 """Digits classification, IVON vs AdamW, over several seeds (Flax NNX).
 
 Trains an MLP on scikit-learn's digits with ``optax.adamw`` and ``blrax.ivon``
-using the NNX helper ``blrax.nnx_value_and_grad`` (gradients at a posterior
-draw, the rest of the loop unchanged), then prints held-out accuracy, NLL,
-ECE and Brier score (mean ± std over seeds) for AdamW, IVON at its mean and
-IVON with Bayesian model averaging, and saves a reliability diagram.
+using the NNX helper ``blrax.flax.nnx_value_and_grad`` (gradients at a
+posterior draw, the rest of the loop unchanged), then prints held-out accuracy,
+NLL, ECE and Brier score (mean ± std over seeds) for AdamW, IVON at its mean
+and IVON with Bayesian model averaging, and saves a reliability diagram.
 
     python examples/digits.py [--seeds 0 1 2] [--epochs 60] [--samples 64]
                               [--out digits_reliability.png]
@@ -28,6 +28,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import blrax  # noqa: E402
+import blrax.flax  # noqa: E402
 
 
 class MLP(nnx.Module):
@@ -55,7 +56,7 @@ def adamw_step(model, optimizer, x, y):
 
 @nnx.jit
 def ivon_step(model, optimizer, x, y):
-  loss, grads = blrax.nnx_value_and_grad(loss_fn, model, optimizer, x, y)
+  loss, grads = blrax.flax.nnx_value_and_grad(loss_fn, model, optimizer, x, y)
   optimizer.update(model, grads)
   return loss
 
@@ -98,19 +99,19 @@ def run_seed(seed, args):
   xt = jnp.asarray(x_te)
   probs = {
       "AdamW": jax.nn.softmax(adam_model(xt)),
-      "IVON (mean)": blrax.predictive_probs(apply, None, mean,
-                                            optimizer.opt_state, xt,
-                                            mean_only=True),
-      f"IVON (BMA, {args.samples})": blrax.predictive_probs(
+      "IVON (mean)": blrax.predictive.predictive_probs(apply, None, mean,
+                                                       optimizer.opt_state, xt,
+                                                       mean_only=True),
+      f"IVON (BMA, {args.samples})": blrax.predictive.predictive_probs(
           apply, jax.random.key(seed + 100), mean, optimizer.opt_state, xt,
           num_samples=args.samples, chunk_size=min(16, args.samples)),
   }
   labels = jnp.asarray(y_te)
   metrics = {
-      name: {"acc": float(blrax.accuracy(p, labels)),
-             "nll": float(blrax.negative_log_likelihood(p, labels)),
-             "ece": float(blrax.expected_calibration_error(p, labels)),
-             "brier": float(blrax.brier_score(p, labels))}
+      name: {"acc": float(blrax.metrics.accuracy(p, labels)),
+             "nll": float(blrax.metrics.negative_log_likelihood(p, labels)),
+             "ece": float(blrax.metrics.expected_calibration_error(p, labels)),
+             "brier": float(blrax.metrics.brier_score(p, labels))}
       for name, p in probs.items()}
   return metrics, probs, labels
 
@@ -142,7 +143,7 @@ def main():
   _, probs, labels = runs[0]
   fig, axes = plt.subplots(1, len(probs), figsize=(4 * len(probs), 4))
   for ax, (name, p) in zip(axes, probs.items()):
-    blrax.reliability_diagram(p, labels, num_bins=10, ax=ax, label=name)
+    blrax.metrics.reliability_diagram(p, labels, num_bins=10, ax=ax, label=name)
     ax.set_title(name)
   fig.tight_layout()
   fig.savefig(args.out, dpi=100)

@@ -96,17 +96,18 @@ def main():
           f"median stddev = {float(jnp.median(std[name]['w'])):.4f}")
 
   xt, yt = jnp.asarray(x_te), jnp.asarray(y_te)
-  at_mean = blrax.predictive_probs(apply, None, mean, state, xt, mean_only=True)
-  bma = blrax.predictive_probs(apply, jax.random.key(1), mean, state, xt,
-                               num_samples=args.samples)
+  at_mean = blrax.predictive.predictive_probs(apply, None, mean, state, xt,
+                                              mean_only=True)
+  bma = blrax.predictive.predictive_probs(apply, jax.random.key(1), mean, state,
+                                          xt, num_samples=args.samples)
   pretrained = jax.nn.softmax(apply(params, xt))
   print("\n| model | acc | NLL | ECE |\n|---|---:|---:|---:|")
   for name, p in (("pretrained (AdamW)", pretrained),
                   ("last-layer IVON, mean", at_mean),
                   (f"last-layer IVON, BMA {args.samples}", bma)):
-    print(f"| {name} | {float(blrax.accuracy(p, yt)):.4f} | "
-          f"{float(blrax.negative_log_likelihood(p, yt)):.4f} | "
-          f"{float(blrax.expected_calibration_error(p, yt)):.4f} |")
+    print(f"| {name} | {float(blrax.metrics.accuracy(p, yt)):.4f} | "
+          f"{float(blrax.metrics.negative_log_likelihood(p, yt)):.4f} | "
+          f"{float(blrax.metrics.expected_calibration_error(p, yt)):.4f} |")
 
 
 if __name__ == "__main__":

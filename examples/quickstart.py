@@ -71,9 +71,9 @@ def train(opt, params, apply, x, y, epochs, batch, seed, variational, desc):
 
 def report(name, probs, y):
   probs, y = jnp.asarray(probs), jnp.asarray(y)
-  print(f"{name:<22} {float(blrax.accuracy(probs, y)):>8.4f} "
-        f"{float(blrax.negative_log_likelihood(probs, y)):>8.4f} "
-        f"{float(blrax.expected_calibration_error(probs, y)):>8.4f}")
+  print(f"{name:<22} {float(blrax.metrics.accuracy(probs, y)):>8.4f} "
+        f"{float(blrax.metrics.negative_log_likelihood(probs, y)):>8.4f} "
+        f"{float(blrax.metrics.expected_calibration_error(probs, y)):>8.4f}")
 
 
 def main():

@@ -1,10 +1,10 @@
 """1-D regression with predictive bands: IVON on a Flax Linen MLP.
 
 Fits noisy samples of a sine with a gap in the inputs using
-``blrax.VariationalTrainState`` (Linen's ``TrainState`` for blrax
+``blrax.flax.VariationalTrainState`` (Linen's ``TrainState`` for blrax
 optimizers), then plots the posterior-predictive mean and ±2 std bands from
-``blrax.predictive_mean_variance``. The bands should widen in the gap and
-outside the data.
+``blrax.predictive.predictive_mean_variance``. The bands should widen in the
+gap and outside the data.
 
     python examples/regression_1d.py [--steps 4000] [--samples 200]
                                      [--out regression_1d.png]
@@ -26,6 +26,7 @@ import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import blrax  # noqa: E402
+import blrax.flax  # noqa: E402
 
 NOISE = 0.1
 
@@ -66,8 +67,8 @@ def main():
   tx = blrax.ivon(optax.cosine_decay_schedule(args.lr, args.steps), ess=len(x),
                   hess_init=args.hess_init, b2=args.b2, weight_decay=1e-2,
                   key=args.seed)
-  state = blrax.VariationalTrainState.create(apply_fn=module.apply,
-                                             params=params, tx=tx)
+  state = blrax.flax.VariationalTrainState.create(apply_fn=module.apply,
+                                                  params=params, tx=tx)
 
   @jax.jit
   def train_step(state):
@@ -79,7 +80,7 @@ def main():
 
   grid = np.linspace(-5, 5, 300, dtype=np.float32)[:, None]
   apply = lambda p, inputs: module.apply({"params": p}, inputs)
-  mean, var = blrax.predictive_mean_variance(
+  mean, var = blrax.predictive.predictive_mean_variance(
       apply, jax.random.key(args.seed + 1), state.params, state.opt_state, grid,
       num_samples=args.samples, chunk_size=50, noise_variance=NOISE**2)
   std = np.sqrt(np.asarray(var))

@@ -153,7 +153,7 @@ def main():
   step = jax.jit(make_step(flip), out_shardings=(param_sharding, flip_sharding))
   flip_fs, flip_fs_state = run(flip, step, params, state, shard_data=batch)
   assert_close(flip_fs, flip_ref, "fsdp params, flip noise")
-  base = posterior_of(flip_fs_state).base_noise
+  base = posterior_of(flip_fs_state).noise_state.base_noise
   for name in params0:
     assert base[name].sharding.is_equivalent_to(param_sharding[name], 2), name
 

@@ -9,6 +9,7 @@ import pytest
 from cases import WIDE, ids
 
 import blrax
+import blrax.checkpoint
 
 
 def loss(p):
@@ -33,12 +34,12 @@ def test_resumed_run_is_bitwise_identical(tmp_path, name, factory, kwargs):
   params, state = params0, opt.init(params0)
   for _ in range(3):
     params, state = step(params, state)
-  blrax.save_checkpoint(tmp_path / "ckpt", params, state)
+  blrax.checkpoint.save_checkpoint(tmp_path / "ckpt", params, state)
   for _ in range(3):
     params, state = step(params, state)
   fresh = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(2)}
-  r_params, r_state = blrax.restore_checkpoint(tmp_path / "ckpt", fresh,
-                                               opt.init(fresh))
+  r_params, r_state = blrax.checkpoint.restore_checkpoint(
+      tmp_path / "ckpt", fresh, opt.init(fresh))
   for _ in range(3):
     r_params, r_state = step(r_params, r_state)
   jax.tree.map(np.testing.assert_array_equal, r_params, params)

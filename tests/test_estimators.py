@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import full_gaussian, gaussian
+from blrax._src import curvature, full_gaussian, gaussian
 
 
 def test_diagonal_price_estimator_is_unbiased():
@@ -26,7 +26,7 @@ def _check_diagonal_price():
   np.testing.assert_array_less(np.abs(estimates.mean(0) - want), 5 * se)
   # and the library function computes the same per-sample average
   np.testing.assert_allclose(
-      gaussian.price_curvature(grads, eps, h, ess, decay), estimates.mean(0),
+      curvature.price_curvature(grads, eps, h, ess, decay), estimates.mean(0),
       rtol=1e-10)
 
 

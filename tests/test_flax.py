@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 import blrax
+import blrax.flax
 
 X = jax.random.normal(jax.random.key(0), (16, 4))
 Y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
@@ -41,7 +42,7 @@ def test_nnx_loop_equals_functional_loop():
 
   @nnx.jit
   def nnx_step(model, optimizer, x, y):
-    loss, grads = blrax.nnx_value_and_grad(nnx_loss, model, optimizer, x, y)
+    loss, grads = blrax.flax.nnx_value_and_grad(nnx_loss, model, optimizer, x, y)
     optimizer.update(model, grads)
     return loss
 
@@ -74,13 +75,13 @@ def test_nnx_batch_norm_statistics_and_no_aliasing():
   model = MLP(nnx.Rngs(0), batch_norm=True)
   optimizer = nnx.Optimizer(model, blrax.ivon(0.1, ess=10.0), wrt=nnx.Param)
   mean_before = nnx.as_pure(nnx.state(model, nnx.Param))
-  loss, grads = blrax.nnx_value_and_grad(nnx_loss, model, optimizer, X, Y)
+  loss, grads = blrax.flax.nnx_value_and_grad(nnx_loss, model, optimizer, X, Y)
   # the draw never leaks into the model's params
   jax.tree.map(np.testing.assert_array_equal,
                nnx.as_pure(nnx.state(model, nnx.Param)), mean_before)
   # batch statistics moved as in a plain training step: momentum 0.99 of
   # zeros plus 0.01 of the batch mean of the sampled hidden layer
-  sample = blrax.nnx_sample(model, optimizer)  # same draw (state unchanged)
+  sample = blrax.flax.nnx_sample(model, optimizer)  # same draw (state unchanged)
   hidden = sample.hidden(X)
   np.testing.assert_allclose(model.norm.mean[...], 0.01 * hidden.mean(0),
                              rtol=1e-5, atol=1e-7)
@@ -100,8 +101,8 @@ def test_linen_train_state_equals_functional_loop():
   opt = blrax.ivon(0.1, ess=100.0, key=5)
   loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       module.apply({"params": p}, X), Y).mean()
-  ts = blrax.VariationalTrainState.create(apply_fn=module.apply, params=params,
-                                          tx=opt)
+  ts = blrax.flax.VariationalTrainState.create(apply_fn=module.apply,
+                                               params=params, tx=opt)
   state = opt.init(params)
   for _ in range(4):
     grads = jax.grad(loss_fn)(ts.sample_params())
@@ -117,8 +118,8 @@ def test_linen_train_state_equals_functional_loop():
 def test_linen_train_state_forwards_hessian():
   opt = blrax.ivon(1.0, ess=float("inf"), b2=0.0, b1=0.0, weight_decay=0.0,
                    hess_init=1.0, rescale_lr=False)
-  ts = blrax.VariationalTrainState.create(apply_fn=None,
-                                          params=jnp.array([2.0]), tx=opt)
+  ts = blrax.flax.VariationalTrainState.create(apply_fn=None,
+                                               params=jnp.array([2.0]), tx=opt)
   # loss = 2 t^2: Newton with b2 = 0 jumps to 0... up to IVON's correction:
   # h = hhat + (h0 - hhat)^2 / 2 / h0 = 4 + 4.5 = 8.5, step = 8 / 8.5.
   ts = ts.apply_gradients(grads=jnp.array([8.0]), hessian=jnp.array([4.0]))

@@ -93,7 +93,13 @@ def test_sample_posterior_moments_match_stddev(name, factory, kwargs):
 def _replace_key(state, key):
   is_posterior = lambda x: isinstance(x, (blrax.DiagonalGaussian,
                                           blrax.FullGaussian))
-  return jax.tree.map(lambda x: x._replace(key=key) if is_posterior(x) else x,
+
+  def replace(x):
+    if isinstance(x, blrax.FullGaussian):
+      return x._replace(key=key)
+    return x._replace(noise_state=x.noise_state._replace(key=key))
+
+  return jax.tree.map(lambda x: replace(x) if is_posterior(x) else x,
                       state, is_leaf=is_posterior)
 
 

@@ -118,7 +118,8 @@ def test_vadam_at_infinite_ess_without_decay_is_optax_adam():
   with jax.enable_x64(True):
     loss = lambda p: jnp.sum(jnp.cos(p) + 0.1 * p**4)
     params = jnp.asarray(RNG.normal(size=6))
-    ours = blrax.vadam(0.05, ess=INF, b1=0.8, b2=0.95, weight_decay=0.0)
+    ours = blrax.vadam(0.05, ess=INF, b1=0.8, b2=0.95, weight_decay=0.0,
+                       hess_init=0.0)
     adam = optax.adam(0.05, b1=0.8, b2=0.95, eps=0.0)
     s1, s2 = ours.init(params), adam.init(params)
     p1 = p2 = params
@@ -138,7 +139,8 @@ def test_vadam_at_infinite_ess_with_decay_by_hand():
     lr, b1, b2, d = 0.1, 0.9, 0.99, 0.01
     m = np.array([1.0, -2.0])
     grad = lambda x: 2 * x + 1  # loss x^2 + x
-    opt = blrax.vadam(lr, ess=INF, b1=b1, b2=b2, weight_decay=d)
+    opt = blrax.vadam(lr, ess=INF, b1=b1, b2=b2, weight_decay=d,
+                      hess_init=0.0)
     params = jnp.asarray(m)
     state = opt.init(params)
     g = s = np.zeros(2)

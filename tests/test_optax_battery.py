@@ -61,6 +61,7 @@ def make_step(opt, factory, objective, mc_samples, **update_kwargs):
   return step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,factory,kwargs", OPTIMIZERS, ids=ids(OPTIMIZERS))
 @pytest.mark.parametrize(
     "target", [parabola, rosenbrock, matrix_parabola, mixed_target],

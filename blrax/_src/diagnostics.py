@@ -1,16 +1,13 @@
-"""Posterior diagnostics, export and checkpoints.
+"""Posterior diagnostics and export.
 
 ``posterior_summary`` answers the most common question about IVON ("does the
 Hessian move?") with per-leaf statistics of the curvature and of sigma, ready
 for a logger. ``export_posterior`` gives (mean, stddev) for users who only
-want that. ``save_checkpoint``/``restore_checkpoint`` round-trip params and
-the whole optimizer state (PRNG key and step count included) through orbax,
-so a resumed run is bitwise identical to an uninterrupted one.
+want that.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -54,38 +51,3 @@ def posterior_summary(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
 def export_posterior(params: Any, opt_state: Any) -> dict[str, Any]:
   """``{"mean": params, "stddev": sigma}``, both pytrees like the params."""
   return {"mean": params, "stddev": lookup.posterior_stddev(opt_state, params)}
-
-
-def _drop_empty(tree: Any) -> Any:
-  """Zero-size leaves (the full Gaussian's shape template) become None:
-  orbax refuses to save zero-size arrays, and they hold no data."""
-  return jax.tree.map(lambda x: None if getattr(x, "size", 1) == 0 else x, tree)
-
-
-def save_checkpoint(directory: str | os.PathLike, params: Any,
-                    opt_state: Any) -> None:
-  """Saves params and the whole optimizer state with orbax (blocking)."""
-  import orbax.checkpoint as ocp  # Imported lazily: only checkpoints need it.
-
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory),
-                    _drop_empty({"params": params, "opt_state": opt_state}))
-  checkpointer.wait_until_finished()
-
-
-def restore_checkpoint(directory: str | os.PathLike, params: Any,
-                       opt_state: Any) -> tuple[Any, Any]:
-  """Restores ``(params, opt_state)``; the arguments give structure and dtypes.
-
-  Pass e.g. freshly initialised params and ``opt.init(params)`` (or their
-  ``jax.eval_shape``); typed PRNG keys are restored as typed keys.
-  """
-  import orbax.checkpoint as ocp
-
-  target = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory),
-                                                _drop_empty(target))
-  restored = jax.tree.map(
-      lambda t, r: jnp.zeros(t.shape, t.dtype) if t.size == 0 else r,
-      target, restored)
-  return restored["params"], restored["opt_state"]

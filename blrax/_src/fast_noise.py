@@ -1,4 +1,4 @@
-r"""Cheaper weight noise than threefry normals: ``noise="hash"`` and ``"flip"``.
+r"""The primitives of the cheap generators ``noise="hash"`` and ``"flip"``.
 
 On CPU, JAX's default generator (threefry-2x32, 20 rounds) costs about as
 much as a whole Adam step for the same number of params. The weight noise of
@@ -6,14 +6,14 @@ a variational optimizer needs exact Gaussian *marginals* (the Price/Stein
 curvature estimator is unbiased only for Gaussian noise) and no correlation
 between steps and weights, not cryptographic strength. Two options:
 
-- ``noise="hash"`` (:class:`HashNoiseDiagonalGaussian`): a fresh draw per
+- ``noise="hash"`` (:class:`blrax.noise.HashNoise`): a fresh draw per
   step from a counter hashed by two rounds of the MurmurHash3 finaliser
   (``fmix32``), keyed by the state's threefry key (which still advances every
   step), mapped to a normal through the inverse error function as
   ``jax.random.normal`` does. Same state as the default; about 4x fewer
   integer operations than threefry, but the ``erfinv`` (a ``log``) now
   dominates. Measured 1.84x Adam's step at 1.6M params (default: 2.4x).
-- ``noise="flip"`` (:class:`FlipNoiseDiagonalGaussian`): random sign flips
+- ``noise="flip"`` (:class:`blrax.noise.FlipNoise`): random sign flips
   of a stored normal draw that is redrawn slice by slice (every element at
   least every ``refresh_every`` steps). Each step's noise is still exactly
   N(0, I), but consecutive steps share magnitudes; costs one more
@@ -34,15 +34,11 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from blrax._src import gaussian, lookup
 
 _GOLDEN = np.uint32(0x9E3779B9)
 _M1, _M2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
@@ -97,29 +93,16 @@ def hash_normal_like(key: jax.Array, tree: Any) -> Any:
   return draw(key) if key.ndim == 0 else jax.vmap(draw)(key)
 
 
-class HashNoiseDiagonalGaussian(gaussian.DiagonalGaussian):
-  """:class:`blrax.DiagonalGaussian` whose draws use :func:`hash_normal_like`.
-
-  Same fields and math; only the generator differs. Found by the same
-  lookup (it is a subclass), and its type is stable across updates.
-  """
-
-  __slots__ = ()
-
-  def normal_like(self, key: jax.Array, tree: Any) -> Any:
-    return hash_normal_like(key, tree)
-
-
-def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
   """A leaf seen as a matrix: (all but the last axis, the last axis)."""
   return (int(np.prod(shape[:-1])), shape[-1]) if shape else (1, 1)
 
 
 def _refresh_view(shape: tuple[int, ...]) -> tuple[int, int]:
   """The (rows, columns) the refresh slices by rows: a matrix view as in
-  :func:`_matrix_shape`, but a vector (or scalar) is one column."""
+  :func:`matrix_shape`, but a vector (or scalar) is one column."""
   if len(shape) >= 2:
-    return _matrix_shape(shape)
+    return matrix_shape(shape)
   return (max(1, int(np.prod(shape))), 1)
 
 
@@ -141,7 +124,7 @@ def sign_factors(key: jax.Array, shapes: list[tuple[int, ...]]) -> list:
     words = jax.random.key_data(k).reshape(-1).astype(jnp.uint32)
     return [(signs(_leaf_seed(words, 2 * i), rows)[:, None],
              signs(_leaf_seed(words, 2 * i + 1), cols)[None, :])
-            for i, (rows, cols) in enumerate(map(_matrix_shape, shapes))]
+            for i, (rows, cols) in enumerate(map(matrix_shape, shapes))]
 
   return draw(key) if key.ndim == 0 else jax.vmap(draw)(key)
 
@@ -183,145 +166,3 @@ def refresh_slice(key: jax.Array, tree: Any, phase: jax.Array,
     out.append(jax.lax.dynamic_update_slice_in_dim(rows, fresh, start, 0)
                .reshape(leaf.shape))
   return jax.tree.unflatten(treedef, out)
-
-
-class _FlipNoiseFields(NamedTuple):
-  key: jax.Array
-  curvature: Any
-  ess: jax.Array
-  weight_decay: jax.Array
-  base_noise: Any
-  refresh_phase: jax.Array
-
-
-@lookup.register_posterior
-class FlipNoiseDiagonalGaussian(_FlipNoiseFields,
-                                gaussian.DiagonalGaussianMethods):
-  r"""A diagonal Gaussian whose step noise is a sign-flipped stored draw.
-
-  The step's noise is :math:`\epsilon_t = S_t \odot z`: :math:`z \sim N(0,I)`
-  is a stored draw (``base_noise``), of which a ``1 / refresh_every`` slice is
-  redrawn every step (:func:`refresh_slice`), so each element lives at most
-  ``refresh_every`` steps; :math:`S_t` are fresh random signs, rank one per
-  leaf as in Flipout (:func:`sign_factors`). A step thus costs a fused sign
-  flip and ``1 / refresh_every`` of a normal draw, instead of a whole draw.
-
-  What holds: each :math:`\epsilon_t` is exactly :math:`N(0, I)` (given any
-  signs, :math:`S_t \odot z` is, since :math:`z` is i.i.d. symmetric and
-  independent of them), so the Price estimator is unbiased at every step;
-  :math:`\epsilon_t, \epsilon_{t'}` are uncorrelated for :math:`t \ne t'`
-  (elementwise and across elements), and independent once :math:`z` was
-  redrawn in between. What does not: within a refresh period the draws
-  share the magnitudes :math:`|z|`, so the curvature estimate of an element
-  is a finite difference at the same offset :math:`\pm\sigma|z|` for up to
-  ``refresh_every`` steps: its variance averages down over that many times
-  fewer independent draws. Harmless when the curvature EMA is long (IVON's
-  ``b2 = 0.99999`` spans ~1e5 steps); keep ``refresh_every`` well below
-  :math:`1/(1-b_2)`. The state holds one more params-sized float array,
-  shaped (and shardable) like the params.
-
-  Attributes (beyond :class:`blrax.DiagonalGaussian`'s):
-    base_noise: :math:`z`, like the curvature.
-    refresh_phase: int32 scalar, which slice of :math:`z` the next update
-      redraws.
-  """
-
-  __slots__ = ()
-  refresh_every: int = 32
-
-  @classmethod
-  def create(cls, key, curvature, ess, weight_decay):
-    first = key if key.ndim == 0 else key[0]
-    base = gaussian.standard_normal_like(jax.random.fold_in(first, 1),
-                                         curvature)
-    return cls(key=key, curvature=curvature, ess=ess,
-               weight_decay=weight_decay, base_noise=base,
-               refresh_phase=jnp.zeros([], jnp.int32))
-
-  def noise(self) -> Any:
-    leaves, treedef = jax.tree.flatten(self.curvature)
-    shapes = [h.shape for h in leaves]
-    # The small sign vectors come out of a lax.cond (zeros when ess = inf,
-    # i.e. no noise): a conditional's outputs are materialised, so XLA hashes
-    # once per row and column instead of once per element of each consumer.
-    # (Zeros without operands keep the sampling and update conds apart;
-    # merged, they measured slower.)
-    factors = jax.lax.cond(
-        jnp.isfinite(self.ess),
-        lambda: sign_factors(self.key, shapes),
-        lambda: jax.tree.map(
-            jnp.zeros_like,
-            jax.eval_shape(lambda k: sign_factors(k, shapes), self.key)))
-    batch = self.key.shape
-    out = []
-    for (rows, cols), z, h in zip(factors, jax.tree.leaves(self.base_noise),
-                                  leaves):
-      # Signs in the draw's dtype: exact sign flips, no float32 detour.
-      signs = rows.astype(z.dtype) * cols.astype(z.dtype)
-      matrix = signs * z.reshape(_matrix_shape(h.shape))
-      out.append(matrix.reshape(batch + h.shape))
-    return jax.tree.unflatten(treedef, out)
-
-  def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
-    first = self.key if self.key.ndim == 0 else self.key[0]
-    base = refresh_slice(first, self.base_noise, self.refresh_phase,
-                         self.refresh_every, after=curvature)
-    return self._replace(
-        key=self.next_key(), curvature=curvature,
-        ess=gaussian.scalar(ess), weight_decay=gaussian.scalar(weight_decay),
-        base_noise=base,
-        refresh_phase=(self.refresh_phase + 1) % self.refresh_every)
-
-
-@dataclasses.dataclass(frozen=True)
-class FlipNoise:
-  """The ``noise`` argument for sign-flip noise with a given refresh period.
-
-  Each element of the stored draw is redrawn at least every ``refresh_every``
-  steps, so a step costs a sign flip plus ``1 / refresh_every`` of a (hash)
-  normal draw. ``noise="flip"`` is ``FlipNoise(32)``. A plain value, not a
-  callable, so that ``optax.inject_hyperparams`` keeps it static.
-  """
-
-  refresh_every: int = 32
-
-  def __post_init__(self):
-    value = self.refresh_every
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError("`refresh_every` must be a positive int, got "
-                       f"refresh_every={value!r}.")
-
-
-def flip_noise(refresh_every: int = 32) -> FlipNoise:
-  """``noise=blrax.flip_noise(refresh_every)``: sign-flip noise, see
-  :class:`FlipNoiseDiagonalGaussian` for what its statistics keep and lose.
-
-  Example:
-    >>> import blrax
-    >>> opt = blrax.ivon(0.1, ess=1e4, noise=blrax.flip_noise(refresh_every=64))
-  """
-  return FlipNoise(refresh_every)
-
-
-@functools.cache
-def _flip_type(refresh_every: int) -> type:
-  if refresh_every == FlipNoiseDiagonalGaussian.refresh_every:
-    return FlipNoiseDiagonalGaussian
-  return type(f"FlipNoiseDiagonalGaussian{refresh_every}",
-              (FlipNoiseDiagonalGaussian,),
-              {"__slots__": (), "refresh_every": refresh_every})
-
-
-NOISES = {"normal": gaussian.DiagonalGaussian,
-          "hash": HashNoiseDiagonalGaussian,
-          "flip": FlipNoiseDiagonalGaussian}
-
-
-def posterior_type(noise: str | FlipNoise) -> type:
-  """The diagonal posterior class for a factory's ``noise`` argument."""
-  if isinstance(noise, FlipNoise):
-    return _flip_type(noise.refresh_every)
-  if isinstance(noise, str) and noise in NOISES:
-    return NOISES[noise]
-  raise ValueError(f"`noise` must be one of {tuple(NOISES)} or "
-                   f"blrax.flip_noise(...), got noise={noise!r}.")

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import gaussian, lookup
+from blrax._src import gaussian
+from blrax._src import noise as noise_lib
 
 
 def flatten(tree: Any, leading: int = 0) -> jax.Array:
@@ -80,7 +81,6 @@ def price_curvature(grads: jax.Array, noise: jax.Array,
   return 0.5 * (outer + outer.T)
 
 
-@lookup.register_posterior
 class FullGaussian(NamedTuple):
   r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.
 
@@ -118,13 +118,13 @@ class FullGaussian(NamedTuple):
 
   def noise(self) -> jax.Array:
     """Standard-normal :math:`\\epsilon`, shape ``(D,)`` or ``(S, D)``."""
-    noise_key = gaussian.split_key(self.key)[0]
+    noise_key = noise_lib.split_key(self.key)[0]
     dim = self.curvature.shape[0]
     draw = lambda k: jax.random.normal(k, (dim,), self.curvature.dtype)
     return draw(noise_key) if noise_key.ndim == 0 else jax.vmap(draw)(noise_key)
 
   def next_key(self) -> jax.Array:
-    return gaussian.split_key(self.key)[1]
+    return noise_lib.split_key(self.key)[1]
 
   def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
     """The posterior after an update: next key, new curvature and

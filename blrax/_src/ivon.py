@@ -3,43 +3,25 @@ r"""IVON: the Improved Variational Online Newton optimizer."""
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from blrax._src import fast_noise, gaussian, validation
+from blrax._src import curvature, engine, steps, validation
+from blrax._src import noise as noise_lib
+
+ScaleByIVONState = engine.ScaleByBLRState
 
 
-class ScaleByIVONState(NamedTuple):
-  """State of :func:`scale_by_ivon`.
-
-  Attributes:
-    count: number of updates so far (int32), for the momentum debiasing.
-    momentum: :math:`g`, the EMA of the gradients, float32 or wider.
-    posterior: the diagonal Gaussian: key, curvature :math:`h`, ess, decay.
-  """
-
-  count: jax.Array
-  momentum: Any
-  posterior: gaussian.DiagonalGaussian
-
-
-def _check_hyperparams(
-    ess, hess_init, b1, b2, weight_decay, clip_radius, mc_samples
-) -> int:
-  validation.check_positive("ess", ess)
+def _check_hyperparams(hess_init, b1, clip_radius) -> None:
   validation.check_positive("hess_init", hess_init)
   validation.check_unit_interval("b1", b1)
-  validation.check_unit_interval("b2", b2)
-  validation.check_nonnegative("weight_decay", weight_decay)
   validation.check_positive("clip_radius", clip_radius)
-  return validation.check_mc_samples(mc_samples)
 
 
 def scale_by_ivon(
     ess: jax.typing.ArrayLike,
+    *,
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
@@ -49,7 +31,7 @@ def scale_by_ivon(
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON's preconditioned direction, before the learning rate.
 
@@ -105,74 +87,19 @@ def scale_by_ivon(
     Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
     Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
   """
-  mc_samples = _check_hyperparams(
-      ess, hess_init, b1, b2, weight_decay, clip_radius, mc_samples
-  )
-  posterior_type = fast_noise.posterior_type(noise)
-
-  def init_fn(params):
-    posterior = gaussian.init_diagonal_gaussian(
-        params,
-        key=key,
-        curvature_init=hess_init,
-        ess=ess,
-        weight_decay=weight_decay,
-        mc_samples=mc_samples,
-        posterior_type=posterior_type,
-    )
-    momentum = jax.tree.map(jnp.zeros_like, posterior.curvature)
-    return ScaleByIVONState(
-        count=jnp.zeros([], jnp.int32), momentum=momentum, posterior=posterior
-    )
-
-  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
-    del extra_args
-    gaussian.check_grads(updates, params, mc_samples)
-    if hessian is not None:
-      gaussian.check_grads(hessian, params, mc_samples, name="hessian")
-    elif validation.concrete_float(ess) == math.inf:
-      raise ValueError(
-          "ess=inf means no weight noise, so the Price curvature estimate is "
-          "undefined: pass the curvature as `update(..., hessian=...)`."
-      )
-    posterior = state.posterior
-    noise = posterior.noise()
-    count = optax.safe_increment(state.count)
-    # In the widest float in use: b1**t in low precision rounds to 1.
-    debias_factor = (1.0 - gaussian.scalar(b1) ** count if debias
-                     else gaussian.scalar(1.0))
-    scale = hess_init + weight_decay if rescale_lr else 1.0
-
-    def leaf(grad, eps, mean, curvature, momentum, hess):
-      grad = grad.astype(curvature.dtype)
-      if hess is None:
-        estimate = gaussian.price_curvature(
-            grad, eps, curvature, posterior.ess, posterior.weight_decay
-        )
-      else:
-        estimate = gaussian.mc_mean(hess.astype(curvature.dtype), curvature)
-      momentum = b1 * momentum + (1.0 - b1) * gaussian.mc_mean(grad, curvature)
-      curvature = gaussian.positive_ema(curvature, estimate, 1.0 - b2, weight_decay)
-      direction = (momentum / debias_factor.astype(curvature.dtype)
-                   + weight_decay * mean.astype(curvature.dtype))
-      direction = jnp.clip(direction / (curvature + weight_decay),
-                           -clip_radius, clip_radius) * scale
-      return direction.astype(mean.dtype), curvature, momentum
-
-    hessians = updates if hessian is None else hessian
-    direction, curvature, momentum = gaussian.map_leaves(
-        lambda g, e, m, h, mu, hs: leaf(g, e, m, h, mu,
-                                        None if hessian is None else hs),
-        3, updates, noise, params, posterior.curvature, state.momentum, hessians)
-    return direction, ScaleByIVONState(
-        count=count, momentum=momentum,
-        posterior=posterior.advanced(curvature, ess, weight_decay))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  _check_hyperparams(hess_init, b1, clip_radius)
+  return engine.scale_by_blr(
+      estimator=curvature.PRICE,
+      precision=curvature.positive_ema,
+      step=steps.ivon(b1, debias=debias, clip_radius=clip_radius,
+                      scale=hess_init + weight_decay if rescale_lr else 1.0),
+      ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True)
 
 
 def ivon(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     ess: jax.typing.ArrayLike,
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
@@ -183,7 +110,7 @@ def ivon(
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The IVON optimizer: variational learning at Adam's cost.
 
@@ -235,10 +162,13 @@ def ivon(
     >>> params = jnp.zeros(3)
     >>> opt = blrax.ivon(learning_rate=0.1, ess=1e4, key=0)
     >>> state = opt.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   theta = blrax.sample_params(params, state)
     ...   updates, state = opt.update(jax.grad(loss)(theta), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> print(jnp.round(params, 1))
     [1. 1. 1.]
 
@@ -246,20 +176,10 @@ def ivon(
     Shen et al., `Variational Learning is Effective for Large Deep Networks
     <https://arxiv.org/abs/2402.17641>`_, ICML 2024.
   """
-  validation.check_learning_rate(learning_rate)
-  return optax.chain(
+  return engine.with_learning_rate(
       scale_by_ivon(
-          ess=ess,
-          hess_init=hess_init,
-          b1=b1,
-          b2=b2,
-          weight_decay=weight_decay,
-          clip_radius=clip_radius,
-          rescale_lr=rescale_lr,
-          debias=debias,
-          mc_samples=mc_samples,
-          key=key,
-          noise=noise,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+          ess=ess, hess_init=hess_init, b1=b1, b2=b2,
+          weight_decay=weight_decay, clip_radius=clip_radius,
+          rescale_lr=rescale_lr, debias=debias, mc_samples=mc_samples,
+          key=key, noise=noise),
+      learning_rate)

@@ -1,12 +1,12 @@
 r"""Find the variational posterior in any optax state, and use it.
 
-The posterior of a blrax optimizer is a sub-state of a registered type (for
-example :class:`blrax.DiagonalGaussian`). It is found **by type**, anywhere in
-a nested optax state: inside ``chain``, ``named_chain``, ``inject_hyperparams``,
-``MultiSteps``, ``apply_if_finite``, ``masked`` and ``partition`` (whose
-``optax.MaskedNode`` holes mark params that get no noise), and inside an
-``nnx.Optimizer``'s ``opt_state``. Several posteriors (one per partition) may
-cover disjoint parts of the params.
+The posterior of a blrax optimizer is a sub-state of one of the posterior
+types (:class:`blrax.DiagonalGaussian`, :class:`blrax.FullGaussian`). It is
+found **by type**, anywhere in a nested optax state: inside ``chain``,
+``named_chain``, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
+``masked`` and ``partition`` (whose ``optax.MaskedNode`` holes mark params
+that get no noise), and inside an ``nnx.Optimizer``'s ``opt_state``. Several
+posteriors (one per partition) may cover disjoint parts of the params.
 
 A posterior type implements ``mc_samples``, ``stddev()``, ``offset()`` (the
 draw the next update expects, :math:`\theta - m`) and
@@ -22,17 +22,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-_POSTERIOR_TYPES: list[type] = []
+from blrax._src import full_gaussian, gaussian
 
-
-def register_posterior(cls: type) -> type:
-  """Class decorator: makes ``cls`` findable by :func:`find_posteriors`."""
-  _POSTERIOR_TYPES.append(cls)
-  return cls
+# A fixed tuple: the posterior types are core data types, not plug-ins.
+POSTERIOR_TYPES = (gaussian.DiagonalGaussian, full_gaussian.FullGaussian)
 
 
 def _is_posterior(x: Any) -> bool:
-  return isinstance(x, tuple(_POSTERIOR_TYPES))
+  return isinstance(x, POSTERIOR_TYPES)
 
 
 def _hole(x: Any) -> bool:
@@ -41,7 +38,10 @@ def _hole(x: Any) -> bool:
 
 def _unwrap_nnx(tree: Any) -> Any:
   """Strips flax ``nnx.Variable`` wrappers (an ``nnx.Optimizer``'s state)."""
-  from flax import nnx  # Imported lazily: flax is only needed for NNX states.
+  try:  # Imported lazily: flax is an optional extra.
+    from flax import nnx
+  except ImportError:
+    return tree
 
   if any(
       isinstance(x, nnx.Variable)

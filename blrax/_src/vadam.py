@@ -2,28 +2,15 @@ r"""Vadam: Adam with weight perturbation (Khan et al., 2018)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from blrax._src import fast_noise, gaussian, validation
+from blrax._src import curvature, engine, steps, validation
+from blrax._src import noise as noise_lib
 
-
-class ScaleByVadamState(NamedTuple):
-  """State of :func:`scale_by_vadam`.
-
-  Attributes:
-    count: number of updates so far (int32), for the debiasing.
-    momentum: :math:`g`, EMA of :math:`\\bar g + \\delta m`.
-    posterior: diagonal Gaussian whose curvature is :math:`s`, the EMA of
-      squared gradients.
-  """
-
-  count: jax.Array
-  momentum: Any
-  posterior: gaussian.DiagonalGaussian
+ScaleByVadamState = engine.ScaleByBLRState
 
 
 def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any) -> None:
@@ -41,35 +28,45 @@ def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any) -> None:
 def scale_by_vadam(
     ess: jax.typing.ArrayLike,
     *,
+    batch_size: jax.typing.ArrayLike = 1,
     b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
+    b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
-    hess_init: jax.typing.ArrayLike = 0.0,
+    hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam's direction, before the learning rate.
 
   With gradients :math:`\hat g_s` at :math:`\theta_s = m + \epsilon_s /
-  \sqrt{\lambda(s+\delta)}` and :math:`\bar g` their mean:
+  \sqrt{\lambda(h+\delta)}`, :math:`\bar g` their mean and :math:`M` the
+  batch size:
 
   .. math::
 
-    g &\leftarrow \beta_1 g + (1-\beta_1)(\bar g + \delta m) \\
-    s &\leftarrow \beta_2 s + (1-\beta_2)\, \bar g^2 \\
-    \Delta &= \frac{g / (1-\beta_1^t)}{\sqrt{s / (1-\beta_2^t)} + \delta}
+    g &\leftarrow \beta_1 g + (1-\beta_1)(\bar g + \delta m), \qquad
+    h \leftarrow \beta_2 h + (1-\beta_2)\, M \bar g^2 \\
+    \hat h &= \beta_2^t h_0 + (h - \beta_2^t h_0)/(1-\beta_2^t), \qquad
+    \Delta = \frac{g / (1-\beta_1^t)}{\sqrt{\hat h} + \delta}
 
-  The posterior precision is :math:`\lambda(s+\delta)`. With ``ess = inf``
-  there is no noise and this is Adam on :math:`\bar\ell + \tfrac\delta2\|m\|^2`
-  with :math:`\epsilon = \delta` (the decay does not enter :math:`s`).
+  The engine's parts: squared-gradient estimator (scaled by :math:`M`),
+  plain EMA, Adam-like step. The posterior precision is
+  :math:`\lambda(h+\delta)`. With ``ess = inf`` and ``hess_init = 0`` there
+  is no noise and this is Adam on :math:`\bar\ell + \tfrac\delta2\|m\|^2`
+  with :math:`\epsilon = \delta` (and its second moment times :math:`M`).
 
   Args:
     ess: effective sample size :math:`\lambda`.
+    batch_size: :math:`M`, the minibatch size the gradients average over.
+      :math:`E[M\bar g^2] = E_i[g_i^2] + (M-1)(E_i g_i)^2`, so
+      :math:`M\bar g^2` estimates the per-example Gauss-Newton diagonal (what
+      VOGN uses) where the full gradient vanishes; :math:`\bar g^2` alone is
+      about :math:`M` times too small there.
     b1: momentum decay.
-    b2: squared-gradient decay.
+    b2: curvature decay.
     weight_decay: :math:`\delta`, prior precision divided by ``ess``.
-    hess_init: initial :math:`s` (>= 0; ``hess_init + weight_decay > 0``).
+    hess_init: initial :math:`h` (>= 0; ``hess_init + weight_decay > 0``).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
@@ -82,86 +79,62 @@ def scale_by_vadam(
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
-  validation.check_positive("ess", ess)
+  validation.check_positive("batch_size", batch_size)
   validation.check_unit_interval("b1", b1)
   validation.check_unit_interval("b2", b2)
-  validation.check_nonnegative("weight_decay", weight_decay)
   check_curvature_floor(hess_init, weight_decay, ess)
-  mc_samples = validation.check_mc_samples(mc_samples)
-  posterior_type = fast_noise.posterior_type(noise)
-
-  def init_fn(params):
-    posterior = gaussian.init_diagonal_gaussian(
-        params, key=key, curvature_init=hess_init, ess=ess,
-        weight_decay=weight_decay, mc_samples=mc_samples,
-        posterior_type=posterior_type)
-    return ScaleByVadamState(
-        count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree.map(jnp.zeros_like, posterior.curvature),
-        posterior=posterior)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    gaussian.check_grads(updates, params, mc_samples)
-    count = optax.safe_increment(state.count)
-    debias1 = 1.0 - gaussian.scalar(b1) ** count
-    debias2 = 1.0 - gaussian.scalar(b2) ** count
-
-    def leaf(grad, mean, s, momentum):
-      grad = gaussian.mc_mean(grad.astype(s.dtype), s)
-      decayed = grad + weight_decay * mean.astype(s.dtype)
-      momentum = b1 * momentum + (1.0 - b1) * decayed
-      s = b2 * s + (1.0 - b2) * jnp.square(grad)
-      direction = (momentum / debias1.astype(s.dtype)) / (
-          jnp.sqrt(s / debias2.astype(s.dtype)) + weight_decay)
-      return direction.astype(mean.dtype), s, momentum
-
-    posterior = state.posterior
-    direction, curvature, momentum = gaussian.map_leaves(
-        leaf, 3, updates, params, posterior.curvature, state.momentum)
-    return direction, ScaleByVadamState(
-        count=count, momentum=momentum,
-        posterior=posterior.advanced(curvature, ess, weight_decay))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return engine.scale_by_blr(
+      estimator=curvature.squared_gradient(batch_size),
+      precision=curvature.ema, step=steps.adam(b1, b2, hess_init), ess=ess,
+      hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      mc_samples=mc_samples, key=key, noise=noise)
 
 
 def vadam(
     learning_rate: optax.ScalarOrSchedule,
-    ess: jax.typing.ArrayLike,
     *,
+    ess: jax.typing.ArrayLike,
+    batch_size: jax.typing.ArrayLike = 1,
     b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
+    b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
-    hess_init: jax.typing.ArrayLike = 0.0,
+    hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam: variational Adam, the BLR with a squared-gradient curvature.
 
   Adam's update taken at a weight sample
-  :math:`\theta = m + \epsilon/\sqrt{\lambda(s+\delta)}`, with learning rate
-  :math:`\alpha`:
+  :math:`\theta = m + \epsilon/\sqrt{\lambda(h+\delta)}`, with learning rate
+  :math:`\alpha` and batch size :math:`M`:
 
   .. math::
 
     g &\leftarrow \beta_1 g + (1-\beta_1)(\bar g + \delta m), \qquad
-    s \leftarrow \beta_2 s + (1-\beta_2)\, \bar g^2 \\
-    m &\leftarrow m - \alpha\, \frac{g/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)}
-      + \delta}
+    h \leftarrow \beta_2 h + (1-\beta_2)\, M\bar g^2 \\
+    m &\leftarrow m - \alpha\, \frac{g/(1-\beta_1^t)}{\sqrt{\hat h} + \delta},
+      \qquad \hat h = \beta_2^t h_0 + \frac{h - \beta_2^t h_0}{1-\beta_2^t}
 
-  Cheap (Adam's cost plus the draw) but the squared-gradient curvature is a
-  crude Hessian estimate, so its posterior is usually too wide early on.
+  Cheap (Adam's cost plus the draw), with the crudest curvature of the
+  family. The defaults (``hess_init=1``, ``b2=0.99999``, as IVON's) keep the
+  posterior width near :math:`1/\sqrt{\lambda h_0}` for runs much shorter than
+  :math:`1/(1-\beta_2)` steps; with Adam's ``hess_init=0, b2=0.999`` and
+  ``ess`` = N the squared-gradient curvature of a trained network is tiny
+  and the posterior too wide to predict with (see the README).
 
   Args:
-    learning_rate: :math:`\alpha`, a float or an optax schedule.
+    learning_rate: :math:`\alpha`, a float or an optax schedule. Start at
+      0.1-0.3 with the defaults (the step is about :math:`\alpha` times the
+      momentum while :math:`h \approx h_0 = 1`).
     ess: effective sample size :math:`\lambda`.
+    batch_size: :math:`M`, scales :math:`\bar g^2` into an estimate of the
+      per-example Gauss-Newton diagonal (see :func:`scale_by_vadam`).
     b1: momentum decay.
-    b2: squared-gradient decay.
+    b2: curvature decay.
     weight_decay: :math:`\delta`, prior precision divided by ``ess``; also
       Adam's :math:`\epsilon`.
-    hess_init: initial :math:`s`.
+    hess_init: initial :math:`h`.
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
@@ -175,9 +148,8 @@ def vadam(
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
-  validation.check_learning_rate(learning_rate)
-  return optax.chain(
-      scale_by_vadam(ess, b1=b1, b2=b2, weight_decay=weight_decay,
-                     hess_init=hess_init, mc_samples=mc_samples, key=key,
-                     noise=noise),
-      optax.scale_by_learning_rate(learning_rate))
+  return engine.with_learning_rate(
+      scale_by_vadam(ess, batch_size=batch_size, b1=b1, b2=b2,
+                     weight_decay=weight_decay, hess_init=hess_init,
+                     mc_samples=mc_samples, key=key, noise=noise),
+      learning_rate)

@@ -9,21 +9,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import fast_noise, full_gaussian, gaussian, validation
+from blrax._src import curvature, engine, full_gaussian, gaussian, steps, validation
+from blrax._src import noise as noise_lib
 
 COVARIANCES = ("diag", "full")
 
 
-class ScaleByVONState(NamedTuple):
-  """State of :func:`scale_by_von`.
+class ScaleByFullVONState(NamedTuple):
+  """State of the full-covariance VON transform.
 
   Attributes:
     count: number of updates so far (int32).
-    posterior: a :class:`blrax.DiagonalGaussian` or :class:`blrax.FullGaussian`.
+    posterior: the :class:`blrax.FullGaussian`.
   """
 
   count: jax.Array
-  posterior: Any
+  posterior: full_gaussian.FullGaussian
+
+
+ScaleByVONState = engine.ScaleByBLRState
 
 
 def _check_dim(dim: int, max_dim: Any) -> None:
@@ -51,12 +55,12 @@ def scale_by_von(
     *,
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
-    b2: jax.typing.ArrayLike = 0.999,
+    b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""VON's Newton-like direction, before the learning rate.
 
@@ -107,8 +111,40 @@ def scale_by_von(
   if covariance not in COVARIANCES:
     raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
                      f"covariance={covariance!r}.")
-  posterior_type = fast_noise.posterior_type(noise)
-  if covariance == "full" and noise != "normal":
+  validation.check_positive("hess_init", hess_init)
+  if covariance == "full":
+    return scale_by_full_von(ess, hess_init=hess_init, b2=b2,
+                             weight_decay=weight_decay, mc_samples=mc_samples,
+                             key=key, max_dim=max_dim, noise=noise)
+  return engine.scale_by_blr(
+      estimator=curvature.PRICE, precision=curvature.positive_ema,
+      hessian_precision=curvature.ema, step=steps.newton(), ess=ess,
+      hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True)
+
+
+def scale_by_full_von(
+    ess: jax.typing.ArrayLike,
+    *,
+    hess_init: jax.typing.ArrayLike = 1.0,
+    b2: jax.typing.ArrayLike = 0.99999,
+    weight_decay: jax.typing.ArrayLike = 1e-4,
+    mc_samples: int = 1,
+    key: int | jax.Array = 0,
+    max_dim: int = 16384,
+    noise: str = "normal",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Full-covariance VON (see :func:`scale_by_von`), its own transform.
+
+  The same estimator interface as the diagonal engine, on a
+  :class:`blrax.FullGaussian`: the Price estimator
+  (``full_gaussian.price_curvature``) or a given ``(D, D)`` ``hessian=``,
+  the positivity-corrected or plain EMA, and the Newton step. A step whose
+  new :math:`S+\delta I` is not numerically positive definite (its Cholesky
+  factor is not finite, e.g. a float32 curvature with a condition number
+  near 1e8) keeps the previous curvature, so the state stays finite.
+  """
+  if noise != "normal":
     raise ValueError("`noise` must be 'normal' with covariance='full', got "
                      f"noise={noise!r}.")
   validation.check_positive("ess", ess)
@@ -118,114 +154,84 @@ def scale_by_von(
   mc_samples = validation.check_mc_samples(mc_samples)
   rho = 1.0 - b2
 
-  def check_price(hessian):
+  def init_fn(params):
+    template = full_gaussian.shape_template(params)
+    dim = full_gaussian.dimension(template)
+    _check_dim(dim, max_dim)
+    dtype = gaussian.state_dtype(
+        jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params)
+        else jnp.float32)
+    posterior = full_gaussian.FullGaussian(
+        key=noise_lib.initial_key(key, mc_samples),
+        curvature=hess_init * jnp.eye(dim, dtype=dtype),
+        ess=gaussian.scalar(ess),
+        weight_decay=gaussian.scalar(weight_decay),
+        template=template)
+    return ScaleByFullVONState(count=jnp.zeros([], jnp.int32),
+                               posterior=posterior)
+
+  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    del extra_args
+    gaussian.check_grads(updates, params, mc_samples)
     if hessian is None and validation.concrete_float(ess) == math.inf:
       raise ValueError(
           "ess=inf means no weight noise, so the Price curvature estimate is "
           "undefined: pass the curvature as `update(..., hessian=...)`.")
-
-  def init_fn(params):
-    if covariance == "diag":
-      posterior = gaussian.init_diagonal_gaussian(
-          params, key=key, curvature_init=hess_init, ess=ess,
-          weight_decay=weight_decay, mc_samples=mc_samples,
-          posterior_type=posterior_type)
-    else:
-      template = full_gaussian.shape_template(params)
-      dim = full_gaussian.dimension(template)
-      _check_dim(dim, max_dim)
-      dtype = gaussian.state_dtype(
-          jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params)
-          else jnp.float32)
-      posterior = full_gaussian.FullGaussian(
-          key=gaussian.initial_key(key, mc_samples),
-          curvature=hess_init * jnp.eye(dim, dtype=dtype),
-          ess=gaussian.scalar(ess),
-          weight_decay=gaussian.scalar(weight_decay),
-          template=template)
-    return ScaleByVONState(count=jnp.zeros([], jnp.int32), posterior=posterior)
-
-  def diag_update(updates, posterior, params, hessian):
-    noise = posterior.noise()
-
-    def leaf(grad, eps, mean, h, hess):
-      grad = grad.astype(h.dtype)
-      if hess is None:
-        estimate = gaussian.price_curvature(
-            grad, eps, h, posterior.ess, posterior.weight_decay)
-        h = gaussian.positive_ema(h, estimate, rho, weight_decay)
-      else:
-        h = (1.0 - rho) * h + rho * gaussian.mc_mean(hess.astype(h.dtype), h)
-      direction = ((gaussian.mc_mean(grad, h) + weight_decay * mean.astype(h.dtype))
-                   / (h + weight_decay))
-      return direction.astype(mean.dtype), h
-
-    hessians = updates if hessian is None else hessian
-    return gaussian.map_leaves(
-        lambda g, e, m, h, hs: leaf(g, e, m, h, None if hessian is None else hs),
-        2, updates, noise, params, posterior.curvature, hessians)
-
-  def full_update(updates, posterior, params, hessian):
+    posterior = state.posterior
     s_old = posterior.curvature
     dim = s_old.shape[0]
     grads = full_gaussian.flatten(updates, 0 if mc_samples == 1 else 1)
     grads = grads.astype(s_old.dtype).reshape(-1, dim)
     mean = full_gaussian.flatten(params).astype(s_old.dtype)
     eye = jnp.eye(dim, dtype=s_old.dtype)
+    a = s_old + weight_decay * eye
+    chol_old = jnp.linalg.cholesky(a)
     if hessian is None:
       estimate = full_gaussian.price_curvature(
           grads, posterior.noise().reshape(-1, dim), posterior.precision())
       # S + dI <- (A + C'A^-1 C)/2 with A = S + dI, C = (1-rho)A + rho(H + dI):
       # the correction of Lin et al. (2020) as a PD matrix plus a Gram
       # matrix, positive definite even when H is huge and indefinite.
-      a = s_old + weight_decay * eye
       c = (1.0 - rho) * a + rho * (estimate + weight_decay * eye)
-      x = jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(a), c,
-                                            lower=True)
+      x = jax.scipy.linalg.solve_triangular(chol_old, c, lower=True)
       s_new = 0.5 * (a + x.T @ x) - weight_decay * eye
     else:
       _full_hessian_shape(hessian, dim, mc_samples)
       estimate = jnp.asarray(hessian, s_old.dtype).reshape(-1, dim, dim).mean(0)
       s_new = (1.0 - rho) * s_old + rho * estimate
     s_new = 0.5 * (s_new + s_new.T)
-    chol = jnp.linalg.cholesky(s_new + weight_decay * eye)
+    chol_new = jnp.linalg.cholesky(s_new + weight_decay * eye)
+    new_posterior = posterior.advanced(s_new, ess, weight_decay)
+    # Keep the old curvature where the new one is not numerically PD in the
+    # state's precision: both this step's solve and the next draw's
+    # factorisation (of P = ess (S + dI)) must succeed.
+    ok = (jnp.all(jnp.isfinite(chol_new))
+          & jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
+    s_new = jnp.where(ok, s_new, s_old)
+    chol = jnp.where(ok, chol_new, chol_old)
     direction = jax.scipy.linalg.cho_solve(
         (chol, True), grads.mean(0) + weight_decay * mean)
     direction = full_gaussian.unflatten(posterior.template, direction)
     direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
-    return direction, s_new
-
-  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
-    del extra_args
-    gaussian.check_grads(updates, params, mc_samples)
-    check_price(hessian)
-    if covariance == "diag":
-      if hessian is not None:
-        gaussian.check_grads(hessian, params, mc_samples, name="hessian")
-      direction, curvature = diag_update(updates, state.posterior, params,
-                                         hessian)
-    else:
-      direction, curvature = full_update(updates, state.posterior, params,
-                                         hessian)
-    return direction, ScaleByVONState(
+    return direction, ScaleByFullVONState(
         count=optax.safe_increment(state.count),
-        posterior=state.posterior.advanced(curvature, ess, weight_decay))
+        posterior=posterior.advanced(s_new, ess, weight_decay))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def von(
     learning_rate: optax.ScalarOrSchedule,
-    ess: jax.typing.ArrayLike,
     *,
+    ess: jax.typing.ArrayLike,
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
-    b2: jax.typing.ArrayLike = 0.999,
+    b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
-    noise: str | fast_noise.FlipNoise = "normal",
+    noise: str | noise_lib.Generator = "normal",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
@@ -276,9 +282,8 @@ def von(
     Khan & Rue, `The Bayesian Learning Rule
     <https://arxiv.org/abs/2107.04562>`_, JMLR 2023.
   """
-  validation.check_learning_rate(learning_rate)
-  return optax.chain(
+  return engine.with_learning_rate(
       scale_by_von(ess, covariance=covariance, hess_init=hess_init, b2=b2,
                    weight_decay=weight_decay, mc_samples=mc_samples, key=key,
                    max_dim=max_dim, noise=noise),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate)

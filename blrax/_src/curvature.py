@@ -1,0 +1,157 @@
+r"""Curvature: the estimators of :math:`\nabla^2\bar\ell` and the precision updates.
+
+An **estimator** turns the gradients at the draw into the mean gradient
+:math:`\bar g` and a curvature target :math:`\hat h`, per leaf. All estimate
+the diagonal of the Hessian of the *mean* minibatch loss :math:`\bar\ell` (the
+per-example scale that :math:`h` lives on; the posterior precision is
+:math:`\lambda(h+\delta)`):
+
+============================  ==============================================
+estimator                     :math:`\hat h`
+============================  ==============================================
+:data:`PRICE`                 :math:`\mathrm{mean}_s\,\hat g_s\epsilon_s/\sigma`
+                              (Price/Stein; unbiased for
+                              :math:`E_q[\mathrm{diag}\nabla^2\bar\ell]`)
+``hessian=`` (any variant     :math:`\mathrm{mean}_s H_s`, given by the user
+that accepts it)              (exact or Gauss-Newton diagonal)
+:func:`squared_gradient`      :math:`M\,\bar g^2` for a batch of :math:`M`:
+                              unbiased for the per-example Gauss-Newton
+                              :math:`E_i[g_i^2]` where the full gradient is 0
+:data:`PER_EXAMPLE_SQUARED`   :math:`\mathrm{mean}_{s,i}\,g_{s,i}^2`
+                              (Gauss-Newton / empirical Fisher)
+============================  ==============================================
+
+A **precision update** moves :math:`h` towards :math:`\hat h` with step
+:math:`\rho`: :func:`ema` (plain) or :func:`positive_ema` (with the
+correction of Lin et al. (2020) that keeps :math:`h+\delta>0` whatever the
+sign of :math:`\hat h`).
+
+References:
+  Khan & Rue, `The Bayesian Learning Rule <https://arxiv.org/abs/2107.04562>`_,
+  JMLR 2023.
+  Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
+  Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
+  Khan et al., `Fast and Scalable Bayesian Deep Learning by
+  Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Mean over the leading Monte-Carlo axis, if ``x`` has one beyond ``like``."""
+  return jnp.mean(x, axis=0) if x.ndim > like.ndim else x
+
+
+def price_curvature(grads, noise, curvature, ess, weight_decay):
+  r"""Price/Stein estimate :math:`\hat h = \mathrm{mean}_s\,\hat g_s \epsilon_s/\sigma`.
+
+  Equal to :math:`\hat g \odot (\theta - m)\,\lambda(h+\delta)` but computed from
+  :math:`\epsilon`, which avoids the cancellation in :math:`\theta - m`.
+  Unbiased for :math:`E_q[\mathrm{diag}\,\nabla^2 \bar\ell]` with Gaussian noise.
+  ``grads`` and ``noise`` carry the Monte-Carlo axis first when batched.
+  """
+  inverse_stddev = jnp.sqrt(ess * (curvature + weight_decay))
+  product = grads * noise
+  if product.ndim > curvature.ndim:
+    product = jnp.mean(product, axis=0)
+  return product * inverse_stddev
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """A curvature estimator: configuration, kept in the optimizer's closure.
+
+  Attributes:
+    name: for messages.
+    estimate: ``(grads, noise, curvature, ess, weight_decay) -> (g_bar,
+      h_hat)`` for one leaf; ``grads`` carry the sample axis (and the batch
+      axis for per-example estimators) first; the others are the leaf's.
+    uses_noise: whether ``estimate`` reads the noise (Price); without noise
+      (``ess = inf``) such an estimator is undefined.
+    per_example: whether ``grads`` carry a batch axis after the sample axis.
+  """
+
+  name: str
+  estimate: Callable
+  uses_noise: bool = False
+  per_example: bool = False
+
+
+def _price(grads, noise, curvature, ess, weight_decay):
+  return mc_mean(grads, curvature), price_curvature(
+      grads, noise, curvature, ess, weight_decay)
+
+
+PRICE = Estimator("price", _price, uses_noise=True)
+
+
+def squared_gradient(batch_size: float = 1.0) -> Estimator:
+  r"""The squared mean gradient, scaled by the batch size: :math:`M\bar g^2`.
+
+  For a minibatch of :math:`M` independent examples,
+  :math:`E[M\bar g^2] = E_i[g_i^2] + (M-1)(E_i g_i)^2`: the per-example
+  Gauss-Newton diagonal where the full gradient vanishes (near a minimum),
+  more elsewhere. Unscaled (:math:`M = 1`), :math:`\bar g^2` underestimates
+  the curvature by about the batch size near a minimum.
+  """
+
+  def estimate(grads, noise, curvature, ess, weight_decay):
+    del noise, ess, weight_decay
+    g_bar = mc_mean(grads, curvature)
+    return g_bar, batch_size * jnp.square(g_bar)
+
+  return Estimator("squared_gradient", estimate)
+
+
+def _per_example_squared(grads, noise, curvature, ess, weight_decay):
+  del noise, ess, weight_decay
+  grads = grads.reshape((-1,) + curvature.shape)
+  return jnp.mean(grads, axis=0), jnp.mean(jnp.square(grads), axis=0)
+
+
+PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_squared,
+                                per_example=True)
+
+
+def given_hessian(grads, hessian, curvature):
+  r""":math:`(\bar g, \mathrm{mean}_s H_s)` for a user-given ``hessian=``."""
+  return mc_mean(grads, curvature), mc_mean(hessian, curvature)
+
+
+def ema(curvature, estimate, rho, weight_decay):
+  r"""Plain EMA :math:`h \leftarrow (1-\rho) h + \rho \hat h`.
+
+  Keeps :math:`h \ge 0` when :math:`\hat h \ge 0` (squared gradients,
+  Gauss-Newton); not for the Price estimator, whose :math:`\hat h` can be
+  negative.
+  """
+  del weight_decay
+  return (1.0 - rho) * curvature + rho * estimate
+
+
+def positive_ema(curvature, estimate, rho, weight_decay):
+  r"""Curvature EMA with the correction that keeps it positive.
+
+  .. math::
+
+    h \leftarrow (1-\rho) h + \rho \hat h
+      + \tfrac{1}{2}\rho^2 (h - \hat h)^2 / (h + \delta)
+
+  This is the Riemannian-gradient step of Lin et al. (2020) used by IVON.
+  It is evaluated in the equivalent form
+  :math:`h + \delta \leftarrow \tfrac12 (a + c^2/a)` with
+  :math:`a = h + \delta` and :math:`c = (1-\rho)a + \rho(\hat h + \delta)`,
+  a sum of positive terms: the textbook form cancels catastrophically when
+  :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can then
+  round to a negative :math:`h`. Guarantees :math:`h+\delta \ge (h_{old}+\delta)/2`.
+  """
+  a = curvature + weight_decay
+  c = (1.0 - rho) * a + rho * (estimate + weight_decay)
+  return 0.5 * (a + jnp.square(c) / a) - weight_decay

@@ -1,0 +1,173 @@
+r"""The diagonal BLR engine: one transform, parametrised by its parts.
+
+Every diagonal variant is the natural-gradient step of the BLR for
+:math:`q = N(m, 1/(\lambda(h+\delta)))`, assembled from three choices and a
+noise generator (DESIGN.md §8):
+
+.. code-block:: text
+
+  estimator : (grads at the draw [, noise]) -> (g_bar, h_hat)   curvature.py
+  precision : (h, h_hat, rho, delta)        -> new h            curvature.py
+  step      : (g_bar, new h, momentum, m, t) -> direction        steps.py
+  noise     : a generator value; its state lives in the posterior   noise.py
+
+Per update, with :math:`\rho = 1-\beta_2`:
+
+.. math::
+
+  (\bar g, \hat h) = \mathrm{estimator}(\hat g_{1:S}), \quad
+  h \leftarrow \mathrm{precision}(h, \hat h, \rho, \delta), \quad
+  \Delta = \mathrm{step}(\bar g, h, g, m, t).
+
+A user-given ``hessian=`` (where the variant accepts one) replaces the
+estimator's :math:`\hat h` by :math:`\mathrm{mean}_s H_s`. The whole update
+is one function per leaf, which XLA fuses into one elementwise pass. The
+configuration lives in the closure; the state is plain data:
+:class:`ScaleByBLRState` of arrays, with the posterior
+(:class:`blrax.DiagonalGaussian`) inside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blrax._src import curvature as curvature_lib
+from blrax._src import gaussian, validation
+from blrax._src import noise as noise_lib
+from blrax._src import steps as steps_lib
+
+
+class ScaleByBLRState(NamedTuple):
+  """State of a diagonal BLR transform (:func:`scale_by_blr`).
+
+  Attributes:
+    count: number of updates so far (int32).
+    momentum: the step's momentum, float32 or wider, like the params; an
+      empty tuple for steps without momentum (VON).
+    posterior: the :class:`blrax.DiagonalGaussian`: noise state (key),
+      curvature :math:`h`, ess, weight decay.
+  """
+
+  count: jax.Array
+  momentum: Any
+  posterior: gaussian.DiagonalGaussian
+
+
+def scale_by_blr(
+    *,
+    estimator: curvature_lib.Estimator,
+    precision: Callable,
+    step: steps_lib.Step,
+    ess: jax.typing.ArrayLike,
+    hess_init: jax.typing.ArrayLike,
+    b2: jax.typing.ArrayLike,
+    weight_decay: jax.typing.ArrayLike,
+    mc_samples: int,
+    key: int | jax.Array,
+    noise: str | noise_lib.Generator,
+    hessian_precision: Callable | None = None,
+    accepts_hessian: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""A diagonal-Gaussian BLR transform from its parts (before the learning rate).
+
+  Args:
+    estimator: the curvature estimator (``curvature.PRICE``, ...).
+    precision: the precision update, ``curvature.positive_ema`` or
+      ``curvature.ema``.
+    step: the step rule (``steps.ivon(...)``, ``steps.newton()``, ...).
+    ess: effective sample size :math:`\lambda`.
+    hess_init: initial curvature :math:`h_0`.
+    b2: curvature decay; the precision step is :math:`\rho = 1-\beta_2`.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    mc_samples: samples per step (leading axis of draws and grads).
+    key: PRNG key or int seed of the weight noise.
+    noise: the noise generator (``"normal"``, ``"hash"``, ``"flip"`` or a
+      generator value).
+    hessian_precision: the precision update for a given ``hessian=``
+      (default: ``precision``).
+    accepts_hessian: whether ``update`` takes ``hessian=``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """
+  validation.check_positive("ess", ess)
+  validation.check_unit_interval("b2", b2)
+  validation.check_nonnegative("weight_decay", weight_decay)
+  mc_samples = validation.check_mc_samples(mc_samples)
+  generator = noise_lib.generator(noise)
+  hessian_precision = hessian_precision or precision
+  rho = 1.0 - b2
+
+  def init_fn(params):
+    posterior = gaussian.init_diagonal_gaussian(
+        params, key=key, curvature_init=hess_init, ess=ess,
+        weight_decay=weight_decay, mc_samples=mc_samples, generator=generator)
+    momentum = (jax.tree.map(jnp.zeros_like, posterior.curvature)
+                if step.uses_momentum else ())
+    return ScaleByBLRState(count=jnp.zeros([], jnp.int32), momentum=momentum,
+                           posterior=posterior)
+
+  def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    del extra_args
+    gaussian.check_grads(updates, params, mc_samples,
+                         batch_axis=estimator.per_example)
+    if hessian is not None:
+      if not accepts_hessian:
+        raise ValueError(
+            f"this optimizer's curvature comes from its {estimator.name} "
+            "estimator; it does not take `hessian=`.")
+      gaussian.check_grads(hessian, params, mc_samples, name="hessian")
+    elif estimator.uses_noise and validation.concrete_float(ess) == math.inf:
+      raise ValueError(
+          "ess=inf means no weight noise, so the Price curvature estimate is "
+          "undefined: pass the curvature as `update(..., hessian=...)`.")
+    posterior = state.posterior
+    use_noise = estimator.uses_noise and hessian is None
+    noise_tree = posterior.noise() if use_noise else posterior.curvature
+    count = optax.safe_increment(state.count)
+    scalars = step.scalars(count)
+
+    def leaf(mean, grad, eps, h, momentum, hess):
+      grad = grad.astype(h.dtype)
+      if hessian is None:
+        g_bar, h_hat = estimator.estimate(
+            grad, eps, h, posterior.ess, posterior.weight_decay)
+        h = precision(h, h_hat, rho, weight_decay)
+      else:
+        g_bar, h_hat = curvature_lib.given_hessian(grad, hess.astype(h.dtype), h)
+        h = hessian_precision(h, h_hat, rho, weight_decay)
+      direction, momentum = step.leaf(
+          g_bar, h, momentum if step.uses_momentum else None, mean,
+          weight_decay, scalars)
+      return direction.astype(mean.dtype), h, momentum
+
+    # params first: its leaves, not the per-example grads', give the shapes.
+    momentum_tree = state.momentum if step.uses_momentum else posterior.curvature
+    hessian_tree = posterior.curvature if hessian is None else hessian
+    out = jax.tree.map(leaf, params, updates, noise_tree, posterior.curvature,
+                       momentum_tree, hessian_tree)
+    direction, curvature, momentum = (
+        jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(3))
+    new_posterior = posterior._replace(
+        noise_state=generator.advance(posterior.noise_state, after=curvature),
+        curvature=curvature, ess=gaussian.scalar(ess),
+        weight_decay=gaussian.scalar(weight_decay))
+    return direction, ScaleByBLRState(
+        count=count, momentum=momentum if step.uses_momentum else (),
+        posterior=new_posterior)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def with_learning_rate(
+    transform: optax.GradientTransformationExtraArgs,
+    learning_rate: optax.ScalarOrSchedule,
+) -> optax.GradientTransformationExtraArgs:
+  """``transform`` followed by the learning rate, as optax's aliases chain."""
+  validation.check_learning_rate(learning_rate)
+  return optax.chain(transform, optax.scale_by_learning_rate(learning_rate))

@@ -1,0 +1,296 @@
+r"""Weight-noise generators: values passed to an optimizer, and their states.
+
+A generator is a small frozen value (``NormalNoise()``, ``HashNoise()``,
+``FlipNoise(refresh_every)``) that the optimizer keeps in its closure. What a
+generator needs between steps lives in the optimizer state as a plain
+``NamedTuple`` of arrays (:class:`NormalNoiseState`, :class:`HashNoiseState`,
+:class:`FlipNoiseState`), whose ``draw`` method gives the step's standard
+normals :math:`\epsilon` from the state alone. So ``blrax.sample_params``
+needs no configuration, ``update`` regenerates the very same :math:`\epsilon`,
+and states pickle (no classes are made at run time).
+
+The generator's ``advance(state, after)`` gives the state of the next step;
+it is the only place that needs the configuration (e.g. ``refresh_every``).
+
+=========  ==========================  =====================================
+``noise``  draw per step               what it keeps of the statistics
+=========  ==========================  =====================================
+normal     threefry normals            everything (the reference)
+hash       counter hash + erfinv       exact marginals, no correlations
+flip       signs of a stored draw,     exact N(0, I) each step; magnitudes
+           1/refresh_every redrawn     shared within a refresh period
+=========  ==========================  =====================================
+
+See ``fast_noise.py`` for the hash and flip primitives and their costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blrax._src import fast_noise
+
+
+def canonicalize_key(key: int | jax.Array) -> jax.Array:
+  """Returns a typed PRNG key from an int, an int array, or a (typed/raw) key.
+
+  The decision is made on the dtype, not ``isinstance(key, int)``, because
+  ``optax.inject_hyperparams`` hands an int ``key`` back as an int32 array.
+  """
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key
+  ):
+    return key
+  key = jnp.asarray(key)
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  if not jnp.issubdtype(key.dtype, jnp.integer) or key.shape != ():
+    raise ValueError(
+        "`key` must be an int, an integer scalar array or a PRNG key, got "
+        f"key={key!r}."
+    )
+  return jax.random.key(key)
+
+
+def initial_key(key: int | jax.Array, mc_samples: int) -> jax.Array:
+  """A scalar key for one sample per step, or ``mc_samples`` keys.
+
+  The shape of the key array is how the state records ``mc_samples``: the
+  state then holds arrays only, and ``sample_params`` needs no hyperparameter.
+  """
+  key = canonicalize_key(key)
+  return key if mc_samples == 1 else jax.random.split(key, mc_samples)
+
+
+def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(noise key, next key) for a scalar key or a batch of keys."""
+  if key.ndim == 0:
+    keys = jax.random.split(key)
+    return keys[0], keys[1]
+  keys = jax.vmap(jax.random.split)(key)
+  return keys[:, 0], keys[:, 1]
+
+
+def standard_normal_like(key: jax.Array, tree: Any) -> Any:
+  """:math:`\\epsilon \\sim N(0, I)` like ``tree``; leading axis if key is batched.
+
+  ``optax.MaskedNode`` holes in ``tree`` stay holes (they get no noise).
+  """
+
+  def draw(k):
+    return optax.tree.random_like(k, tree, jax.random.normal)
+
+  return draw(key) if key.ndim == 0 else jax.vmap(draw)(key)
+
+
+def _zeros_like_draw(key: jax.Array, like: Any) -> Any:
+  # 0 * h rather than zeros: XLA never merges operand-less tuples, and the
+  # draw's conditional must be identical in sample_params and update.
+  return jax.tree.map(lambda h: jnp.broadcast_to(0.0 * h, key.shape + h.shape),
+                      like)
+
+
+def _keyed_draw(key: jax.Array, like: Any, active: jax.Array,
+                normals) -> Any:
+  """Standard normals like ``like`` from ``key`` (leading axis if batched).
+
+  Zeros when ``active`` is false (``ess = inf``: a point mass). The
+  ``lax.cond`` on that flag also has a cost purpose: its output is
+  materialised once, so XLA's CSE shares one draw between ``sample_params``
+  and ``update`` instead of fusing (recomputing) the normal transform into
+  each consumer. For CSE to merge the two conditionals their operands must be
+  identical, so the key is split inside the branch.
+  """
+  return jax.lax.cond(
+      active,
+      lambda: normals(split_key(key)[0], like),
+      lambda: _zeros_like_draw(key, like))
+
+
+class NormalNoiseState(NamedTuple):
+  """State of :class:`NormalNoise`: the threefry key of the next draw.
+
+  Attributes:
+    key: a typed PRNG key, or ``mc_samples`` of them.
+  """
+
+  key: jax.Array
+
+  def draw(self, like: Any, active: jax.Array) -> Any:
+    """This step's standard normals like ``like`` (zeros if not active)."""
+    return _keyed_draw(self.key, like, active, standard_normal_like)
+
+  def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
+    """``num_samples`` independent draws from ``key`` (for model averaging)."""
+    return standard_normal_like(jax.random.split(key, num_samples), like)
+
+
+class HashNoiseState(NamedTuple):
+  """State of :class:`HashNoise`: the key its counter hash is seeded by.
+
+  Attributes:
+    key: a typed PRNG key, or ``mc_samples`` of them (advanced every step).
+  """
+
+  key: jax.Array
+
+  def draw(self, like: Any, active: jax.Array) -> Any:
+    """This step's standard normals like ``like`` (zeros if not active)."""
+    return _keyed_draw(self.key, like, active, fast_noise.hash_normal_like)
+
+  def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
+    """``num_samples`` independent draws from ``key`` (for model averaging)."""
+    return fast_noise.hash_normal_like(jax.random.split(key, num_samples), like)
+
+
+class FlipNoiseState(NamedTuple):
+  r"""State of :class:`FlipNoise`.
+
+  Attributes:
+    key: a typed PRNG key, or ``mc_samples`` of them; seeds the signs.
+    base_noise: :math:`z`, a stored standard-normal draw like the params.
+    refresh_phase: int32 scalar, which slice of :math:`z` the next update
+      redraws.
+  """
+
+  key: jax.Array
+  base_noise: Any
+  refresh_phase: jax.Array
+
+  def draw(self, like: Any, active: jax.Array) -> Any:
+    r""":math:`\epsilon = S \odot z`: Flipout-style signs of the stored draw.
+
+    The small sign vectors come out of a ``lax.cond`` (zeros when not
+    ``active``): a conditional's outputs are materialised, so XLA hashes
+    once per row and column instead of once per element of each consumer.
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    shapes = [h.shape for h in leaves]
+    factors = jax.lax.cond(
+        active,
+        lambda: fast_noise.sign_factors(self.key, shapes),
+        lambda: jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(lambda k: fast_noise.sign_factors(k, shapes),
+                           self.key)))
+    out = []
+    for (rows, cols), z, h in zip(factors, jax.tree.leaves(self.base_noise),
+                                  leaves):
+      # Signs in the draw's dtype: exact sign flips, no float32 detour.
+      signs = rows.astype(z.dtype) * cols.astype(z.dtype)
+      matrix = signs * z.reshape(fast_noise.matrix_shape(h.shape))
+      out.append(matrix.reshape(self.key.shape + h.shape))
+    return jax.tree.unflatten(treedef, out)
+
+  def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
+    return standard_normal_like(jax.random.split(key, num_samples), like)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalNoise:
+  """``noise="normal"``: a fresh ``jax.random.normal`` draw every step."""
+
+  def init(self, key: jax.Array, like: Any) -> NormalNoiseState:
+    del like
+    return NormalNoiseState(key)
+
+  def advance(self, state: NormalNoiseState, after: Any) -> NormalNoiseState:
+    del after
+    return state._replace(key=split_key(state.key)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class HashNoise:
+  """``noise="hash"``: a fresh draw from a counter hashed by MurmurHash3's
+  finaliser, keyed by the state's threefry key (see ``fast_noise.py``)."""
+
+  def init(self, key: jax.Array, like: Any) -> HashNoiseState:
+    del like
+    return HashNoiseState(key)
+
+  def advance(self, state: HashNoiseState, after: Any) -> HashNoiseState:
+    del after
+    return state._replace(key=split_key(state.key)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class FlipNoise:
+  r"""``noise="flip"``: sign flips of a stored draw refreshed slice by slice.
+
+  The step's noise is :math:`\epsilon_t = S_t \odot z`: :math:`z \sim N(0,I)`
+  is a stored draw of which a ``1 / refresh_every`` slice of rows is redrawn
+  every step, so each element lives at most ``refresh_every`` steps;
+  :math:`S_t` are fresh random signs, rank one per leaf as in Flipout. A step
+  costs a fused sign flip and ``1 / refresh_every`` of a normal draw.
+
+  What holds: each :math:`\epsilon_t` is exactly :math:`N(0, I)` (given any
+  signs, :math:`S_t \odot z` is, since :math:`z` is i.i.d. symmetric and
+  independent of them), so the Price estimator is unbiased at every step;
+  :math:`\epsilon_t, \epsilon_{t'}` are uncorrelated for :math:`t \ne t'`,
+  and independent once :math:`z` was redrawn in between. What does not:
+  within a refresh period the draws share the magnitudes :math:`|z|`, so the
+  curvature estimate averages over ``refresh_every`` times fewer independent
+  draws. Harmless when the curvature EMA is long (IVON's ``b2 = 0.99999``
+  spans ~1e5 steps); keep ``refresh_every`` well below :math:`1/(1-b_2)`.
+  The state holds one more params-sized array, shaped (and shardable) like
+  the params.
+
+  A plain frozen value, so ``optax.inject_hyperparams`` keeps it static.
+
+  References:
+    Wen et al., `Flipout: Efficient Pseudo-Independent Weight Perturbations
+    on Mini-Batches <https://arxiv.org/abs/1803.04386>`_, ICLR 2018.
+  """
+
+  refresh_every: int = 32
+
+  def __post_init__(self):
+    value = self.refresh_every
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError("`refresh_every` must be a positive int, got "
+                       f"refresh_every={value!r}.")
+
+  def init(self, key: jax.Array, like: Any) -> FlipNoiseState:
+    first = key if key.ndim == 0 else key[0]
+    base = standard_normal_like(jax.random.fold_in(first, 1), like)
+    return FlipNoiseState(key=key, base_noise=base,
+                          refresh_phase=jnp.zeros([], jnp.int32))
+
+  def advance(self, state: FlipNoiseState, after: Any) -> FlipNoiseState:
+    first = state.key if state.key.ndim == 0 else state.key[0]
+    base = fast_noise.refresh_slice(first, state.base_noise,
+                                    state.refresh_phase, self.refresh_every,
+                                    after=after)
+    return FlipNoiseState(key=split_key(state.key)[1], base_noise=base,
+                          refresh_phase=(state.refresh_phase + 1)
+                          % self.refresh_every)
+
+
+def flip_noise(refresh_every: int = 32) -> FlipNoise:
+  """``noise=blrax.flip_noise(refresh_every)``: sign-flip noise, see
+  :class:`FlipNoise` for what its statistics keep and lose.
+
+  Example:
+    >>> import blrax
+    >>> opt = blrax.ivon(0.1, ess=1e4, noise=blrax.flip_noise(refresh_every=64))
+  """
+  return FlipNoise(refresh_every)
+
+
+GENERATORS = {"normal": NormalNoise(), "hash": HashNoise(), "flip": FlipNoise()}
+Generator = NormalNoise | HashNoise | FlipNoise
+
+
+def generator(noise: str | Generator) -> Generator:
+  """The generator value for a factory's ``noise`` argument."""
+  if isinstance(noise, (NormalNoise, HashNoise, FlipNoise)):
+    return noise
+  if isinstance(noise, str) and noise in GENERATORS:
+    return GENERATORS[noise]
+  raise ValueError(f"`noise` must be one of {tuple(GENERATORS)} or "
+                   f"blrax.flip_noise(...), got noise={noise!r}.")
