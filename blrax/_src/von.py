@@ -55,7 +55,7 @@ def scale_by_von(
     *,
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
-    b2: jax.typing.ArrayLike = 0.99999,
+    b2: jax.typing.ArrayLike = 0.9999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
@@ -127,7 +127,7 @@ def scale_by_full_von(
     ess: jax.typing.ArrayLike,
     *,
     hess_init: jax.typing.ArrayLike = 1.0,
-    b2: jax.typing.ArrayLike = 0.99999,
+    b2: jax.typing.ArrayLike = 0.9999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
@@ -205,8 +205,10 @@ def scale_by_full_von(
     # Keep the old curvature where the new one is not numerically PD in the
     # state's precision: both this step's solve and the next draw's
     # factorisation (of P = ess (S + dI)) must succeed.
-    ok = (jnp.all(jnp.isfinite(chol_new))
-          & jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
+    # (With ess = inf there is no draw: only the solve matters.)
+    ok = jnp.all(jnp.isfinite(chol_new)) & (
+        ~jnp.isfinite(new_posterior.ess)
+        | jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
     s_new = jnp.where(ok, s_new, s_old)
     chol = jnp.where(ok, chol_new, chol_old)
     direction = jax.scipy.linalg.cho_solve(
@@ -226,7 +228,7 @@ def von(
     ess: jax.typing.ArrayLike,
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
-    b2: jax.typing.ArrayLike = 0.99999,
+    b2: jax.typing.ArrayLike = 0.9999,
     weight_decay: jax.typing.ArrayLike = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
