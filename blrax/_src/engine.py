@@ -96,6 +96,7 @@ def scale_by_blr(
     An :class:`optax.GradientTransformationExtraArgs`.
   """
   validation.check_positive("ess", ess)
+  validation.check_nonnegative("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
   validation.check_nonnegative("weight_decay", weight_decay)
   mc_samples = validation.check_mc_samples(mc_samples)
