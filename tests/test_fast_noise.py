@@ -15,6 +15,7 @@ import pytest
 from scipy import stats
 
 import blrax
+import blrax.checkpoint
 from blrax._src import fast_noise, noise
 
 N = 1 << 20
@@ -202,8 +203,8 @@ def test_flip_checkpoint_resumes_identically(tmp_path):
   state = opt.init(params)
   for _ in range(3):
     params, state = step(params, state)
-  blrax.save_checkpoint(tmp_path / "ckpt", params, state)
-  restored = blrax.restore_checkpoint(tmp_path / "ckpt", params, state)
+  blrax.checkpoint.save_checkpoint(tmp_path / "ckpt", params, state)
+  restored = blrax.checkpoint.restore_checkpoint(tmp_path / "ckpt", params, state)
   a, b = (params, state), restored
   for _ in range(6):
     a, b = step(*a), step(*b)
