@@ -191,31 +191,33 @@ class FlipNoiseState(NamedTuple):
     return standard_normal_like(jax.random.split(key, num_samples), like)
 
 
-@dataclasses.dataclass(frozen=True)
-class NormalNoise:
-  """``noise="normal"``: a fresh ``jax.random.normal`` draw every step."""
+class _KeyedNoise:
+  """A generator whose state is its key alone, advanced by a split."""
 
-  def init(self, key: jax.Array, like: Any) -> NormalNoiseState:
+  state_type: type
+
+  def init(self, key: jax.Array, like: Any):
     del like
-    return NormalNoiseState(key)
+    return self.state_type(key)
 
-  def advance(self, state: NormalNoiseState, after: Any) -> NormalNoiseState:
+  def advance(self, state, after: Any):
     del after
     return state._replace(key=split_key(state.key)[1])
 
 
 @dataclasses.dataclass(frozen=True)
-class HashNoise:
+class NormalNoise(_KeyedNoise):
+  """``noise="normal"``: a fresh ``jax.random.normal`` draw every step."""
+
+  state_type = NormalNoiseState
+
+
+@dataclasses.dataclass(frozen=True)
+class HashNoise(_KeyedNoise):
   """``noise="hash"``: a fresh draw from a counter hashed by MurmurHash3's
   finaliser, keyed by the state's threefry key (see ``fast_noise.py``)."""
 
-  def init(self, key: jax.Array, like: Any) -> HashNoiseState:
-    del like
-    return HashNoiseState(key)
-
-  def advance(self, state: HashNoiseState, after: Any) -> HashNoiseState:
-    del after
-    return state._replace(key=split_key(state.key)[1])
+  state_type = HashNoiseState
 
 
 @dataclasses.dataclass(frozen=True)
