@@ -22,21 +22,22 @@ from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
 from blrax._src.lookup import (
-    find_posteriors,
-    posterior_stddev,
-    sample_params,
-    sample_posterior,
+  find_posteriors,
+  posterior_stddev,
+  sample_params,
+  sample_posterior,
 )
 from blrax._src.noise import flip_noise
 from blrax._src.vadam import ScaleByVadamState, scale_by_vadam, vadam
 from blrax._src.vogn import ScaleByVOGNState, per_example_grads, scale_by_vogn, vogn
 from blrax._src.von import (
-    ScaleByFullVONState,
-    ScaleByVONState,
-    scale_by_full_von,
-    scale_by_von,
-    von,
+  ScaleByFullVONState,
+  ScaleByVONState,
+  scale_by_full_von,
+  scale_by_von,
+  von,
 )
+from blrax._src.wrappers import apply_if_finite
 
 __version__ = "0.2.0"
 
@@ -49,6 +50,7 @@ __all__ = (
     "ScaleByVOGNState",
     "ScaleByVONState",
     "ScaleByVadamState",
+    "apply_if_finite",
     "expfam",
     "export_posterior",
     "find_posteriors",

@@ -46,3 +46,13 @@ def test_posterior_summary_matches_numpy(factory):
   for name in ("w", "b"):
     np.testing.assert_array_equal(exported["stddev"][name], std[name])
     np.testing.assert_array_equal(exported["mean"][name], params[name])
+
+
+@pytest.mark.parametrize("state", [None, {}, {"w": jnp.ones(2)},
+                                   optax.adam(0.1).init({"w": jnp.ones(2)})],
+                         ids=["none", "empty", "params", "adam"])
+def test_no_posterior_is_a_clear_error(state):
+  for call in (blrax.posterior_summary,
+               lambda s: blrax.export_posterior({"w": jnp.ones(2)}, s)):
+    with pytest.raises(ValueError, match="holds no blrax posterior"):
+      call(state)

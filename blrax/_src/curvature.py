@@ -26,6 +26,12 @@ A **precision update** moves :math:`h` towards :math:`\hat h` with step
 correction of Lin et al. (2020) that keeps :math:`h+\delta>0` whatever the
 sign of :math:`\hat h`).
 
+Both are **safe for any finite gradients**: estimates are saturated at the
+dtype's largest finite value (:func:`finite`), and the new curvature is
+clipped to :math:`h+\delta \ge \sqrt{\text{tiny}}`, :math:`h \le
+\sqrt{\text{max}}` (:func:`bounded`; 1e-19 and 2e19 in float32), so
+:math:`h` and :math:`\sigma` stay finite and positive.
+
 References:
   Khan & Rue, `The Bayesian Learning Rule <https://arxiv.org/abs/2107.04562>`_,
   JMLR 2023.
@@ -38,6 +44,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -49,6 +56,38 @@ def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=0) if x.ndim > like.ndim else x
 
 
+def finite(x: jax.Array) -> jax.Array:
+  """``x`` with overflow (``+-inf``) saturated at the dtype's largest finite
+  value; NaN stays NaN (it comes from NaN inputs, which must show)."""
+  big = jnp.finfo(x.dtype).max
+  return jnp.clip(x, -big, big)
+
+
+def limits(dtype) -> tuple[float, float]:
+  r"""(floor of :math:`h+\delta`, ceiling of :math:`h`) for a state dtype.
+
+  :math:`\sqrt{\text{tiny}}` and :math:`\sqrt{\text{max}}` of the dtype
+  (about 1e-19 and 2e19 in float32): :math:`\sigma` stays finite for any
+  ``ess`` and the products :math:`\lambda(h+\delta)` and
+  :math:`\hat g\epsilon\sqrt{\lambda(h+\delta)}` cannot overflow for
+  :math:`\lambda` below :math:`\sqrt{\text{max}}`.
+  """
+  info = jnp.finfo(dtype)
+  return float(info.tiny) ** 0.5, float(info.max) ** 0.5
+
+
+def bounded(curvature: jax.Array, weight_decay) -> jax.Array:
+  r"""Keeps :math:`h+\delta \ge` floor and :math:`h \le` ceiling (:func:`limits`).
+
+  An identity in every realistic run. It is what makes the update safe for
+  any finite gradients: a dead unit (zero gradients, :math:`\delta = 0`)
+  no longer decays to :math:`h = 0` and :math:`\sigma = \infty`, and a
+  gradient of 1e30 saturates :math:`h` instead of overflowing to inf.
+  """
+  floor, ceiling = limits(curvature.dtype)
+  return jnp.clip(curvature, floor - weight_decay, ceiling)
+
+
 def price_curvature(grads, noise, curvature, ess, weight_decay):
   r"""Price/Stein estimate :math:`\hat h = \mathrm{mean}_s\,\hat g_s \epsilon_s/\sigma`.
 
@@ -57,11 +96,12 @@ def price_curvature(grads, noise, curvature, ess, weight_decay):
   Unbiased for :math:`E_q[\mathrm{diag}\,\nabla^2 \bar\ell]` with Gaussian noise.
   ``grads`` and ``noise`` carry the Monte-Carlo axis first when batched.
   """
-  inverse_stddev = jnp.sqrt(ess * (curvature + weight_decay))
-  product = grads * noise
+  big = jnp.finfo(curvature.dtype).max
+  inverse_stddev = jnp.sqrt(jnp.minimum(ess * (curvature + weight_decay), big))
+  product = finite(grads * noise)  # so the mean cannot meet inf - inf
   if product.ndim > curvature.ndim:
     product = jnp.mean(product, axis=0)
-  return product * inverse_stddev
+  return finite(product * inverse_stddev)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +125,7 @@ class Estimator:
 
 
 def _price(grads, noise, curvature, ess, weight_decay):
-  return mc_mean(grads, curvature), price_curvature(
+  return finite(mc_mean(grads, curvature)), price_curvature(
       grads, noise, curvature, ess, weight_decay)
 
 
@@ -104,16 +144,20 @@ def squared_gradient(batch_size: float = 1.0) -> Estimator:
 
   def estimate(grads, noise, curvature, ess, weight_decay):
     del noise, ess, weight_decay
-    g_bar = mc_mean(grads, curvature)
-    return g_bar, batch_size * jnp.square(g_bar)
+    g_bar = finite(mc_mean(grads, curvature))
+    return g_bar, finite(batch_size * jnp.square(g_bar))
 
   return Estimator("squared_gradient", estimate)
 
 
 def _per_example_squared(grads, noise, curvature, ess, weight_decay):
   del noise, ess, weight_decay
-  grads = grads.reshape((-1,) + curvature.shape)
-  return jnp.mean(grads, axis=0), jnp.mean(jnp.square(grads), axis=0)
+  # Sample and batch axes flattened into one (explicit size: a leaf may be
+  # zero-size).
+  count = math.prod(grads.shape[:grads.ndim - curvature.ndim])
+  grads = grads.reshape((count,) + curvature.shape)
+  return (finite(jnp.mean(grads, axis=0)),
+          finite(jnp.mean(jnp.square(grads), axis=0)))
 
 
 PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_squared,
@@ -122,7 +166,8 @@ PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_squared,
 
 def given_hessian(grads, hessian, curvature):
   r""":math:`(\bar g, \mathrm{mean}_s H_s)` for a user-given ``hessian=``."""
-  return mc_mean(grads, curvature), mc_mean(hessian, curvature)
+  return (finite(mc_mean(grads, curvature)),
+          finite(mc_mean(finite(hessian), curvature)))
 
 
 def ema(curvature, estimate, rho, weight_decay):
@@ -130,10 +175,9 @@ def ema(curvature, estimate, rho, weight_decay):
 
   Keeps :math:`h \ge 0` when :math:`\hat h \ge 0` (squared gradients,
   Gauss-Newton); not for the Price estimator, whose :math:`\hat h` can be
-  negative.
+  negative. The result is :func:`bounded`.
   """
-  del weight_decay
-  return (1.0 - rho) * curvature + rho * estimate
+  return bounded((1.0 - rho) * curvature + rho * estimate, weight_decay)
 
 
 def positive_ema(curvature, estimate, rho, weight_decay):
@@ -150,8 +194,11 @@ def positive_ema(curvature, estimate, rho, weight_decay):
   :math:`a = h + \delta` and :math:`c = (1-\rho)a + \rho(\hat h + \delta)`,
   a sum of positive terms: the textbook form cancels catastrophically when
   :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can then
-  round to a negative :math:`h`. Guarantees :math:`h+\delta \ge (h_{old}+\delta)/2`.
+  round to a negative :math:`h`. Guarantees :math:`h+\delta \ge
+  (h_{old}+\delta)/2`; the result is :func:`bounded`.
   """
   a = curvature + weight_decay
   c = (1.0 - rho) * a + rho * (estimate + weight_decay)
-  return 0.5 * (a + jnp.square(c) / a) - weight_decay
+  # c**2 overflows only where the exact result exceeds the ceiling anyway
+  # ((a + c^2/a)/2 >= |c|), so saturating it is exact.
+  return bounded(0.5 * (a + jnp.square(c) / a) - weight_decay, weight_decay)

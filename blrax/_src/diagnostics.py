@@ -33,7 +33,18 @@ def posterior_summary(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   Keys are ``"stddev/<leaf path>"`` and ``"curvature/<leaf path>"`` (for a
   full covariance: the diagonal of :math:`S`), so the dict can go straight to
   a logger (flatten it with ``f"{k}/{stat}"``). Compare the curvature with its
-  initial value (``hess_init``) to see whether it moves.
+  initial value (``hess_init``) to see whether it moves. Zero-size leaves
+  have no statistics and are left out; masked params (``optax.MaskedNode``
+  holes) too.
+
+  Args:
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+
+  Returns:
+    A dict of dicts of scalar arrays.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no blrax posterior.
   """
   out = {}
   for index, posterior in enumerate(lookup.find_posteriors(opt_state)):
@@ -43,11 +54,37 @@ def posterior_summary(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
       leaves = jax.tree_util.tree_flatten_with_path(
           tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
       for path, leaf in leaves:
-        if not isinstance(leaf, optax.MaskedNode):
+        if not isinstance(leaf, optax.MaskedNode) and jnp.size(leaf) > 0:
           out[f"{prefix}{name}/{_path_name(path)}"] = _stats(leaf)
   return out
 
 
 def export_posterior(params: Any, opt_state: Any) -> dict[str, Any]:
-  """``{"mean": params, "stddev": sigma}``, both pytrees like the params."""
+  """``{"mean": params, "stddev": sigma}``, both pytrees like the params.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no blrax posterior, or its posterior
+      does not have the params' tree and shapes.
+  """
+  for posterior in lookup.find_posteriors(opt_state):
+    _check_tree(params, jax.eval_shape(posterior.stddev))
   return {"mean": params, "stddev": lookup.posterior_stddev(opt_state, params)}
+
+
+def _check_tree(params: Any, posterior_tree: Any) -> None:
+  """``params`` must have the tree the posterior was initialised for."""
+  hole = lambda x: isinstance(x, optax.MaskedNode)
+  want = jax.tree.structure(posterior_tree, is_leaf=hole)
+  if jax.tree.structure(params) == want:
+    return
+  paths = lambda tree, **kw: {jax.tree_util.keystr(p) for p, _ in
+                              jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+  have, need = paths(params), paths(posterior_tree, is_leaf=hole)
+  detail = "; ".join(
+      f"{what} {', '.join(sorted(keys)[:3])}" for what, keys in
+      (("params have leaves the posterior lacks:", have - need),
+       ("the posterior has leaves the params lack:", need - have)) if keys)
+  raise ValueError(
+      "`params` do not have the tree the posterior in `opt_state` was "
+      "initialised for: " + (detail or f"params {jax.tree.structure(params)}, "
+                             f"posterior {want}") + ".")

@@ -95,11 +95,13 @@ def scale_by_blr(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  validation.check_positive("ess", ess)
+  validation.check_positive("ess", ess, allow_inf=True)
   validation.check_nonnegative("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
   validation.check_nonnegative("weight_decay", weight_decay)
   mc_samples = validation.check_mc_samples(mc_samples)
+  if not validation.is_traced(key):
+    noise_lib.canonicalize_key(key)
   generator = noise_lib.generator(noise)
   hessian_precision = hessian_precision or precision
   rho = 1.0 - b2
@@ -117,6 +119,7 @@ def scale_by_blr(
     del extra_args
     gaussian.check_grads(updates, params, mc_samples,
                          batch_axis=estimator.per_example)
+    gaussian.check_params(params, state.posterior.curvature)
     if hessian is not None:
       if not accepts_hessian:
         raise ValueError(
@@ -134,6 +137,9 @@ def scale_by_blr(
     scalars = step.scalars(count)
 
     def leaf(mean, grad, eps, h, momentum, hess):
+      if not gaussian.is_trainable(mean):  # an int counter: left as it is.
+        return jnp.zeros_like(mean), h, momentum
+      mean, state_dtype = jnp.asarray(mean), h.dtype
       grad = grad.astype(h.dtype)
       if hessian is None:
         g_bar, h_hat = estimator.estimate(
@@ -145,7 +151,11 @@ def scale_by_blr(
       direction, momentum = step.leaf(
           g_bar, h, momentum if step.uses_momentum else None, mean,
           weight_decay, scalars)
-      return direction.astype(mean.dtype), h, momentum
+      # Cast back: under x64, float64 hyperparameters would widen the state.
+      if momentum is not None:
+        momentum = momentum.astype(state_dtype)
+      return (curvature_lib.finite(direction).astype(mean.dtype),
+              h.astype(state_dtype), momentum)
 
     # params first: its leaves, not the per-example grads', give the shapes.
     momentum_tree = state.momentum if step.uses_momentum else posterior.curvature
@@ -156,8 +166,8 @@ def scale_by_blr(
         jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(3))
     new_posterior = posterior._replace(
         noise_state=generator.advance(posterior.noise_state, after=curvature),
-        curvature=curvature, ess=gaussian.scalar(ess),
-        weight_decay=gaussian.scalar(weight_decay))
+        curvature=curvature, ess=jnp.asarray(ess, posterior.ess.dtype),
+        weight_decay=jnp.asarray(weight_decay, posterior.weight_decay.dtype))
     return direction, ScaleByBLRState(
         count=count, momentum=momentum if step.uses_momentum else (),
         posterior=new_posterior)

@@ -29,21 +29,114 @@ References:
   JMLR 2023.
   Khan, `Information Geometry of Variational Bayes
   <https://arxiv.org/abs/2509.15641>`_, 2025.
+
+Checks. A natural parameter must have the family's shape (a wrong shape, or
+a non-numeric value, always raises) and lie in its domain (e.g. Beta:
+:math:`\eta > -1`). Concrete parameters outside the domain raise
+``ValueError`` naming the argument and its value; under ``jax.jit`` (or
+``grad``/``vmap``) they cannot be inspected, and every result computed from
+them (log-partition, mean parameters, Fisher, KL, samples, usual parameters)
+is NaN instead of a finite wrong number. The usual parameters given to
+``to_natural`` are checked the same way (e.g. Beta needs ``alpha, beta > 0``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import operator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln
+
+from blrax._src import noise
+
+
+def _traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _show(x: Any) -> str:
+  x = jax.lax.stop_gradient(x)  # Under eager grad: the concrete primal.
+  if _traced(x):
+    return f"<traced {x.dtype}{list(x.shape)}>"
+  return np.array2string(np.asarray(x), threshold=12, precision=4)
+
+
+def _as_float(name: str, value: Any) -> jax.Array:
+  """``value`` as a real floating array (ints and bools are cast)."""
+  try:
+    array = jnp.asarray(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"`{name}` must be an array of real numbers, got {name}={value!r}."
+    ) from e
+  if array.dtype == jnp.bool_ or jnp.issubdtype(array.dtype, jnp.integer):
+    return array.astype(jnp.result_type(float))
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise TypeError(
+        f"`{name}` must be real, got {name}={value!r} of dtype {array.dtype}.")
+  return array
+
+
+def _require(name: str, value: jax.Array, ok: jax.Array, want: str) -> jax.Array:
+  """Raises ``ValueError`` if a concrete ``ok`` is false; returns ``ok``."""
+  ok = jnp.all(ok)
+  if not _traced(ok) and not bool(ok):
+    raise ValueError(f"`{name}` must be {want}, got {name}={_show(value)}.")
+  return ok
+
+
+def _require_shape(name: str, value: jax.Array, shape: tuple) -> None:
+  if value.shape != shape:
+    raise ValueError(
+        f"`{name}` must have shape {shape}, got {name}.shape={value.shape}.")
+
+
+def _nan_unless(ok: jax.Array, tree: Any) -> Any:
+  """NaN where ``ok`` is false. A product, not ``jnp.where``: so gradients
+  are NaN too (``where`` would give them a plausible 0)."""
+  return jax.tree.map(lambda x: x * jnp.where(ok, 1.0, jnp.nan), tree)
+
+
+def _dim(dim: Any) -> int:
+  if isinstance(dim, (bool, np.bool_)) or _traced(dim):
+    raise TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.")
+  try:
+    number = operator.index(dim)
+  except TypeError as e:
+    raise TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.") from e
+  if number < 1:
+    raise ValueError(f"`dim` must be an int >= 1, got dim={dim!r}.")
+  return number
+
+
+def _sample_shape(shape: Any) -> tuple[int, ...]:
+  """An int or a sequence of ints >= 0, as a tuple."""
+  items = (shape,) if not isinstance(shape, (tuple, list)) else shape
+  try:
+    if any(isinstance(s, (bool, np.bool_)) for s in items):
+      raise TypeError
+    out = tuple(operator.index(s) for s in items)
+  except TypeError as e:
+    raise TypeError(
+        f"`shape` must be an int or a tuple of ints, got shape={shape!r}."
+    ) from e
+  if any(s < 0 for s in out):
+    raise ValueError(f"`shape` must be >= 0, got shape={shape!r}.")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class ExponentialFamily:
   """An exponential family over a flat natural parameter vector.
+
+  ``log_partition`` and ``from_natural`` are wrapped at construction to check
+  their argument with :meth:`check_natural` (the unchecked function stays
+  available as ``.unchecked``); so are :meth:`mean_params`, :meth:`fisher`,
+  :meth:`kl` and :meth:`sample`.
 
   Attributes:
     name: for display.
@@ -52,6 +145,11 @@ class ExponentialFamily:
     sampler: ``(key, eta, shape) -> samples`` with ``shape`` leading axes.
     to_natural: the usual parameters (e.g. ``alpha, beta``) to ``eta``.
     from_natural: ``eta`` to the usual parameters, as a tuple.
+    natural_shape: the shape of ``eta``, ``None`` for a free length (at
+      least 1); ``None`` skips the shape check.
+    natural_domain: ``eta -> bool`` scalar, true inside the domain of
+      :math:`A`; ``None`` checks finiteness only.
+    domain_text: the domain in words, for error messages.
   """
 
   name: str
@@ -60,22 +158,100 @@ class ExponentialFamily:
   sampler: Callable[..., jax.Array]
   to_natural: Callable[..., jax.Array]
   from_natural: Callable[[jax.Array], tuple]
+  natural_shape: tuple[int | None, ...] | None = None
+  natural_domain: Callable[[jax.Array], jax.Array] | None = None
+  domain_text: str = "finite"
+
+  def __post_init__(self):
+    for field in ("log_partition", "from_natural"):
+      raw = getattr(getattr(self, field), "unchecked", getattr(self, field))
+
+      def checked(eta, raw=raw):
+        eta, ok = self._checked(eta)
+        return _nan_unless(ok, raw(eta))
+
+      checked.unchecked = raw
+      checked.__doc__ = raw.__doc__
+      object.__setattr__(self, field, checked)
+
+  def _check_shape(self, eta: Any, name: str) -> jax.Array:
+    eta = _as_float(name, eta)
+    want = self.natural_shape
+    if want is not None and (
+        eta.ndim != len(want) or eta.size == 0
+        or any(w is not None and s != w for s, w in zip(eta.shape, want))):
+      text = "(" + ", ".join("k" if w is None else str(w) for w in want) + (
+          ",)" if len(want) == 1 else ")")
+      raise ValueError(
+          f"`{name}` of {self.name} must have shape {text}, got "
+          f"{name}.shape={eta.shape}.")
+    return eta
+
+  def _checked(self, eta: Any, name: str = "eta"):
+    """(``eta`` with NaN if invalid, validity); concrete invalid raises."""
+    eta = self._check_shape(eta, name)
+    ok = jnp.all(jnp.isfinite(eta))
+    if self.natural_domain is not None:
+      ok &= self.natural_domain(eta)
+    ok = _require(name, eta, ok,
+                  f"a natural parameter of {self.name} ({self.domain_text})")
+    return _nan_unless(ok, eta), ok
+
+  def check_natural(self, eta: Any, name: str = "eta") -> jax.Array:
+    """Checks a natural parameter; returns it as a float array.
+
+    Args:
+      eta: the natural parameter.
+      name: the argument name for error messages.
+
+    Returns:
+      ``eta`` as an array; all NaN if it is traced and outside the domain.
+
+    Raises:
+      TypeError: ``eta`` is not real-valued.
+      ValueError: ``eta`` has the wrong shape, or is concrete and outside the
+        domain (or not finite).
+    """
+    return self._checked(eta, name)[0]
 
   def mean_params(self, eta: jax.Array) -> jax.Array:
-    """:math:`\\mu = \\nabla A(\\eta) = E_q[T(\\theta)]`."""
-    return jax.grad(self.log_partition)(eta)
+    """:math:`\\mu = \\nabla A(\\eta) = E_q[T(\\theta)]` (NaN if ``eta`` is invalid)."""
+    eta, ok = self._checked(eta)
+    return _nan_unless(ok, jax.grad(self.log_partition.unchecked)(eta))
 
   def fisher(self, eta: jax.Array) -> jax.Array:
-    """:math:`F(\\eta) = \\nabla^2 A(\\eta)`, the Fisher information."""
-    return jax.hessian(self.log_partition)(eta)
+    """:math:`F(\\eta) = \\nabla^2 A(\\eta)`, the Fisher information (NaN if
+    ``eta`` is invalid)."""
+    eta, ok = self._checked(eta)
+    return _nan_unless(ok, jax.hessian(self.log_partition.unchecked)(eta))
 
   def kl(self, eta_q: jax.Array, eta_p: jax.Array) -> jax.Array:
-    """:math:`\\mathrm{KL}(q\\|p)`, the Bregman divergence of :math:`A`."""
-    return (self.log_partition(eta_p) - self.log_partition(eta_q)
-            - jnp.dot(eta_p - eta_q, self.mean_params(eta_q)))
+    """:math:`\\mathrm{KL}(q\\|p)`, the Bregman divergence of :math:`A`.
 
-  def sample(self, key: jax.Array, eta: jax.Array, shape=()) -> jax.Array:
-    return self.sampler(key, eta, tuple(shape))
+    NaN if either parameter is invalid (traced); concrete invalid ones raise.
+    """
+    eta_q, ok_q = self._checked(eta_q, "eta_q")
+    eta_p, ok_p = self._checked(eta_p, "eta_p")
+    raw = self.log_partition.unchecked
+    value = (raw(eta_p) - raw(eta_q)
+             - jnp.dot(eta_p - eta_q, jax.grad(raw)(eta_q)))
+    return _nan_unless(ok_q & ok_p, value)
+
+  def sample(self, key: Any, eta: jax.Array, shape=()) -> jax.Array:
+    """Draws from :math:`q_\\eta`.
+
+    Args:
+      key: an int seed, a legacy ``PRNGKey`` or a typed key.
+      eta: the natural parameter.
+      shape: leading sample axes, an int or a tuple of ints.
+
+    Returns:
+      Samples with leading axes ``shape``; NaN if ``eta`` is invalid (traced).
+    """
+    eta, ok = self._checked(eta)
+    samples = self.sampler(noise.canonicalize_key(key), eta,
+                           _sample_shape(shape))
+    return _nan_unless(ok, samples)
 
 
 def natural_gradient(family: ExponentialFamily, eta: jax.Array,
@@ -86,9 +262,18 @@ def natural_gradient(family: ExponentialFamily, eta: jax.Array,
   expected log-likelihood in closed form). The pseudo-inverse handles
   over-complete parameterisations such as the full Gaussian's
   :math:`D\times D` block, whose antisymmetric directions carry no curvature.
+  ``eta`` is checked as in :meth:`ExponentialFamily.check_natural`; the
+  result is NaN for an invalid traced ``eta``.
   """
+  if not isinstance(family, ExponentialFamily):
+    raise TypeError(
+        f"`family` must be an ExponentialFamily, got family={family!r}.")
+  if not callable(objective):
+    raise TypeError(f"`objective` must be a function of mu, got {objective!r}.")
+  eta, ok = family._checked(eta)  # pylint: disable=protected-access
   grad_eta = jax.grad(lambda e: objective(family.mean_params(e)))(eta)
-  return jnp.linalg.pinv(family.fisher(eta), hermitian=True) @ grad_eta
+  return _nan_unless(
+      ok, jnp.linalg.pinv(family.fisher(eta), hermitian=True) @ grad_eta)
 
 
 def blr_step(family: ExponentialFamily, eta: jax.Array, prior_eta: jax.Array,
@@ -99,20 +284,45 @@ def blr_step(family: ExponentialFamily, eta: jax.Array, prior_eta: jax.Array,
 
   Args:
     family: the posterior family.
-    eta: current natural parameter.
-    prior_eta: the prior's natural parameter :math:`\eta_0` (same family).
+    eta: current natural parameter (checked: shape and domain).
+    prior_eta: the prior's natural parameter :math:`\eta_0` (same family and
+      shape). Only its shape and finiteness are checked: improper priors
+      (e.g. a zero Gaussian precision) are allowed.
     expected_log_lik: :math:`\mathcal{L}(\mu) = E_q[\sum_i\log p(y_i|\theta)]`
       as a function of the mean parameters.
-    rho: step size; ``1`` gives the exact posterior for conjugate models.
+    rho: step size, finite and ``>= 0``; ``1`` gives the exact posterior for
+      conjugate models. Steps with ``rho > 1`` may leave the domain.
 
   Returns:
-    The new natural parameter.
+    The new natural parameter; NaN under ``jit`` when ``eta``, ``prior_eta``
+    or ``rho`` is invalid (concrete invalid values raise ``ValueError``).
   """
-  return ((1.0 - rho) * eta
-          + rho * (prior_eta + natural_gradient(family, eta, expected_log_lik)))
+  if not isinstance(family, ExponentialFamily):
+    raise TypeError(
+        f"`family` must be an ExponentialFamily, got family={family!r}.")
+  eta, ok = family._checked(eta)  # pylint: disable=protected-access
+  prior_eta = family._check_shape(prior_eta, "prior_eta")  # pylint: disable=protected-access
+  if prior_eta.shape != eta.shape:
+    raise ValueError(
+        f"`prior_eta` must have the shape of eta {eta.shape}, got "
+        f"prior_eta.shape={prior_eta.shape}.")
+  ok &= _require("prior_eta", prior_eta, jnp.isfinite(prior_eta), "finite")
+  rho = _as_float("rho", rho)
+  _require_shape("rho", rho, ())
+  ok &= _require("rho", rho, jnp.isfinite(rho) & (rho >= 0), "finite and >= 0")
+  new = ((1.0 - rho) * eta
+         + rho * (prior_eta + natural_gradient(family, eta, expected_log_lik)))
+  return _nan_unless(ok, new)
 
 
 # --- Families ---------------------------------------------------------------
+
+
+def _positive_scalar(name: str, value: Any) -> tuple[jax.Array, jax.Array]:
+  value = _as_float(name, value)
+  _require_shape(name, value, ())
+  return value, _require(name, value, jnp.isfinite(value) & (value > 0),
+                         "finite and > 0")
 
 
 def _beta_params(eta):
@@ -120,11 +330,19 @@ def _beta_params(eta):
 
 
 def beta() -> ExponentialFamily:
-  """Beta(alpha, beta) on (0, 1): T = (log x, log(1-x)), eta = (alpha-1, beta-1)."""
+  """Beta(alpha, beta) on (0, 1): T = (log x, log(1-x)), eta = (alpha-1, beta-1).
+
+  ``eta`` has shape ``(2,)`` and ``eta > -1`` (``alpha, beta > 0``).
+  """
 
   def log_partition(eta):
     a, b = _beta_params(eta)
     return gammaln(a) + gammaln(b) - gammaln(a + b)
+
+  def to_natural(alpha, beta_):
+    (alpha, ok_a), (beta_, ok_b) = (_positive_scalar("alpha", alpha),
+                                    _positive_scalar("beta", beta_))
+    return _nan_unless(ok_a & ok_b, jnp.stack([alpha - 1.0, beta_ - 1.0]))
 
   return ExponentialFamily(
       name="beta",
@@ -132,14 +350,19 @@ def beta() -> ExponentialFamily:
       sufficient_statistics=lambda x: jnp.stack([jnp.log(x), jnp.log1p(-x)], -1),
       sampler=lambda key, eta, shape: jax.random.beta(key, *_beta_params(eta),
                                                       shape),
-      to_natural=lambda a, b: jnp.stack([jnp.asarray(a) - 1.0,
-                                         jnp.asarray(b) - 1.0]),
+      to_natural=to_natural,
       from_natural=_beta_params,
+      natural_shape=(2,),
+      natural_domain=lambda eta: jnp.all(eta > -1.0),
+      domain_text="alpha = eta[0] + 1 > 0 and beta = eta[1] + 1 > 0",
   )
 
 
 def gamma() -> ExponentialFamily:
-  """Gamma(shape alpha, rate beta): T = (log x, x), eta = (alpha-1, -beta)."""
+  """Gamma(shape alpha, rate beta): T = (log x, x), eta = (alpha-1, -beta).
+
+  ``eta`` has shape ``(2,)``, ``eta[0] > -1`` and ``eta[1] < 0``.
+  """
 
   def params(eta):
     return eta[0] + 1.0, -eta[1]
@@ -152,31 +375,58 @@ def gamma() -> ExponentialFamily:
     a, b = params(eta)
     return jax.random.gamma(key, a, shape) / b
 
+  def to_natural(alpha, beta_):
+    (alpha, ok_a), (beta_, ok_b) = (_positive_scalar("alpha", alpha),
+                                    _positive_scalar("beta", beta_))
+    return _nan_unless(ok_a & ok_b, jnp.stack([alpha - 1.0, -beta_]))
+
   return ExponentialFamily(
       name="gamma",
       log_partition=log_partition,
       sufficient_statistics=lambda x: jnp.stack([jnp.log(x), x], -1),
       sampler=sampler,
-      to_natural=lambda a, b: jnp.stack([jnp.asarray(a) - 1.0, -jnp.asarray(b)]),
+      to_natural=to_natural,
       from_natural=params,
+      natural_shape=(2,),
+      natural_domain=lambda eta: (eta[0] > -1.0) & (eta[1] < 0.0),
+      domain_text="shape alpha = eta[0] + 1 > 0 and rate beta = -eta[1] > 0",
   )
 
 
 def dirichlet() -> ExponentialFamily:
-  """Dirichlet(alpha) on the simplex: T = log x, eta = alpha - 1."""
+  """Dirichlet(alpha) on the simplex: T = log x, eta = alpha - 1.
+
+  ``eta`` has shape ``(k,)``, ``k >= 1``, and ``eta > -1`` (``alpha > 0``).
+  """
 
   def log_partition(eta):
     a = eta + 1.0
     return jnp.sum(gammaln(a)) - gammaln(jnp.sum(a))
+
+  def to_natural(alpha):
+    alpha = _as_float("alpha", alpha)
+    if alpha.ndim != 1 or alpha.size == 0:
+      raise ValueError(
+          f"`alpha` must have shape (k,) with k >= 1, got alpha.shape={alpha.shape}.")
+    ok = _require("alpha", alpha, jnp.isfinite(alpha) & (alpha > 0),
+                  "finite and > 0")
+    return _nan_unless(ok, alpha - 1.0)
 
   return ExponentialFamily(
       name="dirichlet",
       log_partition=log_partition,
       sufficient_statistics=jnp.log,
       sampler=lambda key, eta, shape: jax.random.dirichlet(key, eta + 1.0, shape),
-      to_natural=lambda alpha: jnp.asarray(alpha) - 1.0,
+      to_natural=to_natural,
       from_natural=lambda eta: (eta + 1.0,),
+      natural_shape=(None,),
+      natural_domain=lambda eta: jnp.all(eta > -1.0),
+      domain_text="alpha = eta + 1 > 0",
   )
+
+
+def _is_positive_definite(matrix: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(jnp.linalg.cholesky(matrix)))
 
 
 def gaussian(dim: int) -> ExponentialFamily:
@@ -184,8 +434,12 @@ def gaussian(dim: int) -> ExponentialFamily:
 
   :math:`T = (x, \mathrm{vec}(xx^\top))`, :math:`\eta = (\Lambda m,
   \mathrm{vec}(-\tfrac12\Lambda))` with :math:`\Lambda = \Sigma^{-1}`; the mean
-  parameters are :math:`(m, \mathrm{vec}(\Sigma + mm^\top))`.
+  parameters are :math:`(m, \mathrm{vec}(\Sigma + mm^\top))`. ``eta`` has
+  shape ``(D + D*D,)`` and its symmetrised precision block must be positive
+  definite. ``to_natural(mean, cov)`` needs ``mean`` of shape ``(D,)`` and a
+  symmetric (to a relative ``sqrt(eps)``) positive definite ``cov``.
   """
+  dim = _dim(dim)
 
   def split(eta):
     eta2 = eta[dim:].reshape(dim, dim)
@@ -204,8 +458,17 @@ def gaussian(dim: int) -> ExponentialFamily:
     return cov @ eta1, cov
 
   def to_natural(mean, cov):
+    mean, cov = _as_float("mean", mean), _as_float("cov", cov)
+    _require_shape("mean", mean, (dim,))
+    _require_shape("cov", cov, (dim, dim))
+    ok = _require("mean", mean, jnp.isfinite(mean), "finite")
+    tol = jnp.sqrt(jnp.finfo(cov.dtype).eps) * jnp.max(jnp.abs(cov))
+    ok &= _require("cov", cov, jnp.all(jnp.abs(cov - cov.T) <= tol)
+                   & _is_positive_definite(cov),
+                   "symmetric positive definite")
     precision = jnp.linalg.inv(cov)
-    return jnp.concatenate([precision @ mean, (-0.5 * precision).ravel()])
+    return _nan_unless(
+        ok, jnp.concatenate([precision @ mean, (-0.5 * precision).ravel()]))
 
   def sampler(key, eta, shape):
     mean, cov = from_natural(eta)
@@ -220,12 +483,21 @@ def gaussian(dim: int) -> ExponentialFamily:
       sampler=sampler,
       to_natural=to_natural,
       from_natural=from_natural,
+      natural_shape=(dim + dim * dim,),
+      natural_domain=lambda eta: _is_positive_definite(-2.0 * split(eta)[1]),
+      domain_text="precision -(E + E^T) positive definite, E = "
+                  f"eta[{dim}:].reshape({dim}, {dim})",
   )
 
 
 def diagonal_gaussian(dim: int) -> ExponentialFamily:
   r""":math:`N(m, \mathrm{diag}(v))`: :math:`T = (x, x^2)`,
-  :math:`\eta = (m/v, -1/(2v))`, mean parameters :math:`(m, m^2 + v)`."""
+  :math:`\eta = (m/v, -1/(2v))`, mean parameters :math:`(m, m^2 + v)`.
+
+  ``eta`` has shape ``(2D,)`` with ``eta[D:] < 0``; ``to_natural(mean, var)``
+  needs shapes ``(D,)`` and ``var > 0``.
+  """
+  dim = _dim(dim)
 
   def split(eta):
     return eta[:dim], eta[dim:]
@@ -240,8 +512,12 @@ def diagonal_gaussian(dim: int) -> ExponentialFamily:
     return eta1 * var, var
 
   def to_natural(mean, var):
-    mean, var = jnp.asarray(mean), jnp.asarray(var)
-    return jnp.concatenate([mean / var, -0.5 / var])
+    mean, var = _as_float("mean", mean), _as_float("var", var)
+    _require_shape("mean", mean, (dim,))
+    _require_shape("var", var, (dim,))
+    ok = _require("mean", mean, jnp.isfinite(mean), "finite")
+    ok &= _require("var", var, jnp.isfinite(var) & (var > 0), "finite and > 0")
+    return _nan_unless(ok, jnp.concatenate([mean / var, -0.5 / var]))
 
   def sampler(key, eta, shape):
     mean, var = from_natural(eta)
@@ -254,4 +530,7 @@ def diagonal_gaussian(dim: int) -> ExponentialFamily:
       sampler=sampler,
       to_natural=to_natural,
       from_natural=from_natural,
+      natural_shape=(2 * dim,),
+      natural_domain=lambda eta: jnp.all(split(eta)[1] < 0.0),
+      domain_text=f"eta[{dim}:] = -1/(2 var) < 0",
   )

@@ -30,9 +30,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blrax._src import noise as noise_lib
+from blrax._src import validation
 
 
 def state_dtype(dtype: Any) -> jnp.dtype:
@@ -52,10 +54,13 @@ def scalar(value: Any) -> jax.Array:
 def stddev(curvature: jax.Array, ess: jax.Array, weight_decay: jax.Array):
   r""":math:`\sigma = 1/\sqrt{\lambda (h + \delta)}` for one leaf.
 
-  Exactly 0 when ``ess = inf`` (a point mass), even where :math:`h+\delta=0`.
+  Exactly 0 when ``ess = inf`` (a point mass), even where :math:`h+\delta=0`;
+  at most :math:`1/\sqrt{\text{tiny}}` (finite) where
+  :math:`\lambda(h+\delta)` underflows.
   """
-  return jnp.where(jnp.isinf(ess), 0.0,
-                   jax.lax.rsqrt(ess * (curvature + weight_decay)))
+  precision = jnp.maximum(ess * (curvature + weight_decay),
+                          jnp.finfo(curvature.dtype).tiny)
+  return jnp.where(jnp.isinf(ess), 0.0, jax.lax.rsqrt(precision))
 
 
 class DiagonalGaussian(NamedTuple):
@@ -115,8 +120,17 @@ def init_diagonal_gaussian(params: Any, *, key: int | jax.Array,
   """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
   # full_like (not full) so that under an explicit-sharding mesh the state is
   # sharded like the params; it also accepts ShapeDtypeStructs.
-  curvature = jax.tree.map(
-      lambda p: jnp.full_like(p, curvature_init, state_dtype(p.dtype)), params)
+  def leaf(p):
+    dtype = _dtype(p)
+    if dtype is None:
+      raise validation.ArgumentTypeError(
+          f"params leaves must be arrays or numbers, got {type(p).__name__}.")
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(f"params must be real, got a {dtype} leaf: blrax "
+                       "posteriors are over real parameters.")
+    return jnp.full_like(p, curvature_init, state_dtype(dtype))
+
+  curvature = jax.tree.map(leaf, params)
   return DiagonalGaussian(
       noise_state=generator.init(noise_lib.initial_key(key, mc_samples),
                                  curvature),
@@ -146,21 +160,89 @@ def check_grads(grads: Any, params: Any, mc_samples: int, name: str = "grads",
         f"params {params_def}."
     )
   prefix = () if mc_samples == 1 else (mc_samples,)
-  for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
-    shape = tuple(g.shape)
-    if batch_axis and len(shape) == len(prefix) + 1 + p.ndim:
+  for path, g, p in zip(_paths(params), jax.tree.leaves(grads),
+                        jax.tree.leaves(params)):
+    if not is_trainable(p):
+      continue  # ints, bools: no update whatever the grads (float0 or not).
+    g_dtype = _dtype(g)
+    if g_dtype is None or not jnp.issubdtype(g_dtype, jnp.floating):
+      raise ValueError(
+          f"`{name}` leaf{_at(path)} must be real floating point, got dtype "
+          f"{g_dtype} (complex params and grads are not supported).")
+    shape, p_shape = tuple(np.shape(g)), tuple(np.shape(p))
+    if batch_axis and len(shape) == len(prefix) + 1 + len(p_shape):
+      if shape[len(prefix)] == 0:
+        raise ValueError(
+            f"`{name}` leaf{_at(path)} has a batch of 0 examples (shape {shape}): "
+            "the curvature of an empty batch is undefined.")
       shape = shape[:len(prefix)] + shape[len(prefix) + 1:]
     elif batch_axis:
       shape = None
-    want = prefix + tuple(p.shape)
+    want = prefix + p_shape
     if shape != want:
       expected = (str(want) if not batch_axis else
-                  "(" + ", ".join(map(str, prefix + ("batch",) + p.shape)) + ")")
+                  "(" + ", ".join(map(str, prefix + ("batch",) + p_shape)) + ")")
       hint = ("per-example gradients with a batch axis after the sample axis, "
               "see blrax.per_example_grads" if batch_axis else
               "no leading sample axis" if mc_samples == 1 else
               "leading axis of size mc_samples, e.g. from "
               "jax.vmap(jax.grad(loss))")
       raise ValueError(
-          f"`{name}` leaf has shape {tuple(g.shape)}, expected {expected} "
+          f"`{name}` leaf has shape {tuple(np.shape(g))}{_at(path)}, expected "
+          f"{expected} "
           f"(mc_samples={mc_samples}: {hint}).")
+
+
+def _dtype(x: Any):
+  """The dtype of an array or of a Python number (None for anything else)."""
+  if hasattr(x, "dtype"):
+    return x.dtype
+  if isinstance(x, (bool, int, float, complex)):
+    return jnp.result_type(x)
+  return None
+
+
+def _at(path: str) -> str:
+  return "" if path == "(root)" else f" (at {path})"
+
+
+def _paths(tree: Any) -> list[str]:
+  return [jax.tree_util.keystr(path) or "(root)" for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_hole)[0]
+          if not _hole(leaf)]
+
+
+def is_trainable(param: Any) -> bool:
+  """Floating-point params get noise and updates; ints and bools (counters,
+  flags) are carried unchanged, as with optax's own optimizers."""
+  dtype = _dtype(param)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def check_params(params: Any, curvature: Any) -> None:
+  """Raises ``ValueError`` unless ``params`` matches the state's shapes.
+
+  ``params`` are the mean the state was initialised for: a different shape
+  would silently broadcast against the curvature.
+  """
+  params_def = jax.tree.structure(params, is_leaf=_hole)
+  state_def = jax.tree.structure(curvature, is_leaf=_hole)
+  if params_def != state_def:
+    raise ValueError(
+        f"`params` must have the structure the optimizer was initialised "
+        f"with; got {params_def}, state has {state_def}.")
+  for path, p, h in zip(_paths(params), jax.tree.leaves(params),
+                        jax.tree.leaves(curvature)):
+    dtype = _dtype(p)
+    if dtype is None:
+      raise validation.ArgumentTypeError(
+          f"`params` leaf{_at(path)} must be an array or a number, got "
+          f"{type(p).__name__}.")
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(
+          f"`params` leaf{_at(path)} is complex ({dtype}): blrax posteriors are "
+          "over real parameters.")
+    if tuple(np.shape(p)) != tuple(h.shape):
+      raise ValueError(
+          f"`params` leaf{_at(path)} has shape {tuple(np.shape(p))}, but the "
+          f"optimizer state was initialised for shape {tuple(h.shape)}.")

@@ -13,10 +13,14 @@ from blrax._src import noise as noise_lib
 ScaleByIVONState = engine.ScaleByBLRState
 
 
-def _check_hyperparams(hess_init, b1, clip_radius) -> None:
+def _check_hyperparams(hess_init, weight_decay, b1, clip_radius, rescale_lr,
+                       debias) -> None:
   validation.check_positive("hess_init", hess_init)
-  validation.check_unit_interval("b1", b1)
-  validation.check_positive("clip_radius", clip_radius)
+  validation.check_nonnegative("weight_decay", weight_decay)  # used below
+  validation.check_unit_interval("b1", b1, include_one=False)
+  validation.check_positive("clip_radius", clip_radius, allow_inf=True)
+  validation.check_flag("rescale_lr", rescale_lr)
+  validation.check_flag("debias", debias)
 
 
 def scale_by_ivon(
@@ -87,7 +91,8 @@ def scale_by_ivon(
     Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
     Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
   """
-  _check_hyperparams(hess_init, b1, clip_radius)
+  _check_hyperparams(hess_init, weight_decay, b1, clip_radius, rescale_lr,
+                     debias)
   return engine.scale_by_blr(
       estimator=curvature.PRICE,
       precision=curvature.positive_ema,

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import full_gaussian, gaussian
+from blrax._src import full_gaussian, gaussian, validation
+from blrax._src import noise as noise_lib
 
 # A fixed tuple: the posterior types are core data types, not plug-ins.
 POSTERIOR_TYPES = (gaussian.DiagonalGaussian, full_gaussian.FullGaussian)
@@ -89,9 +90,24 @@ def _mc_samples(posteriors: list[Any]) -> int:
   return counts.pop()
 
 
+def _check_params(params: Any, posteriors: list[Any]) -> None:
+  """Each posterior's leaves must have the shapes of the params they cover."""
+  for posterior in posteriors:
+    shapes = jax.eval_shape(posterior.stddev)
+    try:
+      covered = jax.tree.map(
+          lambda p, s: optax.MaskedNode() if _hole(s) else p, params, shapes,
+          is_leaf=_hole)
+      gaussian.check_params(covered, shapes)
+    except ValueError as error:
+      raise ValueError(f"{error} (the posterior in `opt_state` does not "
+                       "belong to these `params`)") from None
+
+
 def _add_offsets(params: Any, offsets: Any, leading: tuple[int, ...]) -> Any:
   def add(p, d):
-    if d is None:
+    p = jnp.asarray(p)
+    if d is None or not gaussian.is_trainable(p):  # masked, or an int leaf
       return jnp.broadcast_to(p, leading + p.shape)
     return (p.astype(d.dtype) + d).astype(p.dtype)
 
@@ -117,6 +133,7 @@ def sample_params(params: Any, opt_state: Any) -> Any:
   """
   posteriors = find_posteriors(opt_state)
   mc = _mc_samples(posteriors)
+  _check_params(params, posteriors)
   offsets = _merge(params, [p.offset() for p in posteriors], lambda _: None)
   return _add_offsets(params, offsets, () if mc == 1 else (mc,))
 
@@ -141,7 +158,13 @@ def posterior_stddev(opt_state: Any, params: Any | None = None) -> Any:
     params = trees[0]
     fill = lambda _: jnp.zeros((), jnp.float32)
   else:
-    fill = lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32))
+    _check_params(params, posteriors)
+    fill = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
+        jnp.result_type(p), jnp.float32))
+    # Int leaves (counters) get no noise: their sigma is an exact zero.
+    trees = [jax.tree.map(
+        lambda p, s: s if _hole(s) or gaussian.is_trainable(p) else fill(p),
+        params, t, is_leaf=_hole) for t in trees]
   return _merge(params, trees, fill)
 
 
@@ -159,11 +182,10 @@ def sample_posterior(
   Returns:
     A pytree like ``params`` whose leaves have a leading axis ``num_samples``.
   """
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(
-        f"`num_samples` must be an int >= 1, got num_samples={num_samples!r}."
-    )
+  num_samples = validation.check_integer("num_samples", num_samples, low=1)
+  key = noise_lib.canonicalize_key(key)
   posteriors = find_posteriors(opt_state)
+  _check_params(params, posteriors)
   keys = jax.random.split(key, len(posteriors))
   offsets = _merge(
       params,

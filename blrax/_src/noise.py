@@ -31,30 +31,52 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from blrax._src import fast_noise
+from blrax._src import fast_noise, validation
 
 
-def canonicalize_key(key: int | jax.Array) -> jax.Array:
-  """Returns a typed PRNG key from an int, an int array, or a (typed/raw) key.
+def canonicalize_key(key: int | jax.Array, name: str = "key") -> jax.Array:
+  """Returns a scalar typed PRNG key from an int seed or a (typed/raw) key.
 
+  Accepts an int in ``[0, 2**32)`` (Python, NumPy or a JAX integer scalar), a
+  typed key of shape ``()`` (``jax.random.key``) or a legacy raw key
+  (``jax.random.PRNGKey``: uint32 of shape ``(2,)``). Larger ints are refused:
+  without x64 JAX keeps 32 bits, so ``2**32`` would silently equal ``0``.
   The decision is made on the dtype, not ``isinstance(key, int)``, because
   ``optax.inject_hyperparams`` hands an int ``key`` back as an int32 array.
+
+  Raises:
+    ValueError: naming ``name`` for anything else (a batch of keys, a float,
+      an out-of-range seed).
   """
+  want = (f"`{name}` must be an int seed in [0, 2**32), a PRNG key from "
+          "jax.random.key or jax.random.PRNGKey")
   if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-      key.dtype, jax.dtypes.prng_key
-  ):
+      key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"{want}; got a batch of keys of shape {key.shape}.")
     return key
-  key = jnp.asarray(key)
-  if key.dtype == jnp.uint32 and key.shape == (2,):
-    return jax.random.wrap_key_data(key)
-  if not jnp.issubdtype(key.dtype, jnp.integer) or key.shape != ():
-    raise ValueError(
-        "`key` must be an int, an integer scalar array or a PRNG key, got "
-        f"key={key!r}."
-    )
-  return jax.random.key(key)
+  if isinstance(key, (bool, np.bool_, str, bytes)) or key is None:
+    raise validation.ArgumentTypeError(f"{want}, got {name}={key!r}.")
+  if isinstance(key, jax.core.Tracer):
+    array = key
+  else:
+    try:
+      array = np.asarray(key)
+    except (TypeError, ValueError, OverflowError) as error:
+      raise validation.ArgumentTypeError(
+          f"{want}, got {name}={key!r}.") from error
+  if array.dtype == np.uint32 and array.shape == (2,):
+    return jax.random.wrap_key_data(jnp.asarray(array))
+  if not jnp.issubdtype(array.dtype, jnp.integer) or array.shape != ():
+    raise ValueError(f"{want}, got {name}={key!r}.")
+  if not isinstance(array, jax.core.Tracer) and not 0 <= int(array) < 2**32:
+    raise ValueError(f"{want}, got {name}={key!r} (out of range).")
+  if isinstance(array, np.ndarray) and int(array) >= 2**31:
+    array = np.uint32(int(array))
+  return jax.random.key(array)
 
 
 def initial_key(key: int | jax.Array, mc_samples: int) -> jax.Array:
@@ -252,10 +274,9 @@ class FlipNoise:
   refresh_every: int = 32
 
   def __post_init__(self):
-    value = self.refresh_every
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError("`refresh_every` must be a positive int, got "
-                       f"refresh_every={value!r}.")
+    # A NumPy int is accepted and stored as a Python int (hashable, static).
+    object.__setattr__(self, "refresh_every", validation.check_integer(
+        "refresh_every", self.refresh_every, low=1))
 
   def init(self, key: jax.Array, like: Any) -> FlipNoiseState:
     first = key if key.ndim == 0 else key[0]
@@ -292,7 +313,7 @@ def generator(noise: str | Generator) -> Generator:
   """The generator value for a factory's ``noise`` argument."""
   if isinstance(noise, (NormalNoise, HashNoise, FlipNoise)):
     return noise
-  if isinstance(noise, str) and noise in GENERATORS:
+  if isinstance(noise, str) and noise in GENERATORS:  # (a str: hashable)
     return GENERATORS[noise]
   raise ValueError(f"`noise` must be one of {tuple(GENERATORS)} or "
                    f"blrax.flip_noise(...), got noise={noise!r}.")

@@ -11,33 +11,113 @@ mean and variance follow the law of total variance:
 Samples are drawn one key each (``jax.random.split(key, num_samples)``) and
 evaluated ``chunk_size`` at a time with ``jax.lax.map``, so memory is bounded
 by the chunk while the result does not depend on the chunk size.
+
+Arguments are checked: ``key`` may be an int seed, a legacy
+``jax.random.PRNGKey`` or a typed ``jax.random.key``; ``num_samples`` and
+``chunk_size`` are Python or NumPy ints (they set shapes, so they cannot be
+traced); a wrong type raises ``TypeError``, a wrong value ``ValueError``
+naming the argument. A negative ``noise_variance`` raises when concrete and
+gives a NaN variance under ``jit``.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blrax._src import lookup
+from blrax._src import lookup, noise
+
+
+def _traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _count(name: str, value: Any) -> int:
+  """``value`` as an int >= 1: Python or NumPy ints only (not bools, floats)."""
+  if _traced(value):
+    raise TypeError(
+        f"`{name}` sets array shapes and must be a Python int, not a traced "
+        "value.")
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
+  try:
+    number = operator.index(value)
+  except TypeError as e:
+    raise TypeError(
+        f"`{name}` must be an int >= 1, got {name}={value!r}.") from e
+  if number < 1:
+    raise ValueError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
+  return number
+
+
+def _common(apply_fn, key, mean_only):
+  """Checks the arguments every predictive function shares."""
+  if not callable(apply_fn):
+    raise TypeError(
+        "`apply_fn` must be a function (params, inputs) -> outputs, got "
+        f"apply_fn={apply_fn!r}.")
+  if not isinstance(mean_only, (bool, np.bool_)):
+    raise TypeError(f"`mean_only` must be a bool, got mean_only={mean_only!r}.")
+  if mean_only:
+    return None
+  if key is None:
+    raise TypeError("`key` is required unless mean_only=True, got key=None.")
+  try:
+    key = noise.canonicalize_key(key)
+  except TypeError as e:
+    raise TypeError(
+        "`key` must be an int seed, a legacy uint32 key of shape (2,) or a "
+        f"typed PRNG key, got key={key!r}.") from e
+  if key.shape != ():
+    raise ValueError(
+        f"`key` must be a single PRNG key, got key.shape={key.shape}.")
+  return key
 
 
 def _draws(key, params, opt_state, num_samples, chunk_size):
-  """(keys reshaped to (chunks, chunk), a function key -> one draw)."""
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(
-        f"`num_samples` must be an int >= 1, got num_samples={num_samples!r}.")
-  chunk_size = num_samples if chunk_size is None else chunk_size
-  if (not isinstance(chunk_size, int) or chunk_size < 1
-      or num_samples % chunk_size):
+  """(keys reshaped to (chunks, chunk), a function key -> one draw, S)."""
+  num_samples = _count("num_samples", num_samples)
+  chunk_size = num_samples if chunk_size is None else _count("chunk_size",
+                                                             chunk_size)
+  if num_samples % chunk_size:
     raise ValueError(
         "`chunk_size` must be a positive divisor of num_samples="
         f"{num_samples}, got chunk_size={chunk_size!r}.")
   keys = jax.random.split(key, num_samples).reshape(-1, chunk_size)
   draw = lambda k: jax.tree.map(
       lambda x: x[0], lookup.sample_posterior(k, params, opt_state, 1))
-  return keys, draw
+  return keys, draw, num_samples
+
+
+def _noise_variance(value: Any) -> tuple[jax.Array, jax.Array]:
+  """(``value`` as an array, whether it is >= 0); concrete negatives raise."""
+  try:
+    array = jnp.asarray(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError("`noise_variance` must be a number or an array of numbers,"
+                    f" got noise_variance={value!r}.") from e
+  if array.dtype == jnp.bool_ or not (jnp.issubdtype(array.dtype, jnp.floating)
+                                      or jnp.issubdtype(array.dtype,
+                                                        jnp.integer)):
+    raise TypeError("`noise_variance` must be real, got noise_variance="
+                    f"{value!r} of dtype {array.dtype}.")
+  ok = jnp.all(array >= 0)  # False for NaN.
+  if not _traced(array) and not bool(ok):
+    raise ValueError(
+        f"`noise_variance` must be >= 0, got noise_variance={value!r}.")
+  return array, ok
+
+
+def _check_logits(logits: jax.Array) -> None:
+  if jnp.ndim(logits) < 1 or jnp.shape(logits)[-1] < 2:
+    raise ValueError(
+        "`apply_fn` must return logits with a last axis of >= 2 classes, got "
+        f"shape {jnp.shape(logits)}; for a binary model with one logit z, "
+        "return jnp.stack([jnp.zeros_like(z), z], -1).")
 
 
 def predictive_log_probs(
@@ -54,36 +134,55 @@ def predictive_log_probs(
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> logits`` (last axis: classes).
-    key: PRNG key for the posterior draws.
+    key: PRNG key for the posterior draws: an int seed, a legacy
+      ``jax.random.PRNGKey`` or a typed ``jax.random.key``. Unused (may be
+      ``None``) when ``mean_only``.
     params: the posterior mean.
     opt_state: the state of a blrax optimizer (possibly wrapped).
     inputs: passed to ``apply_fn`` unchanged.
-    num_samples: posterior draws :math:`S`.
+    num_samples: posterior draws :math:`S`, a Python or NumPy int ``>= 1``.
     chunk_size: draws evaluated together (a divisor of ``num_samples``);
       ``None`` evaluates all at once.
-    mean_only: ignore the posterior and return ``log_softmax`` at the mean,
-      for comparison.
+    mean_only: a bool; ignore the posterior and return ``log_softmax`` at the
+      mean, for comparison.
 
   Returns:
     :math:`\log \frac1S \sum_s \mathrm{softmax}(f(x, \theta_s))`, shaped like
     the logits.
+
+  Raises:
+    TypeError: ``apply_fn`` is not callable, ``key`` is not a key,
+      ``num_samples``/``chunk_size`` are not ints (bools, floats and traced
+      values are refused) or ``mean_only`` is not a bool.
+    ValueError: ``num_samples``/``chunk_size`` below 1, a ``chunk_size`` that
+      does not divide ``num_samples``, a batch of keys, or logits with no
+      class axis or a single class (whose softmax is identically 1).
   """
+  key = _common(apply_fn, key, mean_only)
   if mean_only:
-    return jax.nn.log_softmax(apply_fn(params, inputs), axis=-1)
-  keys, draw = _draws(key, params, opt_state, num_samples, chunk_size)
+    logits = apply_fn(params, inputs)
+    _check_logits(logits)
+    return jax.nn.log_softmax(logits, axis=-1)
+  keys, draw, num_samples = _draws(key, params, opt_state, num_samples,
+                                   chunk_size)
+
+  def log_softmax(k):
+    logits = apply_fn(draw(k), inputs)
+    _check_logits(logits)
+    return jax.nn.log_softmax(logits, axis=-1)
 
   def chunk(chunk_keys):
-    log_probs = jax.vmap(
-        lambda k: jax.nn.log_softmax(apply_fn(draw(k), inputs), axis=-1)
-    )(chunk_keys)
-    return jax.nn.logsumexp(log_probs, axis=0)
+    return jax.nn.logsumexp(jax.vmap(log_softmax)(chunk_keys), axis=0)
 
   return jax.nn.logsumexp(jax.lax.map(chunk, keys), axis=0) - jnp.log(num_samples)
 
 
 def predictive_probs(apply_fn, key, params, opt_state, inputs, num_samples=32,
                      chunk_size=None, mean_only=False) -> jax.Array:
-  """Model-averaged class probabilities; see :func:`predictive_log_probs`."""
+  """Model-averaged class probabilities; see :func:`predictive_log_probs`.
+
+  The same arguments, checks and errors as :func:`predictive_log_probs`.
+  """
   return jnp.exp(predictive_log_probs(apply_fn, key, params, opt_state, inputs,
                                       num_samples, chunk_size, mean_only))
 
@@ -103,23 +202,51 @@ def predictive_mean_variance(
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs``.
-    key: PRNG key for the posterior draws.
+    key: PRNG key for the posterior draws (see :func:`predictive_log_probs`).
     params: the posterior mean.
     opt_state: the state of a blrax optimizer (possibly wrapped).
     inputs: passed to ``apply_fn`` unchanged.
-    num_samples: posterior draws :math:`S`.
+    num_samples: posterior draws :math:`S`, a Python or NumPy int ``>= 1``.
+      With :math:`S = 1` the posterior part of the variance is 0.
     chunk_size: draws evaluated together (a divisor of ``num_samples``).
-    noise_variance: observation noise :math:`\sigma^2` added to the variance.
-    mean_only: the output at the mean with variance ``noise_variance``.
+    noise_variance: observation noise :math:`\sigma^2 \ge 0` added to the
+      variance: a scalar or an array broadcasting to the output shape
+      (without enlarging it).
+    mean_only: a bool; the output at the mean with variance
+      ``noise_variance``.
 
   Returns:
     ``(mean, variance)``, each shaped like the outputs. The variance is the
-    sample variance over draws (divided by :math:`S`) plus the noise.
+    sample variance over draws (divided by :math:`S`) plus the noise. Under
+    ``jit`` a negative or NaN ``noise_variance`` gives a NaN variance.
+
+  Raises:
+    TypeError: as :func:`predictive_log_probs`, or a non-numeric
+      ``noise_variance``.
+    ValueError: as :func:`predictive_log_probs`, a concrete negative or NaN
+      ``noise_variance``, or one whose shape does not broadcast to the
+      outputs'.
   """
+  key = _common(apply_fn, key, mean_only)
+  noise_variance, noise_ok = _noise_variance(noise_variance)
+
+  def finish(mean, variance):
+    shape = jnp.shape(mean)
+    try:
+      ok_shape = jnp.broadcast_shapes(noise_variance.shape, shape) == shape
+    except ValueError:
+      ok_shape = False
+    if not ok_shape:
+      raise ValueError(
+          "`noise_variance` must broadcast to the output shape "
+          f"{shape}, got noise_variance.shape={noise_variance.shape}.")
+    return mean, (variance + noise_variance) * jnp.where(noise_ok, 1.0, jnp.nan)
+
   if mean_only:
     out = apply_fn(params, inputs)
-    return out, jnp.full_like(out, noise_variance)
-  keys, draw = _draws(key, params, opt_state, num_samples, chunk_size)
+    return finish(out, jnp.zeros(jnp.shape(out), jnp.result_type(out, float)))
+  keys, draw, num_samples = _draws(key, params, opt_state, num_samples,
+                                   chunk_size)
 
   def chunk(chunk_keys):
     out = jax.vmap(lambda k: apply_fn(draw(k), inputs))(chunk_keys)
@@ -132,4 +259,4 @@ def predictive_mean_variance(
   mean = jnp.mean(means, axis=0)
   total = (jnp.sum(deviations, axis=0)
            + keys.shape[1] * jnp.sum(jnp.square(means - mean), axis=0))
-  return mean, total / num_samples + noise_variance
+  return finish(mean, total / num_samples)

@@ -80,8 +80,9 @@ def scale_by_vadam(
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
   validation.check_positive("batch_size", batch_size)
-  validation.check_unit_interval("b1", b1)
-  validation.check_unit_interval("b2", b2)
+  validation.check_unit_interval("b1", b1, include_one=False)
+  validation.check_unit_interval("b2", b2, include_one=False)
+  validation.check_nonnegative("weight_decay", weight_decay)
   check_curvature_floor(hess_init, weight_decay, ess)
   return engine.scale_by_blr(
       estimator=curvature.squared_gradient(batch_size),

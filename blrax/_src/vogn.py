@@ -93,7 +93,7 @@ def scale_by_vogn(
     Osawa et al., `Practical Deep Learning with Bayesian Principles
     <https://arxiv.org/abs/1906.02506>`_, NeurIPS 2019.
   """
-  validation.check_unit_interval("b1", b1)
+  validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_positive("hess_init", hess_init)
   return engine.scale_by_blr(
       estimator=curvature.PER_EXAMPLE_SQUARED, precision=curvature.ema,

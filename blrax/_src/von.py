@@ -3,7 +3,7 @@ r"""VON: Variational Online Newton, with diagonal or full covariance."""
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,10 @@ class ScaleByFullVONState(NamedTuple):
 ScaleByVONState = engine.ScaleByBLRState
 
 
-def _check_dim(dim: int, max_dim: Any) -> None:
-  if isinstance(max_dim, jax.core.Tracer):
-    raise ValueError("`max_dim` sets a shape limit and cannot be traced; pass "
-                     "static_args=('mc_samples', 'max_dim') to inject_hyperparams.")
+def _check_dim(dim: int, max_dim: int) -> None:
+  if dim == 0:
+    raise ValueError("covariance='full' needs params with at least one "
+                     "entry, got params of total size 0.")
   if dim > max_dim:
     raise ValueError(
         f"covariance='full' needs a {dim}x{dim} matrix "
@@ -108,7 +108,7 @@ def scale_by_von(
     Lin, Schmidt & Khan, `Handling the Positive-Definite Constraint in the
     Bayesian Learning Rule <https://arxiv.org/abs/2002.10060>`_, ICML 2020.
   """
-  if covariance not in COVARIANCES:
+  if not isinstance(covariance, str) or covariance not in COVARIANCES:
     raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
                      f"covariance={covariance!r}.")
   validation.check_positive("hess_init", hess_init)
@@ -144,14 +144,18 @@ def scale_by_full_von(
   factor is not finite, e.g. a float32 curvature with a condition number
   near 1e8) keeps the previous curvature, so the state stays finite.
   """
-  if noise != "normal":
+  if not (isinstance(noise, noise_lib.NormalNoise) or (
+      isinstance(noise, str) and noise == "normal")):
     raise ValueError("`noise` must be 'normal' with covariance='full', got "
                      f"noise={noise!r}.")
-  validation.check_positive("ess", ess)
+  validation.check_positive("ess", ess, allow_inf=True)
   validation.check_positive("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
   validation.check_nonnegative("weight_decay", weight_decay)
   mc_samples = validation.check_mc_samples(mc_samples)
+  max_dim = validation.check_integer("max_dim", max_dim, low=1)
+  if not validation.is_traced(key):
+    noise_lib.canonicalize_key(key)
   rho = 1.0 - b2
 
   def init_fn(params):

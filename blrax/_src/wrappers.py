@@ -1,0 +1,82 @@
+"""Optax wrappers that need to know what a blrax ``update`` takes.
+
+``optax.apply_if_finite`` returns zeros shaped like the *gradients* when it
+rejects a step. A blrax optimizer with ``mc_samples > 1`` (or VOGN) takes
+gradients with a leading sample (or batch) axis and returns updates shaped
+like the params, so optax's two branches disagree and ``lax.cond`` fails.
+:func:`apply_if_finite` is the same wrapper with zeros shaped like the
+update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blrax._src import validation
+
+
+def apply_if_finite(
+    inner: optax.GradientTransformation, max_consecutive_errors: int
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.apply_if_finite`` for any blrax optimizer (and any other).
+
+  Skips an update whose gradients hold a NaN or an inf (the inner state,
+  noise key included, is left as it was), unless more than
+  ``max_consecutive_errors`` such updates came in a row. Unlike
+  ``optax.apply_if_finite``, it also wraps optimizers whose gradients have a
+  different shape from their updates: blrax optimizers with
+  ``mc_samples > 1`` and VOGN's per-example gradients. The state is an
+  ``optax.ApplyIfFiniteState``, so ``blrax.sample_params`` finds the
+  posterior inside it as usual.
+
+  Args:
+    inner: the transformation to wrap.
+    max_consecutive_errors: how many non-finite updates in a row to skip.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, blrax
+    >>> opt = blrax.apply_if_finite(
+    ...     blrax.ivon(0.1, ess=100.0, mc_samples=2), max_consecutive_errors=3)
+    >>> params = jnp.ones(2)
+    >>> state = opt.init(params)
+    >>> grads = jnp.full((2, 2), jnp.nan)  # two samples, both NaN
+    >>> updates, state = opt.update(grads, state, params)
+    >>> print(updates, int(state.notfinite_count))
+    [0. 0.] 1
+  """
+  validation.check_integer("max_consecutive_errors", max_consecutive_errors,
+                           low=0)
+  inner = optax.with_extra_args_support(inner)
+  base = optax.apply_if_finite(inner, max_consecutive_errors)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    isfinite = jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+    notfinite_count = jnp.where(
+        isfinite, jnp.zeros([], jnp.int32),
+        optax.safe_increment(state.notfinite_count))
+
+    def do_update(_):
+      return inner.update(updates, state.inner_state, params, **extra_args)
+
+    def reject_update(_):
+      # Zeros shaped like what the inner update returns (not like grads).
+      shapes = jax.eval_shape(do_update, None)[0]
+      return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+              state.inner_state)
+
+    new_updates, inner_state = jax.lax.cond(
+        jnp.logical_or(isfinite, notfinite_count > max_consecutive_errors),
+        do_update, reject_update, None)
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=notfinite_count, last_finite=isfinite,
+        total_notfinite=jnp.where(isfinite, state.total_notfinite,
+                                  optax.safe_increment(state.total_notfinite)),
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(base.init, update_fn)

@@ -1,0 +1,364 @@
+"""Hostile inputs to the optimizers: every bad argument named, no corrupted state.
+
+Three kinds: (1) hyperparameters checked at construction for type, shape,
+finiteness and range; (2) ``update``/``sample_params`` inputs checked
+against the state (shapes, dtypes, int leaves, complex numbers, empty
+batches); (3) the update is numerically safe: for any finite gradients the
+curvature stays finite with h + delta > 0, sigma finite and positive, the
+params finite and the state's dtypes those of ``init``.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blrax
+
+IVON = dict(learning_rate=0.1, ess=100.0)
+FACTORIES = {
+    "ivon": (blrax.ivon, IVON),
+    "von": (blrax.von, IVON),
+    "von_full": (blrax.von, dict(IVON, covariance="full")),
+    "vadam": (blrax.vadam, IVON),
+    "vogn": (blrax.vogn, IVON),
+}
+COMMON_BAD = [
+    ("learning_rate", None), ("learning_rate", math.inf),
+    ("learning_rate", math.nan), ("learning_rate", "0.1"),
+    ("learning_rate", [0.1]), ("learning_rate", 1j), ("learning_rate", -1.0),
+    ("ess", 0.0), ("ess", math.nan), ("ess", "1e3"), ("ess", None),
+    ("ess", [100.0]), ("ess", True), ("ess", -math.inf), ("ess", 1 + 2j),
+    ("hess_init", math.inf), ("hess_init", math.nan), ("hess_init", [-1.0]),
+    ("hess_init", None),
+    ("weight_decay", math.inf), ("weight_decay", -1.0), ("weight_decay", "x"),
+    ("weight_decay", np.array([1e-4, 1e-4])),
+    ("b2", 1.5), ("b2", [2.0]), ("b2", math.nan), ("b2", -0.5),
+    ("mc_samples", math.inf), ("mc_samples", 1.5), ("mc_samples", 0),
+    ("mc_samples", True), ("mc_samples", "2"), ("mc_samples", 2.0),
+    ("key", 2**32), ("key", -1), ("key", 1.5), ("key", "seed"), ("key", None),
+    ("key", jax.random.split(jax.random.key(0), 3)),
+]
+SPECIFIC_BAD = {
+    "ivon": [("b1", 1.0), ("b1", 0.9999999999), ("b1", math.nan),
+             ("clip_radius", 0.0), ("clip_radius", math.nan),
+             ("rescale_lr", "no"), ("debias", 1), ("noise", "philox"),
+             ("noise", None), ("noise", 3)],
+    "von": [("covariance", ["full"]), ("covariance", "Full"),
+            ("hess_init", 0.0)],
+    "von_full": [("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
+                 ("max_dim", "big"), ("noise", "hash")],
+    "vadam": [("b1", 1.0), ("b2", 1.0), ("b2", 0.9999999999),
+              ("batch_size", 0.0), ("batch_size", math.inf),
+              ("batch_size", "32")],
+    "vogn": [("b1", 1.0), ("hess_init", 0.0)],
+}
+CASES = [(name, arg, value) for name in FACTORIES
+         for arg, value in COMMON_BAD + SPECIFIC_BAD[name]]
+
+
+@pytest.mark.parametrize("name,arg,value", CASES,
+                         ids=[f"{n}-{a}={v!r}"[:60] for n, a, v in CASES])
+def test_bad_hyperparameter_is_named_at_construction(name, arg, value):
+  factory, kwargs = FACTORIES[name]
+  with pytest.raises(ValueError, match=rf"`{arg}`.*({arg}=|batch of keys)"):
+    factory(**dict(kwargs, **{arg: value}))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_numpy_scalars_and_inf_ess_are_accepted(name):
+  factory, kwargs = FACTORIES[name]
+  opt = factory(**dict(kwargs, ess=np.float32(100.0), mc_samples=np.int64(2),
+                       key=np.int64(3)))
+  assert blrax.find_posteriors(opt.init(jnp.zeros(2)))[0].mc_samples == 2
+  factory(**dict(kwargs, ess=math.inf))  # the deterministic limit
+
+
+def test_scalar_generators_accept_numpy_ints():
+  assert blrax.flip_noise(np.int64(8)) == blrax.flip_noise(8)
+  for bad in (0, 2.0, True, "8"):
+    with pytest.raises(ValueError, match="refresh_every"):
+      blrax.flip_noise(bad)
+
+
+def test_traced_hyperparameters_are_not_branched_on():
+  opt = optax.inject_hyperparams(blrax.ivon, static_args=("mc_samples",))(
+      learning_rate=0.1, ess=100.0, b2=0.999)
+  params = jnp.ones(3)
+  state = jax.jit(opt.init)(params)
+  updates, _ = jax.jit(opt.update)(jnp.ones(3), state, params)
+  assert np.isfinite(np.asarray(updates)).all()
+
+
+# --- update and sample_params inputs --------------------------------------
+
+
+def _grad_shape_step(opt, params):
+  state = opt.init(params)
+  theta = blrax.sample_params(params, state)
+  return state, theta
+
+
+def test_params_of_another_shape_are_refused():
+  opt = blrax.ivon(0.1, ess=100.0)
+  state = opt.init(jnp.zeros((2, 3)))
+  wrong = jnp.zeros((1, 3))
+  with pytest.raises(ValueError, match=r"`params`.*\(1, 3\).*\(2, 3\)"):
+    opt.update(jnp.zeros((1, 3)), state, wrong)
+  with pytest.raises(ValueError, match=r"`params`.*\(1, 3\)"):
+    blrax.sample_params(wrong, state)
+  with pytest.raises(ValueError, match=r"`params`.*\(1, 3\)"):
+    blrax.sample_posterior(jax.random.key(0), wrong, state, 2)
+
+
+def test_int_leaves_get_no_noise_and_no_update():
+  params = {"w": jnp.ones(3), "step": jnp.asarray(5, jnp.int32)}
+
+  def loss(p):
+    return jnp.sum(p["w"] ** 2) + 0.0 * p["step"]
+
+  for factory in (blrax.ivon, blrax.von, blrax.vadam):
+    opt = factory(0.1, ess=100.0)
+    state = opt.init(params)
+    p = params
+    for _ in range(20):
+      theta = blrax.sample_params(p, state)
+      assert int(theta["step"]) == 5
+      grads = jax.grad(loss, allow_int=True)(theta)
+      assert grads["step"].dtype == jax.dtypes.float0
+      updates, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    assert int(p["step"]) == 5 and p["step"].dtype == jnp.int32
+    assert float(jnp.abs(p["w"]).max()) < 1.0  # the float leaf trained
+    sigma = blrax.posterior_stddev(state, p)
+    assert float(sigma["step"]) == 0.0 and float(sigma["w"].min()) > 0.0
+    draws = blrax.sample_posterior(jax.random.key(1), p, state, 4)
+    assert (np.asarray(draws["step"]) == 5).all()
+
+
+def test_python_float_leaves_work_as_in_optax():
+  params = {"a": 1.0, "b": jnp.ones(2)}
+  opt = blrax.ivon(0.1, ess=100.0)
+  state = opt.init(params)
+  theta = blrax.sample_params(params, state)
+  grads = jax.grad(lambda p: p["a"] ** 2 + jnp.sum(p["b"] ** 2))(theta)
+  updates, state = opt.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["a"]) < 1.0
+
+
+def test_complex_params_and_grads_are_refused():
+  opt = blrax.ivon(0.1, ess=100.0)
+  with pytest.raises(ValueError, match="complex"):
+    opt.init(jnp.ones(2, jnp.complex64))
+  params = jnp.ones(2)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="`grads`.*complex"):
+    opt.update(jnp.ones(2, jnp.complex64) * 1j, state, params)
+
+
+def test_vogn_empty_batch_is_refused_and_zero_size_leaves_work():
+  opt = blrax.vogn(0.1, ess=100.0)
+  params = {"w": jnp.ones(2), "empty": jnp.zeros((0, 3))}
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="batch of 0 examples"):
+    opt.update({"w": jnp.zeros((0, 2)), "empty": jnp.zeros((0, 0, 3))},
+               state, params)
+  updates, state = opt.update(
+      {"w": jnp.ones((4, 2)), "empty": jnp.zeros((4, 0, 3))}, state, params)
+  assert np.isfinite(np.asarray(updates["w"])).all()
+  assert updates["empty"].shape == (0, 3)
+
+
+def test_full_von_with_no_params_is_refused():
+  with pytest.raises(ValueError, match="at least one entry"):
+    blrax.von(0.1, ess=10.0, covariance="full").init({})
+
+
+def test_apply_if_finite_with_sample_axis():
+  inner = blrax.ivon(0.1, ess=100.0, mc_samples=2)
+  opt = blrax.apply_if_finite(inner, max_consecutive_errors=2)
+  params = jnp.ones(3)
+  state = opt.init(params)
+  reference = inner.init(params)
+  theta = blrax.sample_params(params, state)
+  np.testing.assert_array_equal(theta, blrax.sample_params(params, reference))
+  grads = jax.vmap(jax.grad(lambda x: jnp.sum(x**2)))(theta)
+  bad = grads.at[1, 0].set(jnp.nan)
+  updates, state = jax.jit(opt.update)(bad, state, params)
+  np.testing.assert_array_equal(updates, jnp.zeros(3))
+  assert int(state.notfinite_count) == 1
+  updates, state = jax.jit(opt.update)(grads, state, params)
+  expected, _ = inner.update(grads, reference, params)
+  np.testing.assert_allclose(updates, expected, rtol=1e-6)
+  # optax's own wrapper cannot (its reject branch has the grads' shape).
+  with pytest.raises(TypeError):
+    optax.apply_if_finite(inner, 2).update(grads, optax.apply_if_finite(
+        inner, 2).init(params), params)
+
+
+# --- numerically safe update -------------------------------------------------
+
+MAGNITUDES = [0.0, 1e-30, 1e-3, 1.0, 1e15, 1e30, 3e38]
+VARIANTS = {
+    "ivon": lambda: blrax.ivon(1e-3, ess=1e4, weight_decay=0.0),
+    "ivon_flip": lambda: blrax.ivon(1e-3, ess=1e4, noise="flip"),
+    "ivon_hash_mc2": lambda: blrax.ivon(1e-3, ess=1e4, noise="hash",
+                                        mc_samples=2, weight_decay=0.0),
+    "von": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
+    "vadam": lambda: blrax.vadam(1e-3, ess=1e4, batch_size=32),
+    "vogn": lambda: blrax.vogn(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
+}
+SHAPE = (4,)
+
+
+def _grads_shape(name):
+  mc = 2 if name.endswith("mc2") else 1
+  return ((mc,) if mc > 1 else ()) + ((2,) if name == "vogn" else ()) + SHAPE
+
+
+@jax.jit
+def _health(params, state):
+  posterior = blrax.find_posteriors(state)[0]
+  h = posterior.curvature
+  return dict(params=jnp.all(jnp.isfinite(params)),
+              curvature=jnp.all(jnp.isfinite(h)),
+              positive=jnp.all(h + posterior.weight_decay > 0),
+              sigma=jnp.all(jnp.isfinite(posterior.stddev()))
+              & jnp.all(posterior.stddev() > 0))
+
+
+_RUNS = {}
+
+
+def _run(name):
+  """A jitted scan of ``name`` over a (T,) + grads-shape array of grads."""
+  if name not in _RUNS:
+    opt = VARIANTS[name]()
+
+    @jax.jit
+    def run(grads_seq, dtype_probe):
+      params = jnp.zeros(SHAPE, dtype_probe.dtype)
+      state = opt.init(params)
+
+      def step(carry, grads):
+        params, state = carry
+        updates, state = opt.update(grads.astype(params.dtype), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+      (params, state), _ = jax.lax.scan(step, (params, state), grads_seq)
+      return params, state, opt.init(params)
+
+    _RUNS[name] = run
+  return _RUNS[name]
+
+
+def _check_run(name, grads_seq, dtype=jnp.float32):
+  params, state, fresh = _run(name)(jnp.asarray(grads_seq, jnp.float32),
+                                    jnp.zeros((), dtype))
+  health = {k: bool(v) for k, v in _health(params, state).items()}
+  assert all(health.values()), (name, health)
+  assert (jax.tree.map(lambda x: x.dtype, state)
+          == jax.tree.map(lambda x: x.dtype, fresh))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("magnitude", [1e15, 1e30, 3e38])
+def test_huge_finite_gradients_keep_the_state_finite(name, magnitude):
+  signs = np.where(np.arange(np.prod(_grads_shape(name))) % 2, 1.0, -1.0)
+  grads = np.broadcast_to(signs.reshape(_grads_shape(name)) * magnitude,
+                          (32,) + _grads_shape(name))
+  _check_run(name, grads)
+
+
+@pytest.mark.parametrize("name", ["von", "vogn"])
+def test_dead_unit_without_decay_keeps_a_finite_sigma(name):
+  # b2 = 0.9: h would decay below float32's smallest normal within ~900
+  # steps (IVON: the longer run below).
+  _check_run(name, np.zeros((3000,) + _grads_shape(name)))
+
+
+def test_dead_unit_ivon_long_run_and_tiny_hess_init():
+  opt = blrax.ivon(1e-3, ess=1e4, weight_decay=0.0, b2=0.999)
+  params = jnp.zeros(3)
+
+  @jax.jit
+  def run(state):
+    def step(state, _):
+      _, state = opt.update(jnp.zeros(3), state, params)
+      return state, None
+    return jax.lax.scan(step, state, None, length=60000)[0]
+
+  state = run(opt.init(params))
+  sigma = blrax.posterior_stddev(state)
+  assert np.isfinite(np.asarray(sigma)).all() and float(sigma.min()) > 0
+  tiny = blrax.ivon(1e-3, ess=1e4, weight_decay=0.0, hess_init=1e-30)
+  state = tiny.init(params)
+  for _ in range(3):
+    theta = blrax.sample_params(params, state)
+    assert np.isfinite(np.asarray(theta)).all()
+    _, state = tiny.update(2.0 * theta, state, params)
+  assert np.isfinite(np.asarray(blrax.posterior_stddev(state))).all()
+
+
+@pytest.mark.parametrize("name", ["ivon", "vadam"])
+def test_bfloat16_params_keep_float32_state(name):
+  grads = np.full((16,) + _grads_shape(name), 1e30)
+  _check_run(name, grads, dtype=jnp.bfloat16)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(data=st.data(), name=st.sampled_from(sorted(VARIANTS)))
+def test_adversarial_gradients_never_corrupt_the_state(data, name):
+  """Mixed signs and magnitudes from 0 to 3e38, with runs of zeros."""
+  shape = (24,) + _grads_shape(name)
+  size = int(np.prod(shape))
+  magnitudes = data.draw(st.lists(st.sampled_from(MAGNITUDES), min_size=size,
+                                  max_size=size))
+  signs = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=size,
+                             max_size=size))
+  grads = (np.asarray(magnitudes) * np.asarray(signs)).reshape(shape)
+  zero_from = data.draw(st.integers(0, shape[0]))
+  grads[zero_from:] = 0.0
+  _check_run(name, grads.astype(np.float32))
+
+
+X64_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, optax, blrax
+    params = {"w": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
+    for opt in (blrax.ivon(0.1, ess=100.0), blrax.von(0.1, ess=100.0),
+                blrax.vadam(0.1, ess=100.0), blrax.ivon(0.1, ess=100.0,
+                noise="flip")):
+      state = opt.init(params)
+      def step(carry, _):
+        p, s = carry
+        theta = blrax.sample_params(p, s)
+        g = jax.grad(lambda q: sum(jnp.sum(x.astype(jnp.float32) ** 2)
+                                   for x in jax.tree.leaves(q)))(theta)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+      (p, s), _ = jax.lax.scan(step, (params, state), None, length=3)
+      dtypes = lambda t: jax.tree.map(lambda x: x.dtype, t)
+      assert dtypes(s) == dtypes(state), (dtypes(s), dtypes(state))
+      assert dtypes(p) == dtypes(params)
+    print("ok")
+""")
+
+
+def test_x64_keeps_the_state_dtypes_of_init():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", X64_SCRIPT], env=env,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith("ok")
