@@ -217,24 +217,36 @@ VARIANTS = {
     "von": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
     "vadam": lambda: blrax.vadam(1e-3, ess=1e4, batch_size=32),
     "vogn": lambda: blrax.vogn(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
+    "vogn_hash": lambda: blrax.vogn(1e-3, ess=1e4, noise="hash"),
+    "vadam_flip_mc2": lambda: blrax.vadam(1e-3, ess=1e4, noise="flip",
+                                          mc_samples=2, weight_decay=0.0,
+                                          hess_init=1e-3),
+    "von_hessian": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0),
+    "von_full": lambda: blrax.von(1e-3, ess=1e4, covariance="full", b2=0.9),
 }
+# Variants whose update is given the (signed, adversarial) grads as hessian=.
+GIVEN_HESSIAN = {"von_hessian"}
 SHAPE = (4,)
 
 
 def _grads_shape(name):
   mc = 2 if name.endswith("mc2") else 1
-  return ((mc,) if mc > 1 else ()) + ((2,) if name == "vogn" else ()) + SHAPE
+  per_example = name.startswith("vogn")
+  return ((mc,) if mc > 1 else ()) + ((2,) if per_example else ()) + SHAPE
 
 
 @jax.jit
 def _health(params, state):
   posterior = blrax.find_posteriors(state)[0]
-  h = posterior.curvature
+  h, sigma = posterior.curvature, blrax.posterior_stddev(state)
+  if isinstance(posterior, blrax.FullGaussian):  # S + delta I positive definite
+    positive = jnp.all(jnp.linalg.eigvalsh(
+        h + posterior.weight_decay * jnp.eye(h.shape[0])) > 0)
+  else:
+    positive = jnp.all(h + posterior.weight_decay > 0)
   return dict(params=jnp.all(jnp.isfinite(params)),
-              curvature=jnp.all(jnp.isfinite(h)),
-              positive=jnp.all(h + posterior.weight_decay > 0),
-              sigma=jnp.all(jnp.isfinite(posterior.stddev()))
-              & jnp.all(posterior.stddev() > 0))
+              curvature=jnp.all(jnp.isfinite(h)), positive=positive,
+              sigma=jnp.all(jnp.isfinite(sigma)) & jnp.all(sigma > 0))
 
 
 _RUNS = {}
@@ -252,7 +264,9 @@ def _run(name):
 
       def step(carry, grads):
         params, state = carry
-        updates, state = opt.update(grads.astype(params.dtype), state, params)
+        grads = grads.astype(params.dtype)
+        extra = {"hessian": grads} if name in GIVEN_HESSIAN else {}
+        updates, state = opt.update(grads, state, params, **extra)
         return (optax.apply_updates(params, updates), state), None
 
       (params, state), _ = jax.lax.scan(step, (params, state), grads_seq)
@@ -352,6 +366,17 @@ X64_SCRIPT = textwrap.dedent("""
       dtypes = lambda t: jax.tree.map(lambda x: x.dtype, t)
       assert dtypes(s) == dtypes(state), (dtypes(s), dtypes(state))
       assert dtypes(p) == dtypes(params)
+    # float64 params: gradients up to 1e300 keep the state finite.
+    opt = blrax.ivon(1e-3, ess=1e4, weight_decay=0.0)
+    p = jnp.zeros(4, jnp.float64)
+    s = opt.init(p)
+    for scale in (1e300, -1e300, 0.0, 1e-300, 1e150):
+      u, s = opt.update(jnp.array([1.0, -1.0, 2.0, 0.0]) * scale, s, p)
+      p = optax.apply_updates(p, u)
+    h = s[0].posterior.curvature
+    assert h.dtype == jnp.float64
+    assert bool(jnp.all(jnp.isfinite(h)) & jnp.all(h > 0))
+    assert bool(jnp.all(jnp.isfinite(p)))
     print("ok")
 """)
 
