@@ -412,3 +412,23 @@ def test_valid_values_unchanged_in_float32():
   mean, got_cov = gauss.from_natural(gauss.to_natural(jnp.ones(2), cov))
   np.testing.assert_allclose(mean, jnp.ones(2), rtol=1e-5)
   np.testing.assert_allclose(got_cov, cov, rtol=1e-5)
+
+
+def test_int64_labels_beyond_int32_are_refused_not_wrapped():
+  probs = [[0.7, 0.3], [0.2, 0.8]]
+  with pytest.raises(ValueError, match="int32"):
+    blrax.metrics.accuracy(probs, np.array([2**32, 1], np.int64))
+
+
+def test_type_errors_are_value_errors_too():
+  with pytest.raises(ValueError):
+    blrax.metrics.accuracy([[0.5, 0.5]], np.array([0.0]))
+  with pytest.raises(TypeError):
+    blrax.metrics.accuracy([[0.5, 0.5]], np.array([0.0]))
+
+
+def test_blr_step_refuses_a_bool_step_size():
+  family = expfam.beta()
+  eta = jnp.array([0.0, 0.0])
+  with pytest.raises(ValueError, match="rho"):
+    expfam.blr_step(family, eta, eta, lambda mu: jnp.sum(mu), rho=True)

@@ -47,6 +47,9 @@ COMMON_BAD = [
     ("mc_samples", True), ("mc_samples", "2"), ("mc_samples", 2.0),
     ("key", 2**32), ("key", -1), ("key", 1.5), ("key", "seed"), ("key", None),
     ("key", jax.random.split(jax.random.key(0), 3)),
+    # Finite in float64 but beyond what the float32 state can hold.
+    ("learning_rate", 1e39), ("ess", 1e39), ("ess", 1e20),
+    ("hess_init", 1e30), ("weight_decay", 1e39),
 ]
 SPECIFIC_BAD = {
     "ivon": [("b1", 1.0), ("b1", 0.9999999999), ("b1", math.nan),
@@ -54,12 +57,12 @@ SPECIFIC_BAD = {
              ("rescale_lr", "no"), ("debias", 1), ("noise", "philox"),
              ("noise", None), ("noise", 3)],
     "von": [("covariance", ["full"]), ("covariance", "Full"),
-            ("hess_init", 0.0)],
+            ("hess_init", 0.0), ("max_dim", "big"), ("max_dim", -5)],
     "von_full": [("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
                  ("max_dim", "big"), ("noise", "hash")],
     "vadam": [("b1", 1.0), ("b2", 1.0), ("b2", 0.9999999999),
               ("batch_size", 0.0), ("batch_size", math.inf),
-              ("batch_size", "32")],
+              ("batch_size", "32"), ("batch_size", 1e39)],
     "vogn": [("b1", 1.0), ("hess_init", 0.0)],
 }
 CASES = [(name, arg, value) for name in FACTORIES
@@ -85,7 +88,7 @@ def test_numpy_scalars_and_inf_ess_are_accepted(name):
 
 def test_scalar_generators_accept_numpy_ints():
   assert blrax.flip_noise(np.int64(8)) == blrax.flip_noise(8)
-  for bad in (0, 2.0, True, "8"):
+  for bad in (0, 2.0, True, "8", 2**31):
     with pytest.raises(ValueError, match="refresh_every"):
       blrax.flip_noise(bad)
 
@@ -387,3 +390,87 @@ def test_x64_keeps_the_state_dtypes_of_init():
                        capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("ok")
+
+
+# --- found by an independent hostile run (each failed before its fix) -------
+
+
+def test_full_von_refuses_int_leaves_and_checks_params():
+  opt = blrax.von(1.0, ess=100.0, covariance="full")
+  with pytest.raises(ValueError, match="int32 leaf"):
+    opt.init({"w": jnp.ones(2), "n": jnp.asarray(7)})
+  with pytest.raises(ValueError, match="complex"):
+    opt.init(jnp.ones(2, jnp.complex64))
+  state = opt.init({"w": jnp.ones((6, 1))})
+  other = {"w": jnp.ones(6)}
+  with pytest.raises(ValueError, match=r"`params`.*\(6,\).*\(6, 1\)"):
+    opt.update(other, state, other)
+  params = {"a": 1.0, "b": jnp.ones(2)}  # a Python float leaf
+  state = opt.init(params)
+  updates, _ = opt.update({"a": 2.0, "b": jnp.ones(2)}, state, params)
+  assert np.isfinite(float(updates["a"]))
+  with pytest.raises(ValueError, match="`hessian` must be real"):
+    opt.update({"a": 2.0, "b": jnp.ones(2)}, state, params,
+               hessian=jnp.eye(3, dtype=jnp.complex64))
+
+
+def test_full_von_saturates_huge_grads_and_shows_nan_hessian():
+  opt = blrax.von(1.0, ess=100.0, covariance="full", hess_init=1e-3)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  updates, state = opt.update(jnp.array([3e38, -3e38]), state, params)
+  assert np.isfinite(np.asarray(updates)).all()
+  assert np.isfinite(np.asarray(state[0].posterior.curvature)).all()
+  updates, _ = opt.update(jnp.ones(2), state, params,
+                          hessian=jnp.array([[jnp.nan, 0.0], [0.0, 1.0]]))
+  assert not np.isfinite(np.asarray(updates)).all()  # NaN input shows
+
+
+def test_floor_holds_when_weight_decay_dwarfs_it():
+  # float32(sqrt(tiny) - 1e-4) == -1e-4: the floor must be relative to delta.
+  opt = blrax.von(0.1, ess=100.0, b2=0.0, weight_decay=1e-4)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = opt.update(jnp.zeros(2), state, params,
+                                hessian=jnp.full(2, -1.0))
+    posterior = state[0].posterior
+    assert float(jnp.min(posterior.curvature + posterior.weight_decay)) > 0
+    assert np.isfinite(np.asarray(updates)).all()
+    sigma = blrax.posterior_stddev(state)
+    assert np.isfinite(np.asarray(sigma)).all()
+
+
+def test_largest_accepted_ess_keeps_a_positive_sigma():
+  opt = blrax.ivon(1e-3, ess=4e18, hess_init=1e3)
+  params = jnp.zeros(3)
+  state = opt.init(params)
+  for _ in range(5):
+    theta = blrax.sample_params(params, state)
+    _, state = opt.update(1e3 * (theta - 1.0), state, params)
+  sigma = np.asarray(blrax.posterior_stddev(state))
+  assert np.isfinite(sigma).all() and (sigma > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_updates_saturate_instead_of_inf(dtype):
+  opt = blrax.von(1.0, ess=100.0, b2=0.0)
+  params = jnp.zeros(2, dtype)
+  state = opt.init(params)
+  updates, _ = opt.update(jnp.full(2, 1e36).astype(dtype), state, params,
+                          hessian=jnp.full(2, 1e-30, dtype))
+  assert updates.dtype == dtype and np.isfinite(
+      np.asarray(updates, np.float32)).all()
+
+
+def test_apply_if_finite_also_checks_the_hessian():
+  inner = blrax.von(0.1, ess=100.0)
+  opt = blrax.apply_if_finite(inner, max_consecutive_errors=2)
+  params = jnp.ones(2)
+  state = opt.init(params)
+  updates, new = opt.update(jnp.ones(2), state, params,
+                            hessian=jnp.array([jnp.nan, 1.0]))
+  assert int(new.notfinite_count) == 1
+  np.testing.assert_array_equal(updates, jnp.zeros(2))
+  np.testing.assert_array_equal(new.inner_state[0].posterior.curvature,
+                                state.inner_state[0].posterior.curvature)

@@ -56,10 +56,11 @@ def mc_mean(x: jax.Array, like: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=0) if x.ndim > like.ndim else x
 
 
-def finite(x: jax.Array) -> jax.Array:
-  """``x`` with overflow (``+-inf``) saturated at the dtype's largest finite
-  value; NaN stays NaN (it comes from NaN inputs, which must show)."""
-  big = jnp.finfo(x.dtype).max
+def finite(x: jax.Array, dtype=None) -> jax.Array:
+  """``x`` with overflow (``+-inf``) saturated at the largest finite value of
+  ``dtype`` (default: ``x``'s); NaN stays NaN (it comes from NaN inputs,
+  which must show)."""
+  big = float(jnp.finfo(x.dtype if dtype is None else dtype).max)
   return jnp.clip(x, -big, big)
 
 
@@ -77,7 +78,8 @@ def limits(dtype) -> tuple[float, float]:
 
 
 def bounded(curvature: jax.Array, weight_decay) -> jax.Array:
-  r"""Keeps :math:`h+\delta \ge` floor and :math:`h \le` ceiling (:func:`limits`).
+  r"""Keeps :math:`h+\delta \ge \max(\text{floor}, 4\,\text{eps}\,\delta)`
+  and :math:`h \le` ceiling (:func:`limits`).
 
   An identity in every realistic run. It is what makes the update safe for
   any finite gradients: a dead unit (zero gradients, :math:`\delta = 0`)
@@ -85,7 +87,11 @@ def bounded(curvature: jax.Array, weight_decay) -> jax.Array:
   gradient of 1e30 saturates :math:`h` instead of overflowing to inf.
   """
   floor, ceiling = limits(curvature.dtype)
-  return jnp.clip(curvature, floor - weight_decay, ceiling)
+  # floor - delta rounds to -delta when delta >> floor: then keep h + delta
+  # a few ulps of delta above 0 instead.
+  lowest = jnp.maximum(floor - weight_decay, -weight_decay
+                       * (1.0 - 4.0 * jnp.finfo(curvature.dtype).eps))
+  return jnp.clip(curvature, lowest, ceiling)
 
 
 def price_curvature(grads, noise, curvature, ess, weight_decay):

@@ -95,10 +95,10 @@ def scale_by_blr(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
   """
-  validation.check_positive("ess", ess, allow_inf=True)
-  validation.check_nonnegative("hess_init", hess_init)
+  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
+  validation.check_state_scale("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
-  validation.check_nonnegative("weight_decay", weight_decay)
+  validation.check_state_scale("weight_decay", weight_decay)
   mc_samples = validation.check_mc_samples(mc_samples)
   if not validation.is_traced(key):
     noise_lib.canonicalize_key(key)
@@ -154,7 +154,8 @@ def scale_by_blr(
       # Cast back: under x64, float64 hyperparameters would widen the state.
       if momentum is not None:
         momentum = momentum.astype(state_dtype)
-      return (curvature_lib.finite(direction).astype(mean.dtype),
+      # Saturated at the params' range (fp16: 65504) before the cast.
+      return (curvature_lib.finite(direction, mean.dtype).astype(mean.dtype),
               h.astype(state_dtype), momentum)
 
     # params first: its leaves, not the per-example grads', give the shapes.

@@ -51,7 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from blrax._src import noise
+from blrax._src import noise, validation
+
+# A TypeError that is also a ValueError, as blrax raises for wrong types.
+_TypeError = validation.ArgumentTypeError
 
 
 def _traced(x: Any) -> bool:
@@ -66,17 +69,21 @@ def _show(x: Any) -> str:
 
 
 def _as_float(name: str, value: Any) -> jax.Array:
-  """``value`` as a real floating array (ints and bools are cast)."""
+  """``value`` as a real floating array (ints and bool arrays are cast; a
+  Python bool, which is no number here, is refused)."""
+  if isinstance(value, (bool, np.bool_)):
+    raise _TypeError(
+        f"`{name}` must be a real number, got {name}={value!r} (bool).")
   try:
     array = jnp.asarray(value)
   except (TypeError, ValueError) as e:
-    raise TypeError(
+    raise _TypeError(
         f"`{name}` must be an array of real numbers, got {name}={value!r}."
     ) from e
   if array.dtype == jnp.bool_ or jnp.issubdtype(array.dtype, jnp.integer):
     return array.astype(jnp.result_type(float))
   if not jnp.issubdtype(array.dtype, jnp.floating):
-    raise TypeError(
+    raise _TypeError(
         f"`{name}` must be real, got {name}={value!r} of dtype {array.dtype}.")
   return array
 
@@ -103,11 +110,11 @@ def _nan_unless(ok: jax.Array, tree: Any) -> Any:
 
 def _dim(dim: Any) -> int:
   if isinstance(dim, (bool, np.bool_)) or _traced(dim):
-    raise TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.")
+    raise _TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.")
   try:
     number = operator.index(dim)
   except TypeError as e:
-    raise TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.") from e
+    raise _TypeError(f"`dim` must be an int >= 1, got dim={dim!r}.") from e
   if number < 1:
     raise ValueError(f"`dim` must be an int >= 1, got dim={dim!r}.")
   return number
@@ -121,7 +128,7 @@ def _sample_shape(shape: Any) -> tuple[int, ...]:
       raise TypeError
     out = tuple(operator.index(s) for s in items)
   except TypeError as e:
-    raise TypeError(
+    raise _TypeError(
         f"`shape` must be an int or a tuple of ints, got shape={shape!r}."
     ) from e
   if any(s < 0 for s in out):
@@ -266,10 +273,10 @@ def natural_gradient(family: ExponentialFamily, eta: jax.Array,
   result is NaN for an invalid traced ``eta``.
   """
   if not isinstance(family, ExponentialFamily):
-    raise TypeError(
+    raise _TypeError(
         f"`family` must be an ExponentialFamily, got family={family!r}.")
   if not callable(objective):
-    raise TypeError(f"`objective` must be a function of mu, got {objective!r}.")
+    raise _TypeError(f"`objective` must be a function of mu, got {objective!r}.")
   eta, ok = family._checked(eta)  # pylint: disable=protected-access
   grad_eta = jax.grad(lambda e: objective(family.mean_params(e)))(eta)
   return _nan_unless(
@@ -298,7 +305,7 @@ def blr_step(family: ExponentialFamily, eta: jax.Array, prior_eta: jax.Array,
     or ``rho`` is invalid (concrete invalid values raise ``ValueError``).
   """
   if not isinstance(family, ExponentialFamily):
-    raise TypeError(
+    raise _TypeError(
         f"`family` must be an ExponentialFamily, got family={family!r}.")
   eta, ok = family._checked(eta)  # pylint: disable=protected-access
   prior_eta = family._check_shape(prior_eta, "prior_eta")  # pylint: disable=protected-access

@@ -15,8 +15,8 @@ ScaleByIVONState = engine.ScaleByBLRState
 
 def _check_hyperparams(hess_init, weight_decay, b1, clip_radius, rescale_lr,
                        debias) -> None:
-  validation.check_positive("hess_init", hess_init)
-  validation.check_nonnegative("weight_decay", weight_decay)  # used below
+  validation.check_state_scale("hess_init", hess_init, positive=True)
+  validation.check_state_scale("weight_decay", weight_decay)  # used below
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_positive("clip_radius", clip_radius, allow_inf=True)
   validation.check_flag("rescale_lr", rescale_lr)

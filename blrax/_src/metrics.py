@@ -36,6 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blrax._src import validation
+
+# A TypeError that is also a ValueError, as blrax raises for wrong types.
+_TypeError = validation.ArgumentTypeError
+
 ROW_SUM_TOLERANCE = 1e-3
 """Rows of ``probs`` must sum to 1 within this (absolute) tolerance."""
 
@@ -49,10 +54,21 @@ def _show(x: Any) -> str:
 
 
 def _as_array(name: str, value: Any) -> jax.Array:
+  if not isinstance(value, jax.Array):  # NumPy int64 would wrap to int32.
+    try:
+      host = np.asarray(value)
+    except (TypeError, ValueError):
+      host = None
+    if (host is not None and np.issubdtype(host.dtype, np.integer)
+        and host.size and not jax.config.jax_enable_x64):
+      info = np.iinfo(np.int32)
+      if host.min() < info.min or host.max() > info.max:
+        raise ValueError(f"`{name}` holds values outside int32, which JAX "
+                         f"would wrap: got {name}={_show(host)}.")
   try:
     return jnp.asarray(value)
   except (TypeError, ValueError) as e:
-    raise TypeError(
+    raise _TypeError(
         f"`{name}` must be an array of numbers, got {name}={value!r}."
     ) from e
 
@@ -68,12 +84,12 @@ def _inputs(probs: Any, labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   if probs.dtype == jnp.bool_ or jnp.issubdtype(probs.dtype, jnp.integer):
     probs = probs.astype(jnp.result_type(float))
   elif not jnp.issubdtype(probs.dtype, jnp.floating):
-    raise TypeError(
+    raise _TypeError(
         f"`probs` must hold real probabilities, got probs.dtype={probs.dtype}.")
   if labels.dtype == jnp.bool_:
     labels = labels.astype(jnp.int32)
   elif not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(
+    raise _TypeError(
         "`labels` must hold integer class indices, got labels.dtype="
         f"{labels.dtype}; convert with labels.astype(int).")
   if probs.ndim != 2 or labels.shape != probs.shape[:1]:
@@ -115,15 +131,15 @@ def _inputs(probs: Any, labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _num_bins(num_bins: Any) -> int:
   if _traced(num_bins):
-    raise TypeError(
+    raise _TypeError(
         "`num_bins` sets array shapes and must be a Python int, not a traced "
         "value.")
   if isinstance(num_bins, (bool, np.bool_)):
-    raise TypeError(f"`num_bins` must be an int >= 1, got num_bins={num_bins!r}.")
+    raise _TypeError(f"`num_bins` must be an int >= 1, got num_bins={num_bins!r}.")
   try:
     number = operator.index(num_bins)
   except TypeError as e:
-    raise TypeError(
+    raise _TypeError(
         f"`num_bins` must be an int >= 1, got num_bins={num_bins!r}.") from e
   if number < 1:
     raise ValueError(f"`num_bins` must be >= 1, got num_bins={num_bins!r}.")
@@ -155,7 +171,7 @@ def negative_log_likelihood(probs: jax.Array, labels: jax.Array,
   eps = _as_array("eps", eps)
   if eps.shape != () or not (jnp.issubdtype(eps.dtype, jnp.floating)
                              or jnp.issubdtype(eps.dtype, jnp.integer)):
-    raise TypeError(f"`eps` must be a real scalar, got eps={eps!r}.")
+    raise _TypeError(f"`eps` must be a real scalar, got eps={eps!r}.")
   eps_ok = (eps >= 0) & (eps < 1)
   if _traced(eps):
     valid &= eps_ok

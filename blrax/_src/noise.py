@@ -276,7 +276,7 @@ class FlipNoise:
   def __post_init__(self):
     # A NumPy int is accepted and stored as a Python int (hashable, static).
     object.__setattr__(self, "refresh_every", validation.check_integer(
-        "refresh_every", self.refresh_every, low=1))
+        "refresh_every", self.refresh_every, low=1, high=2**31))
 
   def init(self, key: jax.Array, like: Any) -> FlipNoiseState:
     first = key if key.ndim == 0 else key[0]

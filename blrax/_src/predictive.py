@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import lookup, noise
+from blrax._src import lookup, noise, validation
+
+# A TypeError that is also a ValueError, as blrax raises for wrong types.
+_TypeError = validation.ArgumentTypeError
 
 
 def _traced(x: Any) -> bool:
@@ -39,15 +42,15 @@ def _traced(x: Any) -> bool:
 def _count(name: str, value: Any) -> int:
   """``value`` as an int >= 1: Python or NumPy ints only (not bools, floats)."""
   if _traced(value):
-    raise TypeError(
+    raise _TypeError(
         f"`{name}` sets array shapes and must be a Python int, not a traced "
         "value.")
   if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
+    raise _TypeError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
   try:
     number = operator.index(value)
   except TypeError as e:
-    raise TypeError(
+    raise _TypeError(
         f"`{name}` must be an int >= 1, got {name}={value!r}.") from e
   if number < 1:
     raise ValueError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
@@ -57,19 +60,19 @@ def _count(name: str, value: Any) -> int:
 def _common(apply_fn, key, mean_only):
   """Checks the arguments every predictive function shares."""
   if not callable(apply_fn):
-    raise TypeError(
+    raise _TypeError(
         "`apply_fn` must be a function (params, inputs) -> outputs, got "
         f"apply_fn={apply_fn!r}.")
   if not isinstance(mean_only, (bool, np.bool_)):
-    raise TypeError(f"`mean_only` must be a bool, got mean_only={mean_only!r}.")
+    raise _TypeError(f"`mean_only` must be a bool, got mean_only={mean_only!r}.")
   if mean_only:
     return None
   if key is None:
-    raise TypeError("`key` is required unless mean_only=True, got key=None.")
+    raise _TypeError("`key` is required unless mean_only=True, got key=None.")
   try:
     key = noise.canonicalize_key(key)
   except TypeError as e:
-    raise TypeError(
+    raise _TypeError(
         "`key` must be an int seed, a legacy uint32 key of shape (2,) or a "
         f"typed PRNG key, got key={key!r}.") from e
   if key.shape != ():
@@ -98,12 +101,12 @@ def _noise_variance(value: Any) -> tuple[jax.Array, jax.Array]:
   try:
     array = jnp.asarray(value)
   except (TypeError, ValueError) as e:
-    raise TypeError("`noise_variance` must be a number or an array of numbers,"
+    raise _TypeError("`noise_variance` must be a number or an array of numbers,"
                     f" got noise_variance={value!r}.") from e
   if array.dtype == jnp.bool_ or not (jnp.issubdtype(array.dtype, jnp.floating)
                                       or jnp.issubdtype(array.dtype,
                                                         jnp.integer)):
-    raise TypeError("`noise_variance` must be real, got noise_variance="
+    raise _TypeError("`noise_variance` must be real, got noise_variance="
                     f"{value!r} of dtype {array.dtype}.")
   ok = jnp.all(array >= 0)  # False for NaN.
   if not _traced(array) and not bool(ok):

@@ -15,7 +15,7 @@ ScaleByVadamState = engine.ScaleByBLRState
 
 def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any) -> None:
   """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 unless ess = inf."""
-  validation.check_nonnegative("hess_init", hess_init)
+  validation.check_state_scale("hess_init", hess_init)
   h, d = validation.concrete_float(hess_init), validation.concrete_float(weight_decay)
   e = validation.concrete_float(ess)
   if h is not None and d is not None and h + d <= 0 and e != float("inf"):
@@ -79,10 +79,10 @@ def scale_by_vadam(
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
-  validation.check_positive("batch_size", batch_size)
+  validation.check_state_scale("batch_size", batch_size, positive=True)
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2, include_one=False)
-  validation.check_nonnegative("weight_decay", weight_decay)
+  validation.check_state_scale("weight_decay", weight_decay)
   check_curvature_floor(hess_init, weight_decay, ess)
   return engine.scale_by_blr(
       estimator=curvature.squared_gradient(batch_size),

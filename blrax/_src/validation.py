@@ -8,8 +8,9 @@ bad type.
 
 Traced values (under ``optax.inject_hyperparams``) are not branched on:
 Python cannot look at a tracer's value, and the factory was first called with
-the concrete values it is built from. What a bad traced value could do to the
-state is bounded by the numerically safe update (``curvature.py``).
+the concrete values it is built from. A bad traced value (``ess=-5``) can
+therefore still give NaN; finite gradients with valid values cannot
+(``curvature.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from typing import Any
 
 import jax
 import numpy as np
+
+# Largest ess, hess_init, weight_decay, batch_size: a quarter of sqrt(float32
+# max) (4.6e18), so that ess * (h + delta) cannot overflow a float32 state
+# whose curvature is bounded by sqrt(max) (curvature.limits). Use ess=inf for
+# the deterministic limit.
+STATE_LIMIT = float(np.sqrt(np.finfo(np.float32).max)) / 4
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -87,6 +95,9 @@ def check_range(name: str, value: Any, *, low: float = -math.inf,
     raise ValueError(f"`{name}` must not be NaN, got {name}={value!r}.")
   if math.isinf(number) and not allow_inf:
     raise ValueError(f"`{name}` must be finite, got {name}={value!r}.")
+  if not math.isinf(number) and abs(number) > _FLOAT32_MAX:
+    raise ValueError(f"`{name}` must be finite in float32 (|x| <= 3.4e38), "
+                     f"got {name}={value!r}.")
   too_low = number <= low if low_open else number < low
   too_high = number >= high if high_open else number > high
   if too_low or too_high:
@@ -159,3 +170,16 @@ def check_learning_rate(learning_rate: Any) -> None:
   if callable(learning_rate):
     return
   check_nonnegative("learning_rate", learning_rate)
+
+
+def check_state_scale(name: str, value: Any, *, positive: bool = False,
+                      allow_inf: bool = False) -> None:
+  """A hyperparameter stored in or multiplied into the float32 state:
+  ``>= 0`` (``> 0`` if ``positive``) and at most :data:`STATE_LIMIT`."""
+  check_range(name, value, low=0.0, low_open=positive, allow_inf=allow_inf)
+  number = concrete_float(value)
+  if number is not None and not math.isinf(number) and number > STATE_LIMIT:
+    hint = " (ess=inf is the deterministic limit)" if name == "ess" else ""
+    raise ValueError(
+        f"`{name}` must be at most {STATE_LIMIT:.2g} so the float32 state "
+        f"cannot overflow{hint}, got {name}={value!r}.")

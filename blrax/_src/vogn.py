@@ -94,7 +94,7 @@ def scale_by_vogn(
     <https://arxiv.org/abs/1906.02506>`_, NeurIPS 2019.
   """
   validation.check_unit_interval("b1", b1, include_one=False)
-  validation.check_positive("hess_init", hess_init)
+  validation.check_state_scale("hess_init", hess_init, positive=True)
   return engine.scale_by_blr(
       estimator=curvature.PER_EXAMPLE_SQUARED, precision=curvature.ema,
       step=steps.vogn(b1), ess=ess, hess_init=hess_init, b2=b2,

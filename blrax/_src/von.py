@@ -42,6 +42,22 @@ def _check_dim(dim: int, max_dim: int) -> None:
         "covariance='diag', or raise max_dim if you mean it.")
 
 
+def _full_params(params):
+  """Params as arrays; a full Gaussian is over real floating-point leaves only."""
+  def leaf(p):
+    if isinstance(p, jax.ShapeDtypeStruct):
+      return p
+    p = jnp.asarray(p)
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+      raise ValueError(
+          f"covariance='full' needs real floating-point params, got a "
+          f"{p.dtype} leaf: keep ints out of the optimizer (e.g. "
+          "optax.masked or optax.partition) or use covariance='diag', which "
+          "leaves int leaves unchanged.")
+    return p
+  return jax.tree.map(leaf, params)
+
+
 def _full_hessian_shape(hessian, dim, mc_samples):
   want = (dim, dim) if mc_samples == 1 else (mc_samples, dim, dim)
   if not hasattr(hessian, "shape") or tuple(hessian.shape) != want:
@@ -111,7 +127,8 @@ def scale_by_von(
   if not isinstance(covariance, str) or covariance not in COVARIANCES:
     raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
                      f"covariance={covariance!r}.")
-  validation.check_positive("hess_init", hess_init)
+  validation.check_integer("max_dim", max_dim, low=1)
+  validation.check_state_scale("hess_init", hess_init, positive=True)
   if covariance == "full":
     return scale_by_full_von(ess, hess_init=hess_init, b2=b2,
                              weight_decay=weight_decay, mc_samples=mc_samples,
@@ -148,10 +165,10 @@ def scale_by_full_von(
       isinstance(noise, str) and noise == "normal")):
     raise ValueError("`noise` must be 'normal' with covariance='full', got "
                      f"noise={noise!r}.")
-  validation.check_positive("ess", ess, allow_inf=True)
-  validation.check_positive("hess_init", hess_init)
+  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
+  validation.check_state_scale("hess_init", hess_init, positive=True)
   validation.check_unit_interval("b2", b2)
-  validation.check_nonnegative("weight_decay", weight_decay)
+  validation.check_state_scale("weight_decay", weight_decay)
   mc_samples = validation.check_mc_samples(mc_samples)
   max_dim = validation.check_integer("max_dim", max_dim, low=1)
   if not validation.is_traced(key):
@@ -159,6 +176,7 @@ def scale_by_full_von(
   rho = 1.0 - b2
 
   def init_fn(params):
+    params = _full_params(params)
     template = full_gaussian.shape_template(params)
     dim = full_gaussian.dimension(template)
     _check_dim(dim, max_dim)
@@ -177,6 +195,10 @@ def scale_by_full_von(
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     del extra_args
     gaussian.check_grads(updates, params, mc_samples)
+    params, updates = _full_params(params), jax.tree.map(jnp.asarray, updates)
+    gaussian.check_params(params, jax.tree.map(
+        lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype),
+        state.posterior.template))
     if hessian is None and validation.concrete_float(ess) == math.inf:
       raise ValueError(
           "ess=inf means no weight noise, so the Price curvature estimate is "
@@ -185,14 +207,14 @@ def scale_by_full_von(
     s_old = posterior.curvature
     dim = s_old.shape[0]
     grads = full_gaussian.flatten(updates, 0 if mc_samples == 1 else 1)
-    grads = grads.astype(s_old.dtype).reshape(-1, dim)
+    grads = curvature.finite(grads.astype(s_old.dtype).reshape(-1, dim))
     mean = full_gaussian.flatten(params).astype(s_old.dtype)
     eye = jnp.eye(dim, dtype=s_old.dtype)
     a = s_old + weight_decay * eye
     chol_old = jnp.linalg.cholesky(a)
     if hessian is None:
-      estimate = full_gaussian.price_curvature(
-          grads, posterior.noise().reshape(-1, dim), posterior.precision())
+      estimate = curvature.finite(full_gaussian.price_curvature(
+          grads, posterior.noise().reshape(-1, dim), posterior.precision()))
       # S + dI <- (A + C'A^-1 C)/2 with A = S + dI, C = (1-rho)A + rho(H + dI):
       # the correction of Lin et al. (2020) as a PD matrix plus a Gram
       # matrix, positive definite even when H is huge and indefinite.
@@ -201,7 +223,10 @@ def scale_by_full_von(
       s_new = 0.5 * (a + x.T @ x) - weight_decay * eye
     else:
       _full_hessian_shape(hessian, dim, mc_samples)
-      estimate = jnp.asarray(hessian, s_old.dtype).reshape(-1, dim, dim).mean(0)
+      if jnp.iscomplexobj(hessian):
+        raise ValueError("`hessian` must be real, got a complex matrix.")
+      estimate = curvature.finite(curvature.finite(jnp.asarray(
+          hessian, s_old.dtype)).reshape(-1, dim, dim).mean(0))
       s_new = (1.0 - rho) * s_old + rho * estimate
     s_new = 0.5 * (s_new + s_new.T)
     chol_new = jnp.linalg.cholesky(s_new + weight_decay * eye)
@@ -210,15 +235,23 @@ def scale_by_full_von(
     # state's precision: both this step's solve and the next draw's
     # factorisation (of P = ess (S + dI)) must succeed.
     # (With ess = inf there is no draw: only the solve matters.)
-    ok = jnp.all(jnp.isfinite(chol_new)) & (
+    # NaN inputs are not rescued: like the diagonal variants, they show.
+    ok = jnp.any(jnp.isnan(estimate)) | jnp.all(jnp.isfinite(chol_new)) & (
         ~jnp.isfinite(new_posterior.ess)
         | jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
     s_new = jnp.where(ok, s_new, s_old)
     chol = jnp.where(ok, chol_new, chol_old)
-    direction = jax.scipy.linalg.cho_solve(
-        (chol, True), grads.mean(0) + weight_decay * mean)
+    # Solved for the rhs scaled to at most 1, then saturated: a 1e38
+    # gradient would otherwise overflow inside the solve into inf - inf.
+    rhs = curvature.finite(curvature.finite(grads.mean(0)) + weight_decay * mean)
+    scale = jnp.max(jnp.abs(rhs))
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    direction = curvature.finite(
+        scale * jax.scipy.linalg.cho_solve((chol, True), rhs / scale))
     direction = full_gaussian.unflatten(posterior.template, direction)
-    direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
+    direction = jax.tree.map(
+        lambda d, p: curvature.finite(d, p.dtype).astype(p.dtype),
+        direction, params)
     return direction, ScaleByFullVONState(
         count=optax.safe_increment(state.count),
         posterior=posterior.advanced(s_new, ess, weight_decay))

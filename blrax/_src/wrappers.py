@@ -22,7 +22,8 @@ def apply_if_finite(
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.apply_if_finite`` for any blrax optimizer (and any other).
 
-  Skips an update whose gradients hold a NaN or an inf (the inner state,
+  Skips an update whose gradients (or extra arrays such as ``hessian=``)
+  hold a NaN or an inf (the inner state,
   noise key included, is left as it was), unless more than
   ``max_consecutive_errors`` such updates came in a row. Unlike
   ``optax.apply_if_finite``, it also wraps optimizers whose gradients have a
@@ -55,8 +56,11 @@ def apply_if_finite(
   base = optax.apply_if_finite(inner, max_consecutive_errors)
 
   def update_fn(updates, state, params=None, **extra_args):
+    # The grads and any array passed alongside them (e.g. ``hessian=``).
+    checked = [x for x in jax.tree.leaves((updates, extra_args))
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     isfinite = jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+        [jnp.all(jnp.isfinite(x)) for x in checked]))
     notfinite_count = jnp.where(
         isfinite, jnp.zeros([], jnp.int32),
         optax.safe_increment(state.notfinite_count))
