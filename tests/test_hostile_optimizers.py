@@ -183,8 +183,9 @@ def test_vogn_empty_batch_is_refused_and_zero_size_leaves_work():
 
 
 def test_full_von_with_no_params_is_refused():
+  opt = blrax.von(0.1, ess=10.0, covariance="full")
   with pytest.raises(ValueError, match="at least one entry"):
-    blrax.von(0.1, ess=10.0, covariance="full").init({})
+    opt.update({}, opt.init({}), {})
 
 
 def test_apply_if_finite_with_sample_axis():

@@ -31,9 +31,8 @@ ScaleByVONState = engine.ScaleByBLRState
 
 
 def _check_dim(dim: int, max_dim: int) -> None:
-  if dim == 0:
-    raise ValueError("covariance='full' needs params with at least one "
-                     "entry, got params of total size 0.")
+  # dim == 0 is allowed here: optax.tree.map_params inits with a leafless
+  # placeholder. update refuses it.
   if dim > max_dim:
     raise ValueError(
         f"covariance='full' needs a {dim}x{dim} matrix "
@@ -206,6 +205,9 @@ def scale_by_full_von(
     posterior = state.posterior
     s_old = posterior.curvature
     dim = s_old.shape[0]
+    if dim == 0:
+      raise ValueError("covariance='full' needs params with at least one "
+                       "entry, got params of total size 0.")
     grads = full_gaussian.flatten(updates, 0 if mc_samples == 1 else 1)
     grads = curvature.finite(grads.astype(s_old.dtype).reshape(-1, dim))
     mean = full_gaussian.flatten(params).astype(s_old.dtype)
