@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import jax
@@ -130,20 +129,7 @@ def _inputs(probs: Any, labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _num_bins(num_bins: Any) -> int:
-  if _traced(num_bins):
-    raise _TypeError(
-        "`num_bins` sets array shapes and must be a Python int, not a traced "
-        "value.")
-  if isinstance(num_bins, (bool, np.bool_)):
-    raise _TypeError(f"`num_bins` must be an int >= 1, got num_bins={num_bins!r}.")
-  try:
-    number = operator.index(num_bins)
-  except TypeError as e:
-    raise _TypeError(
-        f"`num_bins` must be an int >= 1, got num_bins={num_bins!r}.") from e
-  if number < 1:
-    raise ValueError(f"`num_bins` must be >= 1, got num_bins={num_bins!r}.")
-  return number
+  return validation.check_integer("num_bins", num_bins, low=1)
 
 
 def _nan_unless(valid: jax.Array, x: jax.Array) -> jax.Array:

@@ -22,7 +22,6 @@ gives a NaN variance under ``jit``.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable
 
 import jax
@@ -41,20 +40,7 @@ def _traced(x: Any) -> bool:
 
 def _count(name: str, value: Any) -> int:
   """``value`` as an int >= 1: Python or NumPy ints only (not bools, floats)."""
-  if _traced(value):
-    raise _TypeError(
-        f"`{name}` sets array shapes and must be a Python int, not a traced "
-        "value.")
-  if isinstance(value, (bool, np.bool_)):
-    raise _TypeError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
-  try:
-    number = operator.index(value)
-  except TypeError as e:
-    raise _TypeError(
-        f"`{name}` must be an int >= 1, got {name}={value!r}.") from e
-  if number < 1:
-    raise ValueError(f"`{name}` must be an int >= 1, got {name}={value!r}.")
-  return number
+  return validation.check_integer(name, value, low=1)
 
 
 def _common(apply_fn, key, mean_only):
