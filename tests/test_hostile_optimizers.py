@@ -475,3 +475,22 @@ def test_apply_if_finite_also_checks_the_hessian():
   np.testing.assert_array_equal(updates, jnp.zeros(2))
   np.testing.assert_array_equal(new.inner_state[0].posterior.curvature,
                                 state.inner_state[0].posterior.curvature)
+
+
+def test_safety_parts_directly():
+  """Unit checks of the saturation parts (mutations the jitted runs miss)."""
+  from blrax._src import curvature, gaussian
+  h = jnp.ones(1)
+  # mc mean of +-3e38 * +-2 must not meet inf - inf.
+  est = curvature.price_curvature(jnp.array([[3e38], [3e38]]),
+                                  jnp.array([[2.0], [-2.0]]), h, 1e4, 0.0)
+  assert np.isfinite(np.asarray(est)).all()
+  # A traced ess beyond the limit: lambda (h + delta) saturates, no 0 * inf.
+  est = curvature.price_curvature(jnp.zeros(1), jnp.zeros(1),
+                                  jnp.full(1, 1.8e19), 1e30, 0.0)
+  assert float(est[0]) == 0.0
+  _, est = curvature.squared_gradient(32.0).estimate(
+      jnp.array([3e38]), None, h, 1e4, 0.0)
+  assert np.isfinite(np.asarray(est)).all()
+  sigma = gaussian.stddev(jnp.full(1, 1e-19), jnp.float32(1e-30), 0.0)
+  assert np.isfinite(np.asarray(sigma)).all() and float(sigma[0]) > 0
