@@ -120,17 +120,9 @@ def init_diagonal_gaussian(params: Any, *, key: int | jax.Array,
   """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
   # full_like (not full) so that under an explicit-sharding mesh the state is
   # sharded like the params; it also accepts ShapeDtypeStructs.
-  def leaf(p):
-    dtype = _dtype(p)
-    if dtype is None:
-      raise validation.ArgumentTypeError(
-          f"params leaves must be arrays or numbers, got {type(p).__name__}.")
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-      raise ValueError(f"params must be real, got a {dtype} leaf: blrax "
-                       "posteriors are over real parameters.")
-    return jnp.full_like(p, curvature_init, state_dtype(dtype))
-
-  curvature = jax.tree.map(leaf, params)
+  curvature = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.full_like(p, curvature_init, state_dtype(
+          _real_dtype(p, jax.tree_util.keystr(path) or "(root)"))), params)
   return DiagonalGaussian(
       noise_state=generator.init(noise_lib.initial_key(key, mc_samples),
                                  curvature),
@@ -202,6 +194,20 @@ def _dtype(x: Any):
   return None
 
 
+def _real_dtype(param: Any, path: str):
+  """The dtype of a params leaf; raises unless it is a real array or number."""
+  dtype = _dtype(param)
+  if dtype is None:
+    raise validation.ArgumentTypeError(
+        f"`params` leaf{_at(path)} must be an array or a number, got "
+        f"{type(param).__name__}.")
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise ValueError(
+        f"`params` leaf{_at(path)} is complex ({dtype}): blrax posteriors are "
+        "over real parameters.")
+  return dtype
+
+
 def _at(path: str) -> str:
   return "" if path == "(root)" else f" (at {path})"
 
@@ -233,15 +239,7 @@ def check_params(params: Any, curvature: Any) -> None:
         f"with; got {params_def}, state has {state_def}.")
   for path, p, h in zip(_paths(params), jax.tree.leaves(params),
                         jax.tree.leaves(curvature)):
-    dtype = _dtype(p)
-    if dtype is None:
-      raise validation.ArgumentTypeError(
-          f"`params` leaf{_at(path)} must be an array or a number, got "
-          f"{type(p).__name__}.")
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-      raise ValueError(
-          f"`params` leaf{_at(path)} is complex ({dtype}): blrax posteriors are "
-          "over real parameters.")
+    _real_dtype(p, path)
     if tuple(np.shape(p)) != tuple(h.shape):
       raise ValueError(
           f"`params` leaf{_at(path)} has shape {tuple(np.shape(p))}, but the "
