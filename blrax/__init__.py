@@ -20,6 +20,7 @@ from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
+from blrax._src.gradients import value_and_grad
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
 from blrax._src.lookup import (
   find_posteriors,
@@ -71,6 +72,7 @@ __all__ = (
     "scale_by_vogn",
     "scale_by_von",
     "vadam",
+    "value_and_grad",
     "vogn",
     "von",
 )

@@ -21,10 +21,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.training import train_state
 
-from blrax._src import lookup
+from blrax._src import gradients, lookup
 
 
 def nnx_sample(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
@@ -40,6 +41,29 @@ def nnx_sample(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
   return sample
 
 
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _with_values(variables: Any, values: Any) -> Any:
+  """``variables`` (a state of ``nnx.Variable``) holding ``values`` (a pure
+  tree with the same leaves, possibly with a leading sample axis)."""
+  return jax.tree.unflatten(jax.tree.structure(variables), jax.tree.leaves(values))
+
+
+def _collapse_draws(rest: Any) -> Any:
+  """Non-param state left by ``S`` vmapped forward passes, back to one copy:
+  float state (batch-norm statistics) averaged over the draws, the rest
+  (counters, RNG keys, identical in every draw) from the first."""
+
+  def one(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.mean(x, axis=0).astype(x.dtype)
+    return x[0]
+
+  return jax.tree.map(one, rest)
+
+
 def nnx_value_and_grad(
     loss_fn: Callable[..., Any],
     model: nnx.Module,
@@ -48,32 +72,112 @@ def nnx_value_and_grad(
     has_aux: bool = False,
     **kwargs: Any,
 ):
-  """``nnx.value_and_grad(loss_fn)`` evaluated at a posterior draw.
+  r"""``nnx.value_and_grad(loss_fn)`` evaluated at the optimizer's draw(s).
 
-  Gradients are taken on a clone of ``model`` holding the draw (so they keep
-  their ``nnx.Param`` wrappers and ``optimizer.update(model, grads)`` accepts
-  them). Non-param state that the forward pass changes (batch-norm
-  statistics, counters, RNG state) is copied back into ``model``, as a plain
-  training step would leave it.
+  The model's trained params (``optimizer.wrt``) are the posterior mean. This
+  draws :math:`\theta_s = m + \sigma\epsilon_s` with
+  :func:`blrax.sample_params` (the draws the next update expects), runs
+  ``loss_fn`` on the model holding each draw, and returns gradients that keep
+  their ``nnx.Param`` wrappers, so ``optimizer.update(model, grads)`` accepts
+  them. With ``mc_samples = S > 1`` the draws run under ``jax.vmap`` (a
+  sample axis over the split model): the value is the mean over draws and
+  every gradient leaf has a leading axis ``S``, as ``update`` expects.
+
+  Non-param state that the forward pass changes (batch-norm statistics,
+  counters, RNG state) is written back into ``model``, as a plain training
+  step would leave it; with ``S > 1`` float state is averaged over the draws
+  and counters/RNG state come from the first (the draws share one dropout
+  mask, since they share the model's RNG state). ``model`` itself is never
+  changed by the draw: its params stay the mean.
 
   Args:
-    loss_fn: ``loss_fn(model, *args, **kwargs)``, the mean loss of a batch.
+    loss_fn: ``loss_fn(model, *args, **kwargs)``, the mean loss of a batch
+      (``(loss, aux)`` with ``has_aux``).
     model: the model; its params are the posterior mean.
     optimizer: an ``nnx.Optimizer`` holding a blrax optimizer (possibly
-      wrapped). Needs ``mc_samples=1``.
+      wrapped in optax transformations).
     *args: passed to ``loss_fn``.
-    has_aux: as in ``nnx.value_and_grad``.
+    has_aux: as in ``nnx.value_and_grad``; with ``S > 1`` the aux outputs are
+      stacked along a leading axis ``S``.
     **kwargs: passed to ``loss_fn``.
 
   Returns:
-    ``(value, grads)`` as ``nnx.value_and_grad`` returns them.
+    ``(value, grads)`` (``((value, aux), grads)`` with ``has_aux``), as
+    ``nnx.value_and_grad`` returns them.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(
+    ...     model, blrax.ivon(0.1, ess=8.0, mc_samples=2), wrt=nnx.Param)
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> loss, grads = blrax.flax.nnx_value_and_grad(
+    ...     loss_fn, model, optimizer, jnp.ones((8, 3)))
+    >>> grads["kernel"].shape  # one gradient per draw
+    (2, 3, 1)
+    >>> _ = optimizer.update(model, grads)
   """
-  sample = nnx_sample(model, optimizer)
-  grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt),
-                               has_aux=has_aux)
-  value, grads = grad_fn(sample, *args, **kwargs)
-  nnx.update(model, nnx.state(sample, nnx.Not(optimizer.wrt)))
-  return value, grads
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  # Pure arrays: Variables of the caller's trace cannot be mutated inside ours.
+  rest = nnx.as_pure(rest)
+  theta = lookup.sample_params(nnx.as_pure(params), optimizer.opt_state)
+  draws = gradients.num_draws(optimizer.opt_state)
+
+  def loss_at(draw_params, rest):
+    sample = nnx.merge(graphdef, draw_params, rest)
+    out = loss_fn(sample, *args, **kwargs)
+    new_rest = nnx.state(sample, nnx.Not(optimizer.wrt))
+    value, aux = out if has_aux else (out, None)
+    return value, (aux, new_rest)
+
+  grad_fn = jax.value_and_grad(loss_at, has_aux=True)
+  if draws == 1:
+    (value, (aux, new_rest)), grads = grad_fn(_with_values(params, theta), rest)
+  else:
+    (value, (aux, new_rest)), grads = jax.vmap(grad_fn, in_axes=(0, None))(
+        _with_values(params, theta), rest)
+    value, new_rest = jnp.mean(value, axis=0), _collapse_draws(new_rest)
+  nnx.update(model, new_rest)
+  return ((value, aux) if has_aux else value), grads
+
+
+def functional(apply_fn: Callable[..., Any] | None, params: Any,
+               opt_state: Any) -> tuple[Callable[[Any, Any], Any], Any, Any]:
+  """``(apply_fn(params, inputs), params, opt_state)`` for an NNX model.
+
+  ``params`` may be an ``nnx.Module`` (called as ``apply_fn(model, inputs)``,
+  or ``model(inputs)`` when ``apply_fn`` is None) or an ``nnx.State`` of the
+  whole model (``apply_fn(state, inputs)``, batch statistics included);
+  ``opt_state`` may be the ``nnx.Optimizer``. The returned params are the
+  pure arrays of the trained variables (``optimizer.wrt``, else
+  ``nnx.Param``); everything else is held fixed at its current value (so put
+  BatchNorm/Dropout in eval mode first with ``model.eval()``). Other inputs
+  come back unchanged.
+  """
+  wrt = nnx.Param
+  if isinstance(opt_state, nnx.Optimizer):
+    wrt, opt_state = opt_state.wrt, opt_state.opt_state
+  if isinstance(params, nnx.Module):
+    graphdef, trained, rest = nnx.split(params, wrt, ...)
+    call = apply_fn if apply_fn is not None else (lambda m, x: m(x))
+
+    def apply_model(pure, inputs):
+      return call(nnx.merge(graphdef, _with_values(trained, pure), rest), inputs)
+
+    return apply_model, nnx.as_pure(trained), opt_state
+  if isinstance(params, nnx.State) and any(
+      _is_variable(x) for x in jax.tree.leaves(params, is_leaf=_is_variable)):
+    trained, rest = nnx.filter_state(params, wrt, ...)
+    if apply_fn is None:
+      raise TypeError("`apply_fn` is required with an nnx.State: "
+                      "apply_fn(state, inputs) -> outputs.")
+
+    def apply_state(pure, inputs):
+      return apply_fn(nnx.merge_state(_with_values(trained, pure), rest), inputs)
+
+    return apply_state, nnx.as_pure(trained), opt_state
+  return apply_fn, params, opt_state
 
 
 class VariationalTrainState(train_state.TrainState):

@@ -12,6 +12,15 @@ Samples are drawn one key each (``jax.random.split(key, num_samples)``) and
 evaluated ``chunk_size`` at a time with ``jax.lax.map``, so memory is bounded
 by the chunk while the result does not depend on the chunk size.
 
+Any model: ``apply_fn(params, inputs)`` with a params pytree, or a Flax NNX
+model as ``params`` (called as ``apply_fn(model, inputs)``, or ``model(inputs)``
+when ``apply_fn`` is None) with its ``nnx.Optimizer`` (or that optimizer's
+``opt_state``) as ``opt_state``; an ``nnx.State`` of the whole model works too
+(``apply_fn(state, inputs)``). Only the trained variables (``optimizer.wrt``,
+else ``nnx.Param``) are drawn; batch-norm statistics and other state are held
+at their current values, so call ``model.eval()`` first for BatchNorm and
+Dropout.
+
 Arguments are checked: ``key`` may be an int seed, a legacy
 ``jax.random.PRNGKey`` or a typed ``jax.random.key``; ``num_samples`` and
 ``chunk_size`` are Python or NumPy ints (they set shapes, so they cannot be
@@ -22,6 +31,7 @@ gives a NaN variance under ``jit``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import jax
@@ -41,6 +51,17 @@ def _traced(x: Any) -> bool:
 def _count(name: str, value: Any) -> int:
   """``value`` as an int >= 1: Python or NumPy ints only (not bools, floats)."""
   return validation.check_integer(name, value, low=1)
+
+
+def _functional(apply_fn, params, opt_state):
+  """An NNX model (or its state) and ``nnx.Optimizer`` as a pure
+  ``(apply_fn, params, opt_state)``; anything else unchanged."""
+  nnx = sys.modules.get("flax.nnx")  # Only loaded if the caller uses flax.
+  if nnx is not None and (isinstance(params, (nnx.Module, nnx.State))
+                          or isinstance(opt_state, nnx.Optimizer)):
+    from blrax._src import flax_integration
+    return flax_integration.functional(apply_fn, params, opt_state)
+  return apply_fn, params, opt_state
 
 
 def _common(apply_fn, key, mean_only):
@@ -122,12 +143,15 @@ def predictive_log_probs(
   r"""Log of the model-averaged class probabilities.
 
   Args:
-    apply_fn: ``apply_fn(params, inputs) -> logits`` (last axis: classes).
+    apply_fn: ``apply_fn(params, inputs) -> logits`` (last axis: classes); for
+      an NNX model ``apply_fn(model, inputs)`` or None (``model(inputs)``).
     key: PRNG key for the posterior draws: an int seed, a legacy
       ``jax.random.PRNGKey`` or a typed ``jax.random.key``. Unused (may be
       ``None``) when ``mean_only``.
-    params: the posterior mean.
-    opt_state: the state of a blrax optimizer (possibly wrapped).
+    params: the posterior mean: a params pytree, an ``nnx.Module`` or an
+      ``nnx.State`` of the whole model.
+    opt_state: the state of a blrax optimizer (possibly wrapped), or the
+      ``nnx.Optimizer`` holding it.
     inputs: passed to ``apply_fn`` unchanged.
     num_samples: posterior draws :math:`S`, a Python or NumPy int ``>= 1``.
     chunk_size: draws evaluated together (a divisor of ``num_samples``);
@@ -146,7 +170,18 @@ def predictive_log_probs(
     ValueError: ``num_samples``/``chunk_size`` below 1, a ``chunk_size`` that
       does not divide ``num_samples``, a batch of keys, or logits with no
       class axis or a single class (whose softmax is identically 1).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> state = blrax.ivon(0.1, ess=10.0).init(params)
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> log_probs = blrax.predictive.predictive_log_probs(
+    ...     apply_fn, 0, params, state, jnp.ones((4, 3)), num_samples=8)
+    >>> log_probs.shape
+    (4, 2)
   """
+  apply_fn, params, opt_state = _functional(apply_fn, params, opt_state)
   key = _common(apply_fn, key, mean_only)
   if mean_only:
     logits = apply_fn(params, inputs)
@@ -168,9 +203,32 @@ def predictive_log_probs(
 
 def predictive_probs(apply_fn, key, params, opt_state, inputs, num_samples=32,
                      chunk_size=None, mean_only=False) -> jax.Array:
-  """Model-averaged class probabilities; see :func:`predictive_log_probs`.
+  r"""Model-averaged class probabilities; see :func:`predictive_log_probs`.
 
-  The same arguments, checks and errors as :func:`predictive_log_probs`.
+  Args:
+    apply_fn: as in :func:`predictive_log_probs`.
+    key: as in :func:`predictive_log_probs`.
+    params: as in :func:`predictive_log_probs` (an NNX model works).
+    opt_state: as in :func:`predictive_log_probs`.
+    inputs: as in :func:`predictive_log_probs`.
+    num_samples: as in :func:`predictive_log_probs`.
+    chunk_size: as in :func:`predictive_log_probs`.
+    mean_only: as in :func:`predictive_log_probs`.
+
+  Returns:
+    :math:`\frac1S \sum_s \mathrm{softmax}(f(x, \theta_s))`, shaped like
+    the logits; the same checks and errors as :func:`predictive_log_probs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, blrax.ivon(0.1, ess=10.0),
+    ...                           wrt=nnx.Param)
+    >>> probs = blrax.predictive.predictive_probs(
+    ...     None, 0, model, optimizer, jnp.ones((4, 3)), num_samples=8)
+    >>> probs.shape
+    (4, 2)
   """
   return jnp.exp(predictive_log_probs(apply_fn, key, params, opt_state, inputs,
                                       num_samples, chunk_size, mean_only))
@@ -190,10 +248,13 @@ def predictive_mean_variance(
   r"""Predictive mean and variance of a regression output.
 
   Args:
-    apply_fn: ``apply_fn(params, inputs) -> outputs``.
+    apply_fn: ``apply_fn(params, inputs) -> outputs``; for an NNX model
+      ``apply_fn(model, inputs)`` or None (``model(inputs)``).
     key: PRNG key for the posterior draws (see :func:`predictive_log_probs`).
-    params: the posterior mean.
-    opt_state: the state of a blrax optimizer (possibly wrapped).
+    params: the posterior mean: a params pytree, an ``nnx.Module`` or an
+      ``nnx.State`` of the whole model.
+    opt_state: the state of a blrax optimizer (possibly wrapped), or the
+      ``nnx.Optimizer`` holding it.
     inputs: passed to ``apply_fn`` unchanged.
     num_samples: posterior draws :math:`S`, a Python or NumPy int ``>= 1``.
       With :math:`S = 1` the posterior part of the variance is 0.
@@ -215,7 +276,18 @@ def predictive_mean_variance(
     ValueError: as :func:`predictive_log_probs`, a concrete negative or NaN
       ``noise_variance``, or one whose shape does not broadcast to the
       outputs'.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = blrax.ivon(0.1, ess=10.0).init(params)
+    >>> mean, var = blrax.predictive.predictive_mean_variance(
+    ...     lambda p, x: x @ p["w"], 0, params, state, jnp.ones((4, 3)),
+    ...     num_samples=8, noise_variance=0.1)
+    >>> mean.shape, bool((var > 0.1).all())
+    ((4,), True)
   """
+  apply_fn, params, opt_state = _functional(apply_fn, params, opt_state)
   key = _common(apply_fn, key, mean_only)
   noise_variance, noise_ok = _noise_variance(noise_variance)
 
