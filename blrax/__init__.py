@@ -21,6 +21,7 @@ from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.gradients import value_and_grad
+from blrax._src.health import PosteriorHealth, posterior_health
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
 from blrax._src.lookup import (
   find_posteriors,
@@ -45,6 +46,7 @@ __version__ = "0.2.0"
 __all__ = (
     "DiagonalGaussian",
     "FullGaussian",
+    "PosteriorHealth",
     "ScaleByBLRState",
     "ScaleByFullVONState",
     "ScaleByIVONState",
@@ -60,6 +62,7 @@ __all__ = (
     "metrics",
     "noise",
     "per_example_grads",
+    "posterior_health",
     "posterior_stddev",
     "posterior_summary",
     "predictive",

@@ -1,0 +1,227 @@
+r"""Posterior health: is the posterior the data's, the prior's, or still its init?
+
+Every blrax posterior has precision :math:`\lambda(h_t + \delta)`, and after
+:math:`t` updates the curvature EMA still carries the decayed initial value,
+
+.. math::
+
+  h_t = \underbrace{h_0 \beta_2^t}_{\text{initialisation}}
+        + \underbrace{(h_t - h_0\beta_2^t)}_{\text{data}},
+
+(the data part includes IVON's positivity correction). With ``b2`` close to 1
+and a run shorter than :math:`1/(1-\beta_2)` steps the first term dominates and
+:math:`\sigma \approx 1/\sqrt{\lambda h_0 \beta_2^t}` measures ``hess_init``,
+not the data; with a large ``weight_decay`` :math:`\delta` dominates and
+:math:`\sigma \approx 1/\sqrt{\lambda\delta}` is the prior. :func:`posterior_health`
+measures both shares per leaf and says in words what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings as warnings_lib
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from blrax._src import engine, lookup, validation, von
+
+_STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState)
+
+
+@dataclasses.dataclass(frozen=True)
+class PosteriorHealth:
+  """What :func:`posterior_health` found.
+
+  Attributes:
+    steps: updates so far, :math:`t`.
+    leaves: per params leaf (``"path/to/leaf"``), medians over its entries:
+      ``init_share`` (:math:`\\min(1, h_0\\beta_2^t / h)`), ``prior_share``
+      (:math:`\\delta/(h+\\delta)`), ``data_curvature``
+      (:math:`\\max(0, h - h_0\\beta_2^t)`), ``stddev`` (:math:`\\sigma`) and
+      ``relative_stddev`` (:math:`\\sigma/|m|`).
+    overall: the same medians over every entry of every leaf.
+    warnings: plain-language findings, each with what to change; empty when
+      the posterior is set by the data.
+  """
+
+  steps: int
+  leaves: dict[str, dict[str, float]]
+  overall: dict[str, float]
+  warnings: tuple[str, ...]
+
+  @property
+  def ok(self) -> bool:
+    """True when there is nothing to warn about."""
+    return not self.warnings
+
+  def __str__(self) -> str:
+    names = ("init_share", "prior_share", "data_curvature", "stddev",
+             "relative_stddev")
+    width = max([len(k) for k in self.leaves] + [7])
+    lines = [f"posterior health after {self.steps} steps (medians)",
+             f"{'leaf':<{width}}  " + "  ".join(f"{n:>15}" for n in names)]
+    for name, row in [*self.leaves.items(), ("overall", self.overall)]:
+      lines.append(f"{name:<{width}}  "
+                   + "  ".join(f"{row[n]:>15.4g}" for n in names))
+    lines += [f"! {w}" for w in self.warnings] or ["ok: the data set the curvature."]
+    return "\n".join(lines)
+
+
+def _owners(opt_state: Any) -> list[tuple[int, Any]]:
+  """(step count, posterior) for every posterior, from its optimizer state."""
+  opt_state = lookup._unwrap_nnx(opt_state)
+  states = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, _STATE_TYPES))
+            if isinstance(x, _STATE_TYPES)]
+  if not states:
+    lookup.find_posteriors(opt_state)  # Raises the usual "no posterior" error.
+    raise ValueError("`opt_state` holds a blrax posterior but not the blrax "
+                     "optimizer state around it (with its step count).")
+  return [(int(s.count), s.posterior) for s in states]
+
+
+def _median(x: np.ndarray) -> float:
+  return float(np.median(x)) if x.size else float("nan")
+
+
+def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
+                     b2: float, warn: bool = True,
+                     share_threshold: float = 0.5) -> PosteriorHealth:
+  r"""How much of the posterior is data, prior and initialisation, per leaf.
+
+  For each params leaf (medians over its entries), with :math:`t` the step
+  count, :math:`h` the curvature, :math:`\delta` the weight decay and
+  :math:`m` the mean:
+
+  - ``init_share`` :math:`= \min(1, h_0\beta_2^t/h)`, the part of the
+    curvature that is the decayed ``hess_init``;
+  - ``prior_share`` :math:`= \delta/(h+\delta)`, the prior's part of the
+    precision;
+  - ``data_curvature`` :math:`= \max(0, h - h_0\beta_2^t)`;
+  - ``stddev`` :math:`\sigma` and ``relative_stddev`` :math:`\sigma/|m|`.
+
+  It warns (and lists in ``.warnings``) when, over all entries, the median
+  ``init_share`` or ``prior_share`` exceeds ``share_threshold`` (the
+  posterior is still the initialisation, or the prior), or the median
+  ``relative_stddev`` exceeds 1 (draws are mostly noise), each with what to
+  change (``b2``, ``hess_init``, ``weight_decay``, ``ess``). Pass the
+  ``hess_init`` and ``b2`` the optimizer was built with (the state keeps
+  neither); for a full covariance the diagonal of :math:`S` is used.
+
+  Args:
+    params: the posterior mean (the params being trained).
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers or
+      an ``nnx.Optimizer``'s ``opt_state``.
+    hess_init: the optimizer's ``hess_init`` (:math:`h_0 \ge 0`).
+    b2: the optimizer's ``b2`` (in ``(0, 1]``).
+    warn: also emit each finding as a ``UserWarning``.
+    share_threshold: in ``(0, 1)``; a median share above it is reported.
+
+  Returns:
+    A :class:`PosteriorHealth`; ``print`` it for a table.
+
+  Raises:
+    ValueError: for a bad ``hess_init``, ``b2`` or ``share_threshold``, params
+      that do not match the state, or a state with no blrax posterior.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> params = {"w": jnp.ones(3)}
+    >>> opt = blrax.ivon(0.1, ess=100.0, hess_init=1.0, b2=0.99999)
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...   grads = 2 * blrax.sample_params(params, state)["w"]
+    ...   updates, state = opt.update({"w": grads}, state, params)
+    >>> health = blrax.posterior_health(params, state, hess_init=1.0,
+    ...                                 b2=0.99999, warn=False)
+    >>> health.ok, round(health.overall["init_share"], 2)
+    (False, 1.0)
+    >>> print(health.warnings[0][:42])
+    The posterior is still its initialisation:
+  """
+  validation.check_nonnegative("hess_init", hess_init)
+  validation.check_range("b2", b2, low=0.0, high=1.0, low_open=True)
+  validation.check_range("share_threshold", share_threshold, low=0.0,
+                         high=1.0, low_open=True, high_open=True)
+  h0, beta = float(hess_init), float(b2)
+  owners = _owners(opt_state)
+  lookup._check_params(params, [p for _, p in owners])
+  steps = max(t for t, _ in owners)
+  leaves: dict[str, dict[str, float]] = {}
+  pooled: dict[str, list[np.ndarray]] = {}
+  ess_values, decay_values = [], []
+  for index, (t, posterior) in enumerate(owners):
+    prefix = "" if index == 0 else f"posterior{index}/"
+    decayed = h0 * beta ** t
+    decay_values.append(float(posterior.weight_decay))
+    ess_values.append(float(posterior.ess))
+    delta = float(posterior.weight_decay)
+    flat = jax.tree_util.tree_flatten_with_path(
+        (posterior.curvature_diagonal(), posterior.stddev(), params),
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+    count = len(flat) // 3
+    for (path, h), (_, sigma), (_, mean) in zip(flat[:count],
+                                                flat[count:2 * count],
+                                                flat[2 * count:]):
+      if isinstance(h, optax.MaskedNode) or np.size(h) == 0:
+        continue
+      h = np.asarray(h, np.float64).ravel()
+      sigma = np.asarray(sigma, np.float64).ravel()
+      mean = np.abs(np.asarray(mean, np.float64).ravel())
+      with np.errstate(divide="ignore", invalid="ignore"):
+        stats = {
+            "init_share": np.where(h > 0, np.minimum(1.0, decayed / h),
+                                   1.0 if decayed > 0 else 0.0),
+            "prior_share": np.where(h + delta > 0, delta / (h + delta), 0.0),
+            "data_curvature": np.maximum(h - decayed, 0.0),
+            "stddev": sigma,
+            "relative_stddev": np.where(mean > 0, sigma / mean, np.inf),
+        }
+      name = prefix + (jax.tree_util.keystr(path[1:], simple=True,
+                                            separator="/") or "params")
+      leaves[name] = {k: _median(v) for k, v in stats.items()}
+      for k, v in stats.items():
+        pooled.setdefault(k, []).append(v)
+  overall = {k: _median(np.concatenate(v)) for k, v in pooled.items()}
+  ess, delta = max(ess_values), max(decay_values)
+
+  width = lambda precision: (1 / math.sqrt(precision) if precision > 0
+                             else float("inf"))
+  found = []
+  if steps == 0:
+    found.append("No update yet: the posterior is its initialisation "
+                 "(sigma = 1/sqrt(ess*(hess_init+weight_decay)) = "
+                 f"{width(ess * (h0 + delta)):.3g}).")
+  elif overall["init_share"] > share_threshold:
+    suggested = 1.0 - 10.0 / max(steps, 10)
+    found.append(
+        f"The posterior is still its initialisation: after {steps} steps "
+        f"hess_init*b2^t = {h0 * beta ** steps:.3g} is {overall['init_share']:.0%}"
+        " of the curvature (median over all weights), so sigma ~ "
+        "1/sqrt(ess*hess_init*b2^t) measures hess_init, not the data. Lower "
+        f"b2 so that 1/(1-b2) is well below the number of steps (e.g. b2 = "
+        f"{suggested:.4g} for {steps} steps), or train longer; a smaller "
+        "hess_init also lets the data show sooner.")
+  if steps and overall["prior_share"] > share_threshold:
+    found.append(
+        f"The prior dominates: weight_decay = {delta:.3g} is "
+        f"{overall['prior_share']:.0%} of the precision h + weight_decay "
+        "(median), so sigma ~ 1/sqrt(ess*weight_decay) = "
+        f"{width(ess * delta):.3g}"
+        " is the prior's width. Lower weight_decay if the data should set the"
+        " posterior (or raise ess, if the data set is larger than ess says).")
+  if steps and overall["relative_stddev"] > 1.0:
+    found.append(
+        f"The posterior is wider than the weights: median sigma/|mean| = "
+        f"{overall['relative_stddev']:.3g}, so draws are mostly noise. Raise "
+        f"ess (now {ess:.3g}; a colder posterior) or check hess_init and b2 "
+        "(above).")
+  if warn:
+    for message in found:
+      warnings_lib.warn(message, UserWarning, stacklevel=2)
+  return PosteriorHealth(steps=steps, leaves=leaves, overall=overall,
+                         warnings=tuple(found))

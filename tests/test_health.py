@@ -1,0 +1,168 @@
+"""`blrax.posterior_health` on runs where the answer is known."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blrax
+
+N = 64
+SCALES = {"a": 0.5, "b": 1.0, "c": 2.0, "d": 3.0}   # diag(X^T X)/N = scale^2
+W_TRUE = {"a": 1.0, "b": -1.0, "c": 0.5, "d": 2.0}
+_Q = np.linalg.qr(np.random.default_rng(0).normal(size=(N, 4)))[0] * np.sqrt(N)
+X = {k: jnp.asarray(_Q[:, i] * SCALES[k]) for i, k in enumerate(SCALES)}
+Y = sum(X[k] * W_TRUE[k] for k in SCALES)
+
+
+def sq(w):
+  pred = sum(X[k] * w[k][0] for k in SCALES)
+  return 0.5 * jnp.mean((pred - Y) ** 2)
+
+
+ZEROS = {k: jnp.zeros(1) for k in SCALES}
+
+
+def train(opt, steps, hessian=None):
+  state = opt.init(ZEROS)
+
+  def step(carry, _):
+    w, state = carry
+    _, g = blrax.value_and_grad(sq)(w, state)
+    extra = {} if hessian is None else {"hessian": hessian}
+    u, state = opt.update(g, state, w, **extra)
+    return (optax.apply_updates(w, u), state), None
+
+  (w, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps))(
+      (ZEROS, state))
+  return w, state
+
+
+def test_closed_form_shares_on_a_plain_ema():
+  """VON with a fixed hessian=H: h_t = b2^t h0 + (1 - b2^t) H exactly."""
+  h0, b2, steps, delta = 2.0, 0.995, 150, 1e-3
+  hessian = {k: jnp.full(1, SCALES[k] ** 2) for k in SCALES}
+  opt = blrax.von(0.1, ess=float(N), hess_init=h0, b2=b2, weight_decay=delta)
+  w, state = train(opt, steps, hessian)
+  health = blrax.posterior_health(w, state, hess_init=h0, b2=b2, warn=False)
+  assert health.steps == steps
+  decay = b2 ** steps
+  for k, s in SCALES.items():
+    h = decay * h0 + (1 - decay) * s ** 2
+    row = health.leaves[k]
+    np.testing.assert_allclose(row["init_share"], decay * h0 / h, rtol=1e-4)
+    np.testing.assert_allclose(row["data_curvature"], (1 - decay) * s ** 2,
+                               rtol=1e-3)
+    np.testing.assert_allclose(row["prior_share"], delta / (h + delta), rtol=1e-4)
+    sigma = 1 / np.sqrt(N * (h + delta))
+    np.testing.assert_allclose(row["stddev"], sigma, rtol=1e-5)
+    np.testing.assert_allclose(row["relative_stddev"],
+                               sigma / abs(float(w[k][0])), rtol=1e-5)
+  pooled = [decay * h0 / (decay * h0 + (1 - decay) * s ** 2)
+            for s in SCALES.values()]
+  np.testing.assert_allclose(health.overall["init_share"], np.median(pooled),
+                             rtol=1e-4)
+
+
+def test_short_run_with_slow_ema_is_flagged_as_initialisation():
+  opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99999)
+  w, state = train(opt, 300)
+  with pytest.warns(UserWarning, match="still its initialisation"):
+    health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99999)
+  assert health.overall["init_share"] > 0.95
+  assert not health.ok
+  assert "b2 = 0.9667" in health.warnings[0]      # 1 - 10/300
+  # The README's old advice (curvature moved from hess_init) is passed by the
+  # decay alone; the share is not fooled by it.
+  h = blrax.posterior_summary(state)["curvature/a"]["median"]
+  assert abs(float(h) - 1.0) > 1e-3
+
+
+def test_long_run_with_fast_ema_is_the_data():
+  opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99, weight_decay=0.0)
+  w, state = train(opt, 3000)
+  with _no_warnings():
+    health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99)
+  assert health.ok, health.warnings
+  assert health.overall["init_share"] < 1e-6
+  for k, s in SCALES.items():   # the Price estimate averages to diag(X^T X)/N
+    np.testing.assert_allclose(health.leaves[k]["data_curvature"], s ** 2,
+                               rtol=0.3)
+  assert "ok" in str(health)
+
+
+def test_prior_and_width_warnings():
+  opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99, weight_decay=50.0)
+  w, state = train(opt, 1000)
+  health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99, warn=False)
+  assert len(health.warnings) == 1 and "prior dominates" in health.warnings[0]
+  assert health.overall["prior_share"] > 0.8
+  opt = blrax.ivon(0.05, ess=0.01, hess_init=1.0, b2=0.99, weight_decay=1e-4,
+                   clip_radius=1.0)
+  w, state = train(opt, 1000)
+  health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99, warn=False)
+  assert any("wider than the weights" in m for m in health.warnings)
+  assert health.overall["relative_stddev"] > 1
+
+
+def test_no_update_yet_and_wrappers():
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    blrax.ivon(0.1, ess=10.0, hess_init=0.5))
+  state = opt.init(ZEROS)
+  health = blrax.posterior_health(ZEROS, state, hess_init=0.5, b2=0.99999,
+                                  warn=False)
+  assert health.steps == 0 and "No update yet" in health.warnings[0]
+  # Two posteriors (partition): one row per leaf, the second prefixed.
+  labels = {"a": "x", "b": "x", "c": "y", "d": "y"}
+  opt = optax.partition({"x": blrax.ivon(0.1, ess=10.0, key=1),
+                         "y": blrax.von(0.1, ess=10.0, key=2)}, labels)
+  state = opt.init(ZEROS)
+  health = blrax.posterior_health(ZEROS, state, hess_init=1.0, b2=0.99999,
+                                  warn=False)
+  assert set(health.leaves) == {"a", "b", "posterior1/c", "posterior1/d"}
+
+
+def test_full_covariance_uses_the_diagonal():
+  opt = blrax.von(0.1, ess=10.0, hess_init=2.0, b2=0.9, covariance="full")
+  params = jnp.zeros(3)
+  state = opt.init(params)
+  state = opt.update(jnp.zeros(3), state, params, hessian=jnp.eye(3) * 4.0)[1]
+  health = blrax.posterior_health(params, state, hess_init=2.0, b2=0.9,
+                                  warn=False)
+  h = 0.9 * 2.0 + 0.1 * 4.0
+  np.testing.assert_allclose(health.leaves["params"]["init_share"], 1.8 / h,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hess_init": -1.0, "b2": 0.9}, "hess_init"),
+    ({"hess_init": 1.0, "b2": 0.0}, "b2"),
+    ({"hess_init": 1.0, "b2": 1.5}, "b2"),
+    ({"hess_init": 1.0, "b2": float("nan")}, "b2"),
+    ({"hess_init": 1.0, "b2": 0.9, "share_threshold": 1.0}, "share_threshold"),
+])
+def test_bad_arguments(kwargs, match):
+  state = blrax.ivon(0.1, ess=10.0).init(ZEROS)
+  with pytest.raises(ValueError, match=match):
+    blrax.posterior_health(ZEROS, state, **kwargs)
+
+
+def test_wrong_state_or_params():
+  with pytest.raises(ValueError, match="no blrax posterior"):
+    blrax.posterior_health(ZEROS, optax.adam(1e-3).init(ZEROS), hess_init=1.0,
+                           b2=0.9)
+  state = blrax.ivon(0.1, ess=10.0).init(ZEROS)
+  with pytest.raises(ValueError):
+    blrax.posterior_health({"a": jnp.zeros(2)}, state, hess_init=1.0, b2=0.9)
+
+
+class _no_warnings:
+  def __enter__(self):
+    import warnings
+    self._ctx = warnings.catch_warnings()
+    self._ctx.__enter__()
+    warnings.simplefilter("error")
+
+  def __exit__(self, *exc):
+    return self._ctx.__exit__(*exc)
