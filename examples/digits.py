@@ -93,17 +93,16 @@ def run_seed(seed, args):
   optimizer = fit(model, ivon, ivon_step, (x_tr, y_tr), args.epochs, args.batch,
                   seed, f"IVON seed {seed}")
 
-  graphdef, mean = nnx.split(model, nnx.Param)
-  mean = nnx.as_pure(mean)
-  apply = lambda p, inputs: nnx.merge(graphdef, p)(inputs)
+  # The predictive functions take the NNX model and its optimizer directly
+  # (apply_fn=None calls model(x)); only the nnx.Param variables are drawn.
   xt = jnp.asarray(x_te)
   probs = {
       "AdamW": jax.nn.softmax(adam_model(xt)),
-      "IVON (mean)": blrax.predictive.predictive_probs(apply, None, mean,
-                                                       optimizer.opt_state, xt,
+      "IVON (mean)": blrax.predictive.predictive_probs(None, None, model,
+                                                       optimizer, xt,
                                                        mean_only=True),
       f"IVON (BMA, {args.samples})": blrax.predictive.predictive_probs(
-          apply, jax.random.key(seed + 100), mean, optimizer.opt_state, xt,
+          None, jax.random.key(seed + 100), model, optimizer, xt,
           num_samples=args.samples, chunk_size=min(16, args.samples)),
   }
   labels = jnp.asarray(y_te)

@@ -254,3 +254,21 @@ def test_nnx_state_needs_apply_fn():
   model, opt = _net(1)
   with pytest.raises(TypeError, match="apply_fn"):
     predictive_probs(None, 0, nnx.state(model), opt, X)
+
+
+def test_the_readme_loop_runs():
+  """The README's loop, as printed, trains a logistic regression."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  code = re.search(r"## The loop\n\n```python\n(.*?)```", text, re.S).group(1)
+  batch = (X, Y)
+  namespace = {"params": PARAMS, "train_set": X, "key": jax.random.key(0),
+               "loss_fn": lambda p, b: loss(p, *b)}
+  exec(code, namespace)
+  params, opt_state = namespace["params"], namespace["opt_state"]
+  first = loss(params, *batch)
+  for _ in range(30):
+    params, opt_state = namespace["train_step"](params, opt_state, batch)
+  assert loss(params, *batch) < first
+  assert namespace["samples"]["w"].shape == (32, 3, 2)

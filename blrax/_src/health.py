@@ -205,7 +205,9 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
         "1/sqrt(ess*hess_init*b2^t) measures hess_init, not the data. Lower "
         f"b2 so that 1/(1-b2) is well below the number of steps (e.g. b2 = "
         f"{suggested:.4g} for {steps} steps), or train longer; a smaller "
-        "hess_init also lets the data show sooner.")
+        "hess_init also lets the data show sooner. The data's curvature alone "
+        f"(median {overall['data_curvature']:.3g}) would give sigma ~ "
+        f"{width(ess * (overall['data_curvature'] + delta)):.3g}.")
   if steps and overall["prior_share"] > share_threshold:
     found.append(
         f"The prior dominates: weight_decay = {delta:.3g} is "
