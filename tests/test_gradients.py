@@ -272,3 +272,9 @@ def test_the_readme_loop_runs():
     params, opt_state = namespace["train_step"](params, opt_state, batch)
   assert loss(params, *batch) < first
   assert namespace["samples"]["w"].shape == (32, 3, 2)
+
+
+def test_nnx_sample_refuses_several_draws():
+  model, opt = _net(2)
+  with pytest.raises(ValueError, match="mc_samples=2"):
+    blrax.flax.nnx_sample(model, opt)

@@ -33,7 +33,34 @@ def nnx_sample(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
 
   The clone is independent (no aliasing): running it never writes the draw
   into ``model``. Params outside ``optimizer.wrt`` are copied unchanged.
+
+  Args:
+    model: the model; its params are the posterior mean.
+    optimizer: an ``nnx.Optimizer`` holding a blrax optimizer with
+      ``mc_samples=1`` (for several draws use :func:`nnx_value_and_grad`).
+
+  Returns:
+    A new ``nnx.Module`` like ``model`` holding the draw.
+
+  Raises:
+    ValueError: if the optimizer draws ``mc_samples > 1`` samples per step.
+
+  Examples:
+    >>> import blrax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, blrax.ivon(0.1, ess=8.0),
+    ...                           wrt=nnx.Param)
+    >>> sample = blrax.flax.nnx_sample(model, optimizer)
+    >>> bool((sample.kernel[...] != model.kernel[...]).all())
+    True
   """
+  draws = gradients.num_draws(optimizer.opt_state)
+  if draws != 1:
+    raise ValueError(
+        f"nnx_sample makes one model, but the optimizer draws mc_samples={draws}"
+        " samples per step; use blrax.flax.nnx_value_and_grad, which vmaps "
+        "over them.")
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
   theta = lookup.sample_params(params, optimizer.opt_state)
   sample = nnx.clone(model)
@@ -186,13 +213,48 @@ class VariationalTrainState(train_state.TrainState):
   ``state.sample_params()`` is the draw to take gradients at;
   ``state.apply_gradients(grads=..., hessian=...)`` updates the mean and
   forwards ``hessian`` (and any ``update_kwargs``) to the optimizer.
+
+  Attributes:
+    step: the number of updates so far.
+    apply_fn: the Linen ``module.apply``.
+    params: the posterior mean.
+    tx: the blrax optimizer (possibly wrapped).
+    opt_state: its state, holding the posterior.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, blrax
+    >>> module = nn.Dense(1)
+    >>> params = module.init(jax.random.key(0), jnp.ones((1, 2)))
+    >>> state = blrax.flax.VariationalTrainState.create(
+    ...     apply_fn=module.apply, params=params,
+    ...     tx=blrax.ivon(0.1, ess=8.0))
+    >>> loss = lambda p: jnp.mean(state.apply_fn(p, jnp.ones((4, 2))) ** 2)
+    >>> state = state.apply_gradients(grads=jax.grad(loss)(state.sample_params()))
+    >>> int(state.step)
+    1
   """
 
   def sample_params(self) -> Any:
+    """The draw the next update expects.
+
+    Returns:
+      ``blrax.sample_params(self.params, self.opt_state)``.
+    """
     return lookup.sample_params(self.params, self.opt_state)
 
   def apply_gradients(self, *, grads: Any, hessian: Any = None,
                       update_kwargs: dict | None = None, **kwargs: Any):
+    """One optimizer update of the mean.
+
+    Args:
+      grads: gradients at :meth:`sample_params`.
+      hessian: optional, forwarded to the optimizer's ``update``.
+      update_kwargs: other extra arguments of the optimizer's ``update``.
+      **kwargs: fields to replace, as in ``TrainState.apply_gradients``.
+
+    Returns:
+      The new state, with ``step`` incremented.
+    """
     extra = dict(update_kwargs or {})
     if hessian is not None:
       extra["hessian"] = hessian
