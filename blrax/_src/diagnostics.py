@@ -45,6 +45,14 @@ def posterior_summary(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
 
   Raises:
     ValueError: if ``opt_state`` holds no blrax posterior.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> state = blrax.ivon(0.1, ess=100.0, hess_init=1.0).init(
+    ...     {"w": jnp.zeros(3)})
+    >>> summary = blrax.posterior_summary(state)
+    >>> sorted(summary), round(float(summary["stddev/w"]["median"]), 4)
+    (['curvature/w', 'stddev/w'], 0.1)
   """
   out = {}
   for index, posterior in enumerate(lookup.find_posteriors(opt_state)):
@@ -62,9 +70,25 @@ def posterior_summary(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
 def export_posterior(params: Any, opt_state: Any) -> dict[str, Any]:
   """``{"mean": params, "stddev": sigma}``, both pytrees like the params.
 
+  Args:
+    params: the posterior mean.
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+
+  Returns:
+    A dict with ``"mean"`` (``params``) and ``"stddev"``
+    (``blrax.posterior_stddev(opt_state, params)``).
+
   Raises:
     ValueError: if ``opt_state`` holds no blrax posterior, or its posterior
       does not have the params' tree and shapes.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = blrax.ivon(0.1, ess=4.0, hess_init=1.0,
+    ...                    weight_decay=0.0).init(params)
+    >>> blrax.export_posterior(params, state)["stddev"]["w"]
+    Array([0.5, 0.5], dtype=float32)
   """
   for posterior in lookup.find_posteriors(opt_state):
     _check_tree(params, jax.eval_shape(posterior.stddev))
