@@ -198,6 +198,18 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, opt_state: Any,
 
   Raises:
     TypeError: if ``metadata`` is not a JSON-serialisable mapping.
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp, blrax
+    >>> from blrax.checkpoint import save_checkpoint
+    >>> opt = blrax.ivon(0.1, ess=100.0)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...   path = os.path.join(tmp, "step_100")
+    ...   save_checkpoint(path, params, opt.init(params),
+    ...                   metadata={"optimizer": "ivon"})
+    ...   print(os.path.exists(os.path.join(path, "blrax_tree.json")))
+    True
   """
   ocp = _orbax()
   record = _describe({"params": params, "opt_state": opt_state})
@@ -268,6 +280,21 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
       ``opt_state[0].posterior.noise_state.key: saved shape () dtype
       key<fry>, template has shape (2,) dtype key<fry>``), if the template
       or ``metadata`` does not match the checkpoint.
+
+  Examples:
+    >>> import os, tempfile, jax.numpy as jnp, blrax
+    >>> from blrax.checkpoint import restore_checkpoint, save_checkpoint
+    >>> opt = blrax.ivon(0.1, ess=100.0, key=7)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = opt.init(params)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...   path = os.path.join(tmp, "step_100")
+    ...   save_checkpoint(path, params, state)
+    ...   template = {"w": jnp.zeros(2)}  # any params of the same structure
+    ...   params, state = restore_checkpoint(path, template,
+    ...                                      opt.init(template))
+    >>> print(params["w"], state[0].posterior.noise_state.key.dtype)
+    [1. 1.] key<fry>
   """
   ocp = _orbax()
   directory = os.path.abspath(directory)

@@ -45,12 +45,25 @@ from blrax._src import steps as steps_lib
 class ScaleByBLRState(NamedTuple):
   """State of a diagonal BLR transform (:func:`scale_by_blr`).
 
+  ``ScaleByIVONState``, ``ScaleByVONState`` (diagonal), ``ScaleByVadamState``
+  and ``ScaleByVOGNState`` are this type.
+
   Attributes:
     count: number of updates so far (int32).
     momentum: the step's momentum, float32 or wider, like the params; an
       empty tuple for steps without momentum (VON).
     posterior: the :class:`blrax.DiagonalGaussian`: noise state (key),
       curvature :math:`h`, ess, weight decay.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> state = blrax.ivon(0.1, ess=100.0).init(jnp.zeros(2))
+    >>> isinstance(state[0], blrax.ScaleByBLRState)  # state[1]: the lr's
+    True
+    >>> blrax.ScaleByIVONState is blrax.ScaleByBLRState
+    True
+    >>> print(state[0].count, state[0].posterior.curvature)
+    0 [1. 1.]
   """
 
   count: jax.Array
@@ -93,7 +106,21 @@ def scale_by_blr(
     accepts_hessian: whether ``update`` takes ``hessian=``.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`ScaleByBLRState`.
+
+  Examples:
+    Diagonal VON (:func:`scale_by_von`) from its parts:
+
+    >>> import jax.numpy as jnp, blrax
+    >>> from blrax._src import curvature, steps
+    >>> tx = blrax.scale_by_blr(
+    ...     estimator=curvature.PRICE, precision=curvature.positive_ema,
+    ...     step=steps.newton(), ess=100.0, hess_init=1.0, b2=0.9999,
+    ...     weight_decay=0.0, mc_samples=1, key=0, noise="normal",
+    ...     hessian_precision=curvature.ema, accepts_hessian=True)
+    >>> print(blrax.posterior_stddev(tx.init(jnp.zeros(2))))
+    [0.1 0.1]
   """
   validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
   validation.check_state_scale("hess_init", hess_init)

@@ -157,6 +157,15 @@ class ExponentialFamily:
     natural_domain: ``eta -> bool`` scalar, true inside the domain of
       :math:`A`; ``None`` checks finiteness only.
     domain_text: the domain in words, for error messages.
+
+  Examples:
+    >>> import blrax
+    >>> family = blrax.expfam.gamma()
+    >>> eta = family.to_natural(2.0, 0.5)  # shape alpha = 2, rate beta = 0.5
+    >>> print(eta)
+    [ 1.  -0.5]
+    >>> print(family.mean_params(eta)[1])  # E[x] = alpha / beta
+    4.0
   """
 
   name: str
@@ -222,20 +231,41 @@ class ExponentialFamily:
     return self._checked(eta, name)[0]
 
   def mean_params(self, eta: jax.Array) -> jax.Array:
-    """:math:`\\mu = \\nabla A(\\eta) = E_q[T(\\theta)]` (NaN if ``eta`` is invalid)."""
+    """:math:`\\mu = \\nabla A(\\eta) = E_q[T(\\theta)]`.
+
+    Args:
+      eta: the natural parameter (checked as by :meth:`check_natural`).
+
+    Returns:
+      The mean parameters, shaped like ``eta``; NaN if ``eta`` is invalid
+      (traced).
+    """
     eta, ok = self._checked(eta)
     return _nan_unless(ok, jax.grad(self.log_partition.unchecked)(eta))
 
   def fisher(self, eta: jax.Array) -> jax.Array:
-    """:math:`F(\\eta) = \\nabla^2 A(\\eta)`, the Fisher information (NaN if
-    ``eta`` is invalid)."""
+    """:math:`F(\\eta) = \\nabla^2 A(\\eta)`, the Fisher information.
+
+    Args:
+      eta: the natural parameter (checked as by :meth:`check_natural`).
+
+    Returns:
+      A ``(k, k)`` matrix for ``eta`` of shape ``(k,)``; NaN if ``eta`` is
+      invalid (traced).
+    """
     eta, ok = self._checked(eta)
     return _nan_unless(ok, jax.hessian(self.log_partition.unchecked)(eta))
 
   def kl(self, eta_q: jax.Array, eta_p: jax.Array) -> jax.Array:
     """:math:`\\mathrm{KL}(q\\|p)`, the Bregman divergence of :math:`A`.
 
-    NaN if either parameter is invalid (traced); concrete invalid ones raise.
+    Args:
+      eta_q: the natural parameter of :math:`q`.
+      eta_p: the natural parameter of :math:`p`.
+
+    Returns:
+      A scalar; NaN if either parameter is invalid (traced). Concrete invalid
+      ones raise ``ValueError``.
     """
     eta_q, ok_q = self._checked(eta_q, "eta_q")
     eta_p, ok_p = self._checked(eta_p, "eta_p")
@@ -269,8 +299,29 @@ def natural_gradient(family: ExponentialFamily, eta: jax.Array,
   expected log-likelihood in closed form). The pseudo-inverse handles
   over-complete parameterisations such as the full Gaussian's
   :math:`D\times D` block, whose antisymmetric directions carry no curvature.
-  ``eta`` is checked as in :meth:`ExponentialFamily.check_natural`; the
-  result is NaN for an invalid traced ``eta``.
+  ``eta`` is checked as in :meth:`ExponentialFamily.check_natural`.
+
+  Args:
+    family: the family of ``eta``.
+    eta: the natural parameter at which to differentiate.
+    objective: a scalar function of the mean parameters :math:`\mu`.
+
+  Returns:
+    :math:`\nabla_\mu` ``objective``, shaped like ``eta``; NaN for an
+    invalid traced ``eta``.
+
+  Examples:
+    A function linear in :math:`\mu` has its coefficients as natural
+    gradient:
+
+    >>> import jax, jax.numpy as jnp, blrax
+    >>> family = blrax.expfam.diagonal_gaussian(1)
+    >>> eta = family.to_natural(jnp.array([1.0]), jnp.array([0.5]))
+    >>> objective = lambda mu: 3.0 * mu[0] - mu[1]
+    >>> grad = jax.jit(blrax.expfam.natural_gradient, static_argnums=(0, 2))(
+    ...     family, eta, objective)
+    >>> print(jnp.round(grad, 4))
+    [ 3. -1.]
   """
   if not isinstance(family, ExponentialFamily):
     raise _TypeError(
@@ -303,6 +354,24 @@ def blr_step(family: ExponentialFamily, eta: jax.Array, prior_eta: jax.Array,
   Returns:
     The new natural parameter; NaN under ``jit`` when ``eta``, ``prior_eta``
     or ``rho`` is invalid (concrete invalid values raise ``ValueError``).
+
+  Examples:
+    The mean :math:`\theta` of unit-variance Gaussian data ``y = (1, 2, 3)``
+    under a prior :math:`N(0, 1)`. The expected log-likelihood
+    :math:`\sum_i (y_i E[\theta] - E[\theta^2]/2)` is linear in
+    :math:`\mu = (E[\theta], E[\theta^2])`, so one step with ``rho=1`` is
+    Bayes' rule, the posterior :math:`N(1.5, 0.25)`:
+
+    >>> import jax, jax.numpy as jnp, blrax
+    >>> family = blrax.expfam.diagonal_gaussian(1)
+    >>> prior = family.to_natural(jnp.zeros(1), jnp.ones(1))
+    >>> y = jnp.array([1.0, 2.0, 3.0])
+    >>> log_lik = lambda mu: jnp.sum(y) * mu[0] - 0.5 * len(y) * mu[1]
+    >>> step = jax.jit(
+    ...     lambda eta: blrax.expfam.blr_step(family, eta, prior, log_lik))
+    >>> mean, var = family.from_natural(step(prior))
+    >>> print(jnp.round(mean, 4), jnp.round(var, 4))
+    [1.5] [0.25]
   """
   if not isinstance(family, ExponentialFamily):
     raise _TypeError(
@@ -340,6 +409,16 @@ def beta() -> ExponentialFamily:
   """Beta(alpha, beta) on (0, 1): T = (log x, log(1-x)), eta = (alpha-1, beta-1).
 
   ``eta`` has shape ``(2,)`` and ``eta > -1`` (``alpha, beta > 0``).
+
+  Returns:
+    The :class:`ExponentialFamily`; ``to_natural(alpha, beta)`` and
+    ``from_natural(eta) -> (alpha, beta)``.
+
+  Examples:
+    >>> import blrax
+    >>> family = blrax.expfam.beta()
+    >>> print(family.to_natural(2.0, 3.0))
+    [1. 2.]
   """
 
   def log_partition(eta):
@@ -369,6 +448,17 @@ def gamma() -> ExponentialFamily:
   """Gamma(shape alpha, rate beta): T = (log x, x), eta = (alpha-1, -beta).
 
   ``eta`` has shape ``(2,)``, ``eta[0] > -1`` and ``eta[1] < 0``.
+
+  Returns:
+    The :class:`ExponentialFamily`; ``to_natural(alpha, beta)`` and
+    ``from_natural(eta) -> (alpha, beta)``.
+
+  Examples:
+    >>> import blrax
+    >>> family = blrax.expfam.gamma()
+    >>> eta = family.to_natural(2.0, 0.5)
+    >>> print(eta, [float(p) for p in family.from_natural(eta)])
+    [ 1.  -0.5] [2.0, 0.5]
   """
 
   def params(eta):
@@ -404,6 +494,16 @@ def dirichlet() -> ExponentialFamily:
   """Dirichlet(alpha) on the simplex: T = log x, eta = alpha - 1.
 
   ``eta`` has shape ``(k,)``, ``k >= 1``, and ``eta > -1`` (``alpha > 0``).
+
+  Returns:
+    The :class:`ExponentialFamily`; ``to_natural(alpha)`` and
+    ``from_natural(eta) -> (alpha,)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> family = blrax.expfam.dirichlet()
+    >>> print(family.to_natural(jnp.array([1.0, 2.0, 3.0])))
+    [0. 1. 2.]
   """
 
   def log_partition(eta):
@@ -445,6 +545,23 @@ def gaussian(dim: int) -> ExponentialFamily:
   shape ``(D + D*D,)`` and its symmetrised precision block must be positive
   definite. ``to_natural(mean, cov)`` needs ``mean`` of shape ``(D,)`` and a
   symmetric (to a relative ``sqrt(eps)``) positive definite ``cov``.
+
+  Args:
+    dim: :math:`D`, the dimension (an int >= 1).
+
+  Returns:
+    The :class:`ExponentialFamily`; ``to_natural(mean, cov)`` and
+    ``from_natural(eta) -> (mean, cov)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> family = blrax.expfam.gaussian(2)
+    >>> eta = family.to_natural(jnp.array([1.0, -1.0]), 2.0 * jnp.eye(2))
+    >>> eta.shape
+    (6,)
+    >>> mean, cov = family.from_natural(eta)
+    >>> print(mean)
+    [ 1. -1.]
   """
   dim = _dim(dim)
 
@@ -503,6 +620,19 @@ def diagonal_gaussian(dim: int) -> ExponentialFamily:
 
   ``eta`` has shape ``(2D,)`` with ``eta[D:] < 0``; ``to_natural(mean, var)``
   needs shapes ``(D,)`` and ``var > 0``.
+
+  Args:
+    dim: :math:`D`, the dimension (an int >= 1).
+
+  Returns:
+    The :class:`ExponentialFamily`; ``to_natural(mean, var)`` and
+    ``from_natural(eta) -> (mean, var)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> family = blrax.expfam.diagonal_gaussian(2)
+    >>> print(family.to_natural(jnp.array([1.0, 2.0]), jnp.array([1.0, 0.5])))
+    [ 1.   4.  -0.5 -1. ]
   """
   dim = _dim(dim)
 

@@ -84,12 +84,25 @@ def price_curvature(grads: jax.Array, noise: jax.Array,
 class FullGaussian(NamedTuple):
   r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.
 
+  The posterior of ``blrax.von(..., covariance="full")``.
+
   Attributes:
     key: PRNG key of the next draw (a batch of keys for several samples).
     curvature: :math:`S`, a ``(D, D)`` symmetric matrix (float32 or wider).
     ess: :math:`\lambda`, a float scalar.
     weight_decay: :math:`\delta`, a float scalar.
     template: zero-size arrays shaped like the params (for unflattening).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.von(0.1, ess=4.0, covariance="full", weight_decay=0.0)
+    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
+    >>> print(posterior.curvature)
+    [[1. 0.]
+     [0. 1.]]
+    >>> print(posterior.precision())  # ess * (S + weight_decay * I)
+    [[4. 0.]
+     [0. 4.]]
   """
 
   key: jax.Array

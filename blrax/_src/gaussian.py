@@ -66,6 +66,9 @@ def stddev(curvature: jax.Array, ess: jax.Array, weight_decay: jax.Array):
 class DiagonalGaussian(NamedTuple):
   r"""A diagonal Gaussian :math:`N(m, 1/(\lambda(h+\delta)))` around the params.
 
+  The posterior of every diagonal variant (IVON, diagonal VON, Vadam,
+  VOGN), found in their states by :func:`blrax.find_posteriors`.
+
   Attributes:
     noise_state: the state of the noise generator (``blrax.noise``): the
       PRNG key of the next draw (``mc_samples`` keys when the optimizer draws
@@ -74,6 +77,15 @@ class DiagonalGaussian(NamedTuple):
       a wrapper masked a param out), float32 or wider.
     ess: :math:`\lambda`, the effective sample size, a float scalar.
     weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, hess_init=3.0, weight_decay=1.0)
+    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
+    >>> print(posterior.curvature, posterior.ess, posterior.weight_decay)
+    [3. 3.] 100.0 1.0
+    >>> print(posterior.stddev())  # 1 / sqrt(ess * (h + weight_decay))
+    [0.05 0.05]
   """
 
   noise_state: Any

@@ -46,6 +46,15 @@ class PosteriorHealth:
     overall: the same medians over every entry of every leaf.
     warnings: plain-language findings, each with what to change; empty when
       the posterior is set by the data.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = blrax.ivon(0.1, ess=10.0).init(params)
+    >>> health = blrax.posterior_health(params, state, hess_init=1.0,
+    ...                                 b2=0.99999, warn=False)
+    >>> health.steps, health.ok
+    (0, False)
   """
 
   steps: int

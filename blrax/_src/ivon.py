@@ -85,6 +85,14 @@ def scale_by_ivon(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, blrax
+    >>> tx = optax.chain(blrax.scale_by_ivon(ess=100.0, weight_decay=0.0),
+    ...                  optax.scale(-0.1))  # = blrax.ivon(0.1, ...)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> print(blrax.posterior_stddev(state))  # 1 / sqrt(ess * hess_init)
+    [0.1 0.1]
+
   References:
     Shen et al., `Variational Learning is Effective for Large Deep Networks
     <https://arxiv.org/abs/2402.17641>`_, ICML 2024.

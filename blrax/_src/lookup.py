@@ -55,8 +55,22 @@ def _unwrap_nnx(tree: Any) -> Any:
 def find_posteriors(opt_state: Any) -> list[Any]:
   """All variational sub-states in ``opt_state``, in tree order.
 
+  Args:
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers.
+
+  Returns:
+    A list of posteriors (:class:`blrax.DiagonalGaussian`,
+    :class:`blrax.FullGaussian`): one per blrax optimizer in the state.
+
   Raises:
     ValueError: if there is none.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, blrax
+    >>> opt = optax.chain(optax.clip(1.0), blrax.ivon(0.1, ess=100.0))
+    >>> posteriors = blrax.find_posteriors(opt.init(jnp.zeros(2)))
+    >>> [type(p).__name__ for p in posteriors]
+    ['DiagonalGaussian']
   """
   opt_state = _unwrap_nnx(opt_state)
   found = [
@@ -130,6 +144,14 @@ def sample_params(params: Any, opt_state: Any) -> Any:
 
   Returns:
     A pytree like ``params``, in the params' dtypes.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, mc_samples=4)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> theta = blrax.sample_params(params, opt.init(params))
+    >>> theta["w"].shape  # mc_samples draws along a leading axis
+    (4, 3)
   """
   posteriors = find_posteriors(opt_state)
   mc = _mc_samples(posteriors)
@@ -151,6 +173,13 @@ def posterior_stddev(opt_state: Any, params: Any | None = None) -> Any:
 
   Returns:
     A pytree of float32 (or wider) arrays.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, hess_init=4.0, weight_decay=0.0)
+    >>> state = opt.init({"w": jnp.zeros(2)})
+    >>> print(blrax.posterior_stddev(state)["w"])  # 1 / sqrt(ess * h)
+    [0.05 0.05]
   """
   posteriors = find_posteriors(opt_state)
   trees = [p.stddev() for p in posteriors]
@@ -181,6 +210,15 @@ def sample_posterior(
 
   Returns:
     A pytree like ``params`` whose leaves have a leading axis ``num_samples``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> samples = blrax.sample_posterior(jax.random.key(1), params,
+    ...                                  opt.init(params), num_samples=8)
+    >>> samples["w"].shape
+    (8, 3)
   """
   num_samples = validation.check_integer("num_samples", num_samples, low=1)
   key = noise_lib.canonicalize_key(key)

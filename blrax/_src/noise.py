@@ -139,6 +139,15 @@ class NormalNoiseState(NamedTuple):
 
   Attributes:
     key: a typed PRNG key, or ``mc_samples`` of them.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, mc_samples=4)
+    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
+    >>> isinstance(posterior.noise_state, blrax.noise.NormalNoiseState)
+    True
+    >>> posterior.noise_state.key.shape  # one key per sample
+    (4,)
   """
 
   key: jax.Array
@@ -157,6 +166,13 @@ class HashNoiseState(NamedTuple):
 
   Attributes:
     key: a typed PRNG key, or ``mc_samples`` of them (advanced every step).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise="hash")
+    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
+    >>> isinstance(posterior.noise_state, blrax.noise.HashNoiseState)
+    True
   """
 
   key: jax.Array
@@ -178,6 +194,15 @@ class FlipNoiseState(NamedTuple):
     base_noise: :math:`z`, a stored standard-normal draw like the params.
     refresh_phase: int32 scalar, which slice of :math:`z` the next update
       redraws.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise=blrax.flip_noise(8))
+    >>> noise_state = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0].noise_state
+    >>> isinstance(noise_state, blrax.noise.FlipNoiseState)
+    True
+    >>> noise_state.base_noise.shape, int(noise_state.refresh_phase)
+    ((2,), 0)
   """
 
   key: jax.Array
@@ -229,7 +254,14 @@ class _KeyedNoise:
 
 @dataclasses.dataclass(frozen=True)
 class NormalNoise(_KeyedNoise):
-  """``noise="normal"``: a fresh ``jax.random.normal`` draw every step."""
+  """``noise="normal"``: a fresh ``jax.random.normal`` draw every step.
+
+  The default generator; its state is a :class:`NormalNoiseState`.
+
+  Examples:
+    >>> import blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise=blrax.noise.NormalNoise())
+  """
 
   state_type = NormalNoiseState
 
@@ -237,7 +269,17 @@ class NormalNoise(_KeyedNoise):
 @dataclasses.dataclass(frozen=True)
 class HashNoise(_KeyedNoise):
   """``noise="hash"``: a fresh draw from a counter hashed by MurmurHash3's
-  finaliser, keyed by the state's threefry key (see ``fast_noise.py``)."""
+  finaliser, keyed by the state's threefry key.
+
+  Exact normal marginals, about 4x fewer integer operations than threefry
+  (see ``blrax/_src/fast_noise.py``); its state is a :class:`HashNoiseState`.
+
+  Examples:
+    >>> import blrax
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise=blrax.noise.HashNoise())
+    >>> blrax.noise.HashNoise() == blrax.noise.HashNoise()  # a plain value
+    True
+  """
 
   state_type = HashNoiseState
 
@@ -265,6 +307,18 @@ class FlipNoise:
   the params.
 
   A plain frozen value, so ``optax.inject_hyperparams`` keeps it static.
+  Its state is a :class:`FlipNoiseState`.
+
+  Attributes:
+    refresh_every: the refresh period :math:`K` (an int >= 1): every step
+      redraws :math:`1/K` of the stored draw.
+
+  Examples:
+    >>> import blrax
+    >>> noise = blrax.noise.FlipNoise(refresh_every=64)
+    >>> noise == blrax.flip_noise(64), noise == blrax.noise.FlipNoise()
+    (True, False)
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise=noise)
 
   References:
     Wen et al., `Flipout: Efficient Pseudo-Independent Weight Perturbations
@@ -295,10 +349,22 @@ class FlipNoise:
 
 
 def flip_noise(refresh_every: int = 32) -> FlipNoise:
-  """``noise=blrax.flip_noise(refresh_every)``: sign-flip noise, see
-  :class:`FlipNoise` for what its statistics keep and lose.
+  """``noise=blrax.flip_noise(refresh_every)``: sign-flip noise.
 
-  Example:
+  Cheap weight noise for CPU: random sign flips of a stored normal draw that
+  is redrawn slice by slice. See :class:`blrax.noise.FlipNoise` for what its
+  statistics keep and lose.
+
+  Args:
+    refresh_every: every element of the stored draw is redrawn at least every
+      ``refresh_every`` steps (an int >= 1); keep it well below
+      ``1 / (1 - b2)``.
+
+  Returns:
+    A :class:`blrax.noise.FlipNoise`, for the ``noise=`` argument of any
+    diagonal optimizer (``noise="flip"`` is ``flip_noise(32)``).
+
+  Examples:
     >>> import blrax
     >>> opt = blrax.ivon(0.1, ess=1e4, noise=blrax.flip_noise(refresh_every=64))
   """

@@ -75,6 +75,13 @@ def scale_by_vadam(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> tx = blrax.scale_by_vadam(ess=1000.0, batch_size=32)
+    >>> state = tx.init(jnp.zeros(3))
+    >>> print(state.posterior.curvature)  # h starts at hess_init
+    [1. 1. 1.]
+
   References:
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
@@ -144,6 +151,19 @@ def vadam(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    Without noise (``ess=inf``) and with ``hess_init=0``, a step is Adam's:
+
+    >>> import jax.numpy as jnp, optax, blrax
+    >>> grads, params = jnp.array([0.5, -2.0]), jnp.zeros(2)
+    >>> vadam = blrax.vadam(0.1, ess=jnp.inf, hess_init=0.0, b2=0.999,
+    ...                     weight_decay=1e-8)
+    >>> adam = optax.adam(0.1, eps=1e-8)
+    >>> u_vadam, _ = vadam.update(grads, vadam.init(params), params)
+    >>> u_adam, _ = adam.update(grads, adam.init(params), params)
+    >>> print(jnp.allclose(u_vadam, u_adam))
+    True
 
   References:
     Khan et al., `Fast and Scalable Bayesian Deep Learning by

@@ -32,7 +32,7 @@ def per_example_grads(
     A pytree like ``params`` with a leading batch axis (after the sample axis
     when ``mc_samples > 1``): what :func:`vogn`'s ``update`` takes.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, blrax
     >>> loss = lambda w, x, y: 0.5 * (x @ w - y) ** 2
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.array([1.0, 0.0])
@@ -86,6 +86,12 @@ def scale_by_vogn(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> state = blrax.scale_by_vogn(ess=1000.0, hess_init=0.5).init(jnp.zeros(2))
+    >>> print(state.posterior.curvature)  # h starts at hess_init
+    [0.5 0.5]
 
   References:
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
@@ -144,6 +150,20 @@ def vogn(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, blrax
+    >>> loss = lambda w, x, y: 0.5 * (x @ w - y) ** 2  # of one example
+    >>> x, y = jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.array([1.0, 0.0])
+    >>> opt = blrax.vogn(0.1, ess=2.0)
+    >>> params = jnp.zeros(2)
+    >>> state = opt.init(params)
+    >>> theta = blrax.sample_params(params, state)
+    >>> grads = blrax.per_example_grads(loss, theta, x, y)  # batch axis first
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> grads.shape, params.shape
+    ((2, 2), (2,))
 
   References:
     Osawa et al., `Practical Deep Learning with Bayesian Principles

@@ -16,11 +16,20 @@ COVARIANCES = ("diag", "full")
 
 
 class ScaleByFullVONState(NamedTuple):
-  """State of the full-covariance VON transform.
+  """State of the full-covariance VON transform (:func:`scale_by_full_von`).
 
   Attributes:
     count: number of updates so far (int32).
     posterior: the :class:`blrax.FullGaussian`.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.von(0.1, ess=100.0, covariance="full")
+    >>> state = opt.init(jnp.zeros(2))
+    >>> isinstance(state[0], blrax.ScaleByFullVONState)
+    True
+    >>> state[0].posterior.curvature.shape
+    (2, 2)
   """
 
   count: jax.Array
@@ -113,7 +122,15 @@ def scale_by_von(
       ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs` (with
+    ``covariance="full"``, :func:`scale_by_full_von`'s).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> tx = blrax.scale_by_von(100.0, covariance="full")
+    >>> print(tx.init(jnp.zeros(2)).posterior.curvature)  # S = hess_init * I
+    [[1. 0.]
+     [0. 1.]]
 
   References:
     Khan & Rue, `The Bayesian Learning Rule
@@ -159,6 +176,30 @@ def scale_by_full_von(
   new :math:`S+\delta I` is not numerically positive definite (its Cholesky
   factor is not finite, e.g. a float32 curvature with a condition number
   near 1e8) keeps the previous curvature, so the state stays finite.
+
+  Args:
+    ess: effective sample size :math:`\lambda`; ``inf`` gives no noise (then
+      ``hessian=`` is required).
+    hess_init: initial curvature, :math:`S = h_0 I`.
+    b2: curvature decay; the curvature step is :math:`\rho = 1 - \beta_2`.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    mc_samples: samples per step (leading axis of draws and grads).
+    key: PRNG key or int seed of the weight noise.
+    max_dim: largest parameter count :math:`D` accepted.
+    noise: ``"normal"`` (or a :class:`blrax.noise.NormalNoise`), the only
+      generator for a full covariance.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`ScaleByFullVONState`; ``update`` accepts a ``(D, D)``
+    ``hessian=`` (``(mc_samples, D, D)`` when ``mc_samples > 1``).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> tx = blrax.scale_by_full_von(ess=4.0, weight_decay=0.0)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> print(blrax.posterior_stddev(state)["w"])  # 1 / sqrt(ess * hess_init)
+    [0.5 0.5]
   """
   if not (isinstance(noise, noise_lib.NormalNoise) or (
       isinstance(noise, str) and noise == "normal")):
@@ -308,14 +349,16 @@ def von(
     ``hessian=``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, blrax
+    One step of Newton's method on the quadratic
+    :math:`\tfrac12 p^\top A p - b^\top p` (gradient :math:`Ap - b`,
+    Hessian :math:`A`) lands on its minimum:
+
+    >>> import jax.numpy as jnp, blrax
     >>> a = jnp.array([[3.0, 1.0], [1.0, 2.0]]); b = jnp.array([1.0, -1.0])
-    >>> loss = lambda p: 0.5 * p @ a @ p - b @ p
     >>> opt = blrax.von(1.0, ess=jnp.inf, covariance="full", b2=0.0,
     ...                 weight_decay=0.0)
     >>> params = jnp.zeros(2); state = opt.init(params)
-    >>> updates, state = opt.update(jax.grad(loss)(params), state, params,
-    ...                             hessian=jax.hessian(loss)(params))
+    >>> updates, state = opt.update(a @ params - b, state, params, hessian=a)
     >>> print(jnp.allclose(params + updates, jnp.linalg.solve(a, b)))
     True
 

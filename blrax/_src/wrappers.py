@@ -39,7 +39,7 @@ def apply_if_finite(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, blrax
     >>> opt = blrax.apply_if_finite(
     ...     blrax.ivon(0.1, ess=100.0, mc_samples=2), max_consecutive_errors=3)
