@@ -133,13 +133,18 @@ def test_int_leaves_get_no_noise_and_no_update():
     opt = factory(0.1, ess=100.0)
     state = opt.init(params)
     p = params
-    for _ in range(20):
+
+    @jax.jit  # one compile; the eager loop took ~100 s of CI time
+    def step(p, state):
       theta = blrax.sample_params(p, state)
-      assert int(theta["step"]) == 5
       grads = jax.grad(loss, allow_int=True)(theta)
       assert grads["step"].dtype == jax.dtypes.float0
       updates, state = opt.update(grads, state, p)
-      p = optax.apply_updates(p, updates)
+      return optax.apply_updates(p, updates), state, theta["step"]
+
+    for _ in range(20):
+      p, state, theta_step = step(p, state)
+      assert int(theta_step) == 5
     assert int(p["step"]) == 5 and p["step"].dtype == jnp.int32
     assert float(jnp.abs(p["w"]).max()) < 1.0  # the float leaf trained
     sigma = blrax.posterior_stddev(state, p)
