@@ -7,6 +7,8 @@ precision and the PRNG key of the weight noise.
 Top level: the optimizers (and their ``scale_by_*`` transforms), the posterior
 functions and the posterior types. Topical modules: ``blrax.noise`` (weight
 noise generators), ``blrax.predictive`` (model averaging), ``blrax.metrics``,
+``blrax.uncertainty`` (a streaming uncertainty report, temperature scaling,
+conformal sets),
 ``blrax.expfam`` (exponential families, Bayes' rule as natural gradients),
 ``blrax.flax`` (NNX/Linen helpers; the ``flax`` extra) and
 ``blrax.checkpoint`` (orbax; the ``checkpoint`` extra).
@@ -15,7 +17,7 @@ noise generators), ``blrax.predictive`` (model averaging), ``blrax.metrics``,
 import importlib as _importlib
 import warnings as _warnings
 
-from blrax import expfam, metrics, noise, predictive
+from blrax import expfam, metrics, noise, predictive, uncertainty
 from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.full_gaussian import FullGaussian
@@ -74,16 +76,22 @@ __all__ = (
     "scale_by_vadam",
     "scale_by_vogn",
     "scale_by_von",
+    "uncertainty",
     "vadam",
     "value_and_grad",
     "vogn",
     "von",
 )
 
+# The metrics that lived at the top level in 0.1 (later ones never did).
+_METRICS_01 = ("accuracy", "brier_score", "calibration_bins",
+               "expected_calibration_error", "negative_log_likelihood",
+               "reliability_diagram")
+
 # Names that moved to a topical module in 0.2: still importable from the top
 # level for now, with a DeprecationWarning naming the new home.
 _MOVED = {
-    **dict.fromkeys(metrics.__all__, "blrax.metrics"),
+    **dict.fromkeys(_METRICS_01, "blrax.metrics"),
     **dict.fromkeys(predictive.__all__, "blrax.predictive"),
     **dict.fromkeys(("nnx_sample", "nnx_value_and_grad",
                      "VariationalTrainState"), "blrax.flax"),

@@ -1,10 +1,13 @@
-"""Metrics of predictive distributions: NLL, accuracy, ECE, Brier score."""
+"""Metrics of predictive distributions: NLL, accuracy, Brier score, ECE
+(equal-width, equal-mass, classwise) and MCE."""
 
 from blrax._src.metrics import (
     accuracy,
     brier_score,
     calibration_bins,
+    classwise_calibration_error,
     expected_calibration_error,
+    maximum_calibration_error,
     negative_log_likelihood,
     reliability_diagram,
 )
@@ -13,7 +16,9 @@ __all__ = (
     "accuracy",
     "brier_score",
     "calibration_bins",
+    "classwise_calibration_error",
     "expected_calibration_error",
+    "maximum_calibration_error",
     "negative_log_likelihood",
     "reliability_diagram",
 )

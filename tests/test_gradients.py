@@ -278,3 +278,18 @@ def test_nnx_sample_refuses_several_draws():
   model, opt = _net(2)
   with pytest.raises(ValueError, match="mc_samples=2"):
     blrax.flax.nnx_sample(model, opt)
+
+
+def test_nnx_model_in_the_uncertainty_report():
+  from blrax import uncertainty
+  model, opt = _net(1)
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  apply = lambda p, x: nnx.merge(graphdef, p, nnx.as_pure(rest))(x)
+  pure = nnx.as_pure(params)
+  want = uncertainty.posterior_predictor(apply, 3, pure, opt.opt_state,
+                                         num_samples=4)(X)
+  got = uncertainty.posterior_predictor(None, 3, model, opt, num_samples=4)(X)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  got = uncertainty.point_predictor(None, model)(X)
+  np.testing.assert_allclose(got[0], jax.nn.log_softmax(model(X)), rtol=1e-6)

@@ -21,7 +21,7 @@ import blrax.predictive
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODULES = ("blrax.expfam", "blrax.metrics", "blrax.predictive", "blrax.noise",
-           "blrax.flax", "blrax.checkpoint")
+           "blrax.uncertainty", "blrax.flax", "blrax.checkpoint")
 # The modules that need an optional extra, and the package it brings.
 EXTRAS = {"blrax.flax": "flax"}
 
@@ -54,7 +54,11 @@ def test_moved_names_cover_the_topical_modules():
     names = {n for n, h in moved.items() if h == home}
     if home in EXTRAS and importlib.util.find_spec(EXTRAS[home]) is None:
       continue
-    assert names == set(importlib.import_module(home).__all__), home
+    want = set(importlib.import_module(home).__all__)
+    if home == "blrax.metrics":  # only the 0.1 names moved; later ones are new
+      assert names == set(blrax._METRICS_01) and names <= want, home
+    else:
+      assert names == want, home
   # moved names are no longer advertised at the top level
   assert set(moved).isdisjoint(blrax.__all__)
 

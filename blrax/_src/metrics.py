@@ -1,4 +1,5 @@
-r"""Classification metrics for predictive distributions: NLL, accuracy, ECE, Brier.
+r"""Classification metrics of predictive distributions: NLL, accuracy, Brier,
+ECE (equal-width, equal-mass, classwise) and MCE.
 
 All take class probabilities ``probs`` of shape ``(n, k)`` and integer
 ``labels`` of shape ``(n,)``, and return a scalar mean. Arrays, NumPy arrays
@@ -152,6 +153,13 @@ def negative_log_likelihood(probs: jax.Array, labels: jax.Array,
   Returns:
     The mean NLL; NaN under ``jit`` when ``probs``, ``labels`` or ``eps`` are
     invalid (concrete invalid inputs raise ``ValueError``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import negative_log_likelihood
+    >>> probs = jnp.array([[0.5, 0.5], [0.25, 0.75]])
+    >>> round(float(negative_log_likelihood(probs, jnp.array([0, 1]))), 4)
+    0.4904
   """
   probs, labels, valid = _inputs(probs, labels)
   eps = _as_array("eps", eps)
@@ -171,8 +179,22 @@ def negative_log_likelihood(probs: jax.Array, labels: jax.Array,
 def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of rows whose most probable class is the label.
 
-  Ties go to the lowest class index. NaN under ``jit`` for invalid inputs
-  (see the module docstring; concrete invalid inputs raise ``ValueError``).
+  Ties go to the lowest class index.
+
+  Args:
+    probs: class probabilities ``(n, k)``; see the module docstring.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+
+  Returns:
+    A scalar in ``[0, 1]``; NaN under ``jit`` for invalid inputs (see the
+    module docstring; concrete invalid inputs raise ``ValueError``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import accuracy
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4]])
+    >>> float(accuracy(probs, jnp.array([0, 1])))
+    0.5
   """
   probs, labels, valid = _inputs(probs, labels)
   return _nan_unless(valid, jnp.mean(jnp.argmax(probs, axis=1) == labels))
@@ -181,8 +203,19 @@ def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
 def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
   r""":math:`\frac1n \sum_i \sum_c (p_{ic} - [y_i = c])^2` (multi-class Brier).
 
-  Lies in ``[0, 2]``. NaN under ``jit`` for invalid inputs (see the module
-  docstring; concrete invalid inputs raise ``ValueError``).
+  Args:
+    probs: class probabilities ``(n, k)``; see the module docstring.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+
+  Returns:
+    A scalar in ``[0, 2]``; NaN under ``jit`` for invalid inputs (see the
+    module docstring; concrete invalid inputs raise ``ValueError``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import brier_score
+    >>> round(float(brier_score(jnp.array([[0.75, 0.25]]), jnp.array([0]))), 4)
+    0.125
   """
   probs, labels, valid = _inputs(probs, labels)
   onehot = jax.nn.one_hot(labels, probs.shape[1], dtype=probs.dtype)
@@ -190,45 +223,219 @@ def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
                      jnp.mean(jnp.sum(jnp.square(probs - onehot), axis=1)))
 
 
-def calibration_bins(probs: jax.Array, labels: jax.Array, num_bins: int = 15):
-  """Per equal-width confidence bin: (count, mean confidence, accuracy).
+BINNINGS = ("equal_width", "equal_mass")
+"""The binnings of :func:`calibration_bins`."""
 
-  The confidence of a row is its largest probability; bin ``b`` holds
-  confidences in ``((b)/B, (b+1)/B]`` (the first bin also holds 0).
+
+def _binning(binning: Any) -> str:
+  if not isinstance(binning, str) or binning not in BINNINGS:
+    raise ValueError(f"`binning` must be one of {BINNINGS}, got "
+                     f"binning={binning!r}.")
+  return binning
+
+
+def _bins(probs, labels, num_bins, binning):
+  """(count, confidence sum, correct sum, valid); the sums are not NaN'd."""
+  num_bins = _num_bins(num_bins)
+  binning = _binning(binning)
+  probs, labels, valid = _inputs(probs, labels)
+  confidence = jnp.max(probs, axis=1)
+  correct = (jnp.argmax(probs, axis=1) == labels).astype(probs.dtype)
+  if binning == "equal_width":
+    index = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1,
+                     0, num_bins - 1)
+  else:  # Rank r (stable ascending sort) goes to bin floor(r B / n).
+    n = confidence.shape[0]
+    order = jnp.argsort(confidence, stable=True)
+    rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    # floor(r B / n) >= b  <=>  r >= ceil(b n / B): exact integer edges.
+    edges = jnp.array([-(-b * n // num_bins) for b in range(1, num_bins)],
+                      jnp.int32)
+    index = jnp.searchsorted(edges, rank, side="right")
+  count = jnp.zeros(num_bins).at[index].add(1.0)
+  conf_sum = jnp.zeros(num_bins).at[index].add(confidence)
+  correct_sum = jnp.zeros(num_bins).at[index].add(correct)
+  return count, conf_sum, correct_sum, valid
+
+
+def calibration_bins(probs: jax.Array, labels: jax.Array, num_bins: int = 15,
+                     binning: str = "equal_width"):
+  r"""Per confidence bin: (count, mean confidence, accuracy).
+
+  The confidence of a row is its largest probability, its prediction the
+  most probable class (ties to the lowest index). With
+  ``binning="equal_width"`` bin ``b`` holds confidences in
+  :math:`(b/B, (b+1)/B]` (the first bin also holds 0). With
+  ``binning="equal_mass"`` the rows are sorted by confidence (a stable sort:
+  ties keep their input order) and the row of rank :math:`r = 0, \dots,
+  n-1` goes to bin :math:`\lfloor rB/n \rfloor`, so every bin holds
+  :math:`\lfloor n/B \rfloor` or :math:`\lceil n/B \rceil` rows
+  (Nixon et al., 2019).
 
   Args:
     probs: class probabilities ``(n, k)``; see the module docstring.
     labels: integer labels ``(n,)`` in ``[0, k)``.
     num_bins: a Python (or NumPy) int ``>= 1``; ``TypeError`` otherwise.
+    binning: ``"equal_width"`` (default) or ``"equal_mass"``.
 
   Returns:
-    Three arrays of shape ``(num_bins,)``; all NaN under ``jit`` for invalid
-    inputs (concrete invalid inputs raise ``ValueError``).
+    Three arrays of shape ``(num_bins,)``; an empty bin has mean confidence
+    and accuracy 0. All NaN under ``jit`` for invalid inputs (concrete
+    invalid inputs raise ``ValueError``).
+
+  Raises:
+    ValueError: bad shapes or values (module docstring), ``num_bins < 1``
+      or an unknown ``binning``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import calibration_bins
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    >>> count, conf, acc = calibration_bins(probs, jnp.array([0, 1, 1]), 2)
+    >>> count.tolist(), acc.tolist()
+    ([0.0, 3.0], [0.0, 0.6666666865348816])
   """
-  num_bins = _num_bins(num_bins)
-  probs, labels, valid = _inputs(probs, labels)
-  confidence = jnp.max(probs, axis=1)
-  correct = (jnp.argmax(probs, axis=1) == labels).astype(probs.dtype)
-  index = jnp.clip(jnp.ceil(confidence * num_bins).astype(jnp.int32) - 1,
-                   0, num_bins - 1)
-  count = jnp.zeros(num_bins).at[index].add(1.0)
-  conf_sum = jnp.zeros(num_bins).at[index].add(confidence)
-  correct_sum = jnp.zeros(num_bins).at[index].add(correct)
+  count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
   safe = jnp.maximum(count, 1.0)
   return (_nan_unless(valid, count), _nan_unless(valid, conf_sum / safe),
           _nan_unless(valid, correct_sum / safe))
 
 
 def expected_calibration_error(probs: jax.Array, labels: jax.Array,
-                               num_bins: int = 15) -> jax.Array:
-  r"""ECE with equal-width bins: :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b -
-  \mathrm{conf}_b|`.
+                               num_bins: int = 15,
+                               binning: str = "equal_width") -> jax.Array:
+  r"""ECE: :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b - \mathrm{conf}_b|`.
 
-  Lies in ``[0, 1]``. NaN under ``jit`` for invalid inputs (see
-  :func:`calibration_bins`; concrete invalid inputs raise ``ValueError``).
+  Over the bins of :func:`calibration_bins`: equal-width (Guo et al., 2017;
+  Naeini et al., 2015) by default, or ``binning="equal_mass"`` (adaptive
+  bins, Nixon et al., 2019).
+
+  Args:
+    probs: class probabilities ``(n, k)``; see the module docstring.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+    num_bins: a Python (or NumPy) int ``>= 1``.
+    binning: ``"equal_width"`` (default) or ``"equal_mass"``.
+
+  Returns:
+    A scalar in ``[0, 1]``. NaN under ``jit`` for invalid inputs (concrete
+    invalid inputs raise ``ValueError``).
+
+  Raises:
+    ValueError: as :func:`calibration_bins`.
+
+  References:
+    Naeini, Cooper & Hauskrecht, `Obtaining Well Calibrated Probabilities
+    Using Bayesian Binning <https://ojs.aaai.org/index.php/AAAI/article/view/9602>`_,
+    AAAI 2015.
+    Nixon et al., `Measuring Calibration in Deep Learning
+    <https://arxiv.org/abs/1904.01685>`_, CVPR Workshops 2019.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import expected_calibration_error
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    >>> round(float(expected_calibration_error(probs, jnp.array([0, 1, 1]),
+    ...                                        num_bins=2)), 4)
+    0.0667
   """
-  count, confidence, acc = calibration_bins(probs, labels, num_bins)
-  return jnp.sum(count * jnp.abs(acc - confidence)) / np.shape(probs)[0]
+  count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
+  return _nan_unless(valid,
+                     jnp.sum(jnp.abs(correct_sum - conf_sum)) / np.shape(probs)[0])
+
+
+def maximum_calibration_error(probs: jax.Array, labels: jax.Array,
+                              num_bins: int = 15,
+                              binning: str = "equal_width") -> jax.Array:
+  r"""MCE: :math:`\max_{b:\,n_b > 0} |\mathrm{acc}_b - \mathrm{conf}_b|`.
+
+  The worst gap over the non-empty bins of :func:`calibration_bins`
+  (Naeini et al., 2015). Unlike the ECE it does not weight bins by their
+  size, so a bin holding one row counts as much as a full one.
+
+  Args:
+    probs: class probabilities ``(n, k)``; see the module docstring.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+    num_bins: a Python (or NumPy) int ``>= 1``.
+    binning: ``"equal_width"`` (default) or ``"equal_mass"``.
+
+  Returns:
+    A scalar in ``[0, 1]``; NaN under ``jit`` for invalid inputs.
+
+  Raises:
+    ValueError: as :func:`calibration_bins`.
+
+  References:
+    Naeini, Cooper & Hauskrecht, `Obtaining Well Calibrated Probabilities
+    Using Bayesian Binning <https://ojs.aaai.org/index.php/AAAI/article/view/9602>`_,
+    AAAI 2015.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import maximum_calibration_error
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    >>> round(float(maximum_calibration_error(probs, jnp.array([0, 1, 1]),
+    ...                                       num_bins=2)), 4)
+    0.0667
+  """
+  count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
+  gaps = jnp.abs(correct_sum - conf_sum) / jnp.maximum(count, 1.0)
+  return _nan_unless(valid, jnp.max(jnp.where(count > 0, gaps, 0.0)))
+
+
+def classwise_calibration_error(probs: jax.Array, labels: jax.Array,
+                                num_bins: int = 15) -> jax.Array:
+  r"""Classwise ECE: the ECE of every class's probability, averaged.
+
+  For each class :math:`c` the probabilities :math:`p_{ic}` of all rows
+  are put in equal-width bins :math:`(b/B, (b+1)/B]` (the first also holds
+  0), and
+
+  .. math::
+
+     \mathrm{cwECE} = \frac1k \sum_{c=1}^k \sum_b \frac{n_{bc}}{n}
+     \,\bigl|\bar y_{bc} - \bar p_{bc}\bigr|,
+
+  with :math:`\bar p_{bc}` the mean probability of class :math:`c` in bin
+  :math:`b` and :math:`\bar y_{bc}` the fraction of those rows labelled
+  :math:`c`. This is the static calibration error (SCE) of Nixon et al.
+  (2019) and the classwise-ECE of Kull et al. (2019); unlike the ECE it
+  looks at every class, not only the predicted one.
+
+  Args:
+    probs: class probabilities ``(n, k)``; see the module docstring.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+    num_bins: a Python (or NumPy) int ``>= 1``.
+
+  Returns:
+    A scalar in ``[0, 1]``; NaN under ``jit`` for invalid inputs.
+
+  Raises:
+    ValueError: as :func:`calibration_bins` (``num_bins < 1``, bad shapes
+      or values).
+
+  References:
+    Kull et al., `Beyond temperature scaling: Obtaining well-calibrated
+    multiclass probabilities with Dirichlet calibration
+    <https://arxiv.org/abs/1910.12656>`_, NeurIPS 2019.
+    Nixon et al., `Measuring Calibration in Deep Learning
+    <https://arxiv.org/abs/1904.01685>`_, CVPR Workshops 2019.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import classwise_calibration_error
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    >>> round(float(classwise_calibration_error(probs, jnp.array([0, 1, 1]),
+    ...                                         num_bins=2)), 4)
+    0.2667
+  """
+  num_bins = _num_bins(num_bins)
+  probs, labels, valid = _inputs(probs, labels)
+  k = probs.shape[1]
+  index = jnp.clip(jnp.ceil(probs * num_bins).astype(jnp.int32) - 1, 0,
+                   num_bins - 1) + num_bins * jnp.arange(k, dtype=jnp.int32)
+  hits = jax.nn.one_hot(labels, k, dtype=probs.dtype)
+  gap = jnp.zeros(k * num_bins).at[index.ravel()].add((hits - probs).ravel())
+  return _nan_unless(valid, jnp.sum(jnp.abs(gap)) / (probs.shape[0] * k))
 
 
 def reliability_diagram(probs, labels, num_bins: int = 15, ax=None,
@@ -236,8 +443,26 @@ def reliability_diagram(probs, labels, num_bins: int = 15, ax=None,
   """Plots accuracy against confidence per equal-width bin (matplotlib).
 
   Bars show each non-empty bin's accuracy at its mean confidence; the
-  diagonal is perfect calibration. Returns the matplotlib ``Axes``. Inputs
-  are checked as in :func:`calibration_bins` (invalid ones raise).
+  diagonal is perfect calibration. Inputs are checked as in
+  :func:`calibration_bins` (invalid ones raise).
+
+  Args:
+    probs: class probabilities ``(n, k)``.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+    num_bins: equal-width bins, an int ``>= 1``.
+    ax: a matplotlib ``Axes`` to draw in; a new figure's by default.
+    label: the legend's name of the model.
+
+  Returns:
+    The matplotlib ``Axes``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax.metrics import reliability_diagram
+    >>> probs = jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    >>> ax = reliability_diagram(probs, jnp.array([0, 1, 1]), num_bins=5)
+    >>> ax.get_xlabel()
+    'confidence'
   """
   import matplotlib.pyplot as plt  # Imported lazily: plotting is optional.
 
