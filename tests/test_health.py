@@ -166,3 +166,23 @@ class _no_warnings:
 
   def __exit__(self, *exc):
     return self._ctx.__exit__(*exc)
+
+
+def test_empty_leaves_jit_and_nnx():
+  empty = {"z": jnp.zeros((0,))}
+  health = blrax.posterior_health(empty, blrax.ivon(0.1, ess=10.0).init(empty),
+                                  hess_init=1.0, b2=0.9, warn=False)
+  assert health.leaves == {} and np.isnan(health.overall["init_share"])
+  state = blrax.ivon(0.1, ess=10.0).init(ZEROS)
+  with pytest.raises(ValueError, match="outside jax.jit"):
+    jax.jit(lambda s: blrax.posterior_health(ZEROS, s, hess_init=1.0, b2=0.9,
+                                             warn=False).steps)(state)
+  from flax import nnx
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, blrax.ivon(0.1, ess=10.0, hess_init=0.5),
+                      wrt=nnx.Param)
+  want = blrax.posterior_health(nnx.as_pure(nnx.state(model, nnx.Param)),
+                                opt.opt_state, hess_init=0.5, b2=0.9, warn=False)
+  for params in (model, nnx.state(model)):
+    got = blrax.posterior_health(params, opt, hess_init=0.5, b2=0.9, warn=False)
+    assert got.leaves == want.leaves and set(got.leaves) == {"bias", "kernel"}

@@ -46,6 +46,10 @@ def value_and_grad(
   With ``has_aux`` the aux output of each draw is returned stacked along a
   leading axis ``S`` (no axis when ``S = 1``).
 
+  VOGN needs per-example gradients instead (:func:`blrax.per_example_grads`),
+  and ``optax.MultiSteps`` accumulates params-shaped gradients, so it cannot
+  carry ``S > 1`` (its ``update`` then refuses the grads).
+
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar (the mean loss
       over a batch); differentiated with respect to its first argument.

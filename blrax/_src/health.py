@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings as warnings_lib
 from typing import Any
 
@@ -30,6 +31,8 @@ import optax
 from blrax._src import engine, lookup, validation, von
 
 _STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState)
+_FIELDS = ("init_share", "prior_share", "data_curvature", "stddev",
+           "relative_stddev")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +71,7 @@ class PosteriorHealth:
     return not self.warnings
 
   def __str__(self) -> str:
-    names = ("init_share", "prior_share", "data_curvature", "stddev",
-             "relative_stddev")
+    names = _FIELDS
     width = max([len(k) for k in self.leaves] + [7])
     lines = [f"posterior health after {self.steps} steps (medians)",
              f"{'leaf':<{width}}  " + "  ".join(f"{n:>15}" for n in names)]
@@ -78,6 +80,23 @@ class PosteriorHealth:
                    + "  ".join(f"{row[n]:>15.4g}" for n in names))
     lines += [f"! {w}" for w in self.warnings] or ["ok: the data set the curvature."]
     return "\n".join(lines)
+
+
+def _pure(params: Any, opt_state: Any) -> tuple[Any, Any]:
+  """NNX inputs (a model or its state, an ``nnx.Optimizer``) as pure trees."""
+  nnx = sys.modules.get("flax.nnx")  # Only loaded if the caller uses flax.
+  if nnx is None:
+    return params, opt_state
+  wrt = nnx.Param
+  if isinstance(opt_state, nnx.Optimizer):
+    wrt, opt_state = opt_state.wrt, opt_state.opt_state
+  if isinstance(params, nnx.Module):
+    params = nnx.as_pure(nnx.state(params, wrt))
+  elif isinstance(params, nnx.State) and any(
+      isinstance(x, nnx.Variable) for x in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+    params = nnx.as_pure(nnx.filter_state(params, wrt))
+  return params, opt_state
 
 
 def _owners(opt_state: Any) -> list[tuple[int, Any]]:
@@ -90,6 +109,10 @@ def _owners(opt_state: Any) -> list[tuple[int, Any]]:
     lookup.find_posteriors(opt_state)  # Raises the usual "no posterior" error.
     raise ValueError("`opt_state` holds a blrax posterior but not the blrax "
                      "optimizer state around it (with its step count).")
+  if any(validation.is_traced(s.count) for s in states):
+    raise ValueError("posterior_health reads concrete values and returns "
+                     "Python numbers: call it outside jax.jit (on the state a "
+                     "jitted step returned).")
   return [(int(s.count), s.posterior) for s in states]
 
 
@@ -123,8 +146,9 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
 
   Args:
     params: the posterior mean (the params being trained).
-    opt_state: the state of a blrax optimizer, possibly nested in wrappers or
-      an ``nnx.Optimizer``'s ``opt_state``.
+    opt_state: the state of a blrax optimizer, possibly nested in wrappers,
+      or an ``nnx.Optimizer`` (then ``params`` may be the NNX model or its
+      state).
     hess_init: the optimizer's ``hess_init`` (:math:`h_0 \ge 0`).
     b2: the optimizer's ``b2`` (in ``(0, 1]``).
     warn: also emit each finding as a ``UserWarning``.
@@ -135,7 +159,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
 
   Raises:
     ValueError: for a bad ``hess_init``, ``b2`` or ``share_threshold``, params
-      that do not match the state, or a state with no blrax posterior.
+      that do not match the state, a state with no blrax posterior, or a
+      call under ``jax.jit`` (the report is host-side: call it outside).
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -157,6 +182,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   validation.check_range("share_threshold", share_threshold, low=0.0,
                          high=1.0, low_open=True, high_open=True)
   h0, beta = float(hess_init), float(b2)
+  params, opt_state = _pure(params, opt_state)
   owners = _owners(opt_state)
   lookup._check_params(params, [p for _, p in owners])
   steps = max(t for t, _ in owners)
@@ -195,7 +221,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
       leaves[name] = {k: _median(v) for k, v in stats.items()}
       for k, v in stats.items():
         pooled.setdefault(k, []).append(v)
-  overall = {k: _median(np.concatenate(v)) for k, v in pooled.items()}
+  overall = {k: _median(np.concatenate(pooled[k])) if k in pooled
+             else float("nan") for k in _FIELDS}
   ess, delta = max(ess_values), max(decay_values)
 
   width = lambda precision: (1 / math.sqrt(precision) if precision > 0
@@ -206,7 +233,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
                  "(sigma = 1/sqrt(ess*(hess_init+weight_decay)) = "
                  f"{width(ess * (h0 + delta)):.3g}).")
   elif overall["init_share"] > share_threshold:
-    suggested = 1.0 - 10.0 / max(steps, 10)
+    suggested = max(1.0 - 10.0 / steps, 0.9)  # b2^t = e^-10 where t allows
     found.append(
         f"The posterior is still its initialisation: after {steps} steps "
         f"hess_init*b2^t = {h0 * beta ** steps:.3g} is {overall['init_share']:.0%}"
