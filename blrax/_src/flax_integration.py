@@ -169,6 +169,29 @@ def nnx_value_and_grad(
   return ((value, aux) if has_aux else value), grads
 
 
+def _unwrap_optimizer(opt_state: Any) -> tuple[Any, Any]:
+  """(the trained-variable filter, the optax state) of an optimizer input."""
+  if isinstance(opt_state, nnx.Optimizer):
+    return opt_state.wrt, opt_state.opt_state
+  return nnx.Param, opt_state
+
+
+def _is_variable_state(x: Any) -> bool:
+  return isinstance(x, nnx.State) and any(
+      _is_variable(v) for v in jax.tree.leaves(x, is_leaf=_is_variable))
+
+
+def trained_arrays(params: Any, opt_state: Any) -> tuple[Any, Any]:
+  """(pure arrays of the trained variables, the optax state) for an NNX
+  model or its state with its ``nnx.Optimizer``; other inputs unchanged."""
+  wrt, opt_state = _unwrap_optimizer(opt_state)
+  if isinstance(params, nnx.Module):
+    return nnx.as_pure(nnx.state(params, wrt)), opt_state
+  if _is_variable_state(params):
+    return nnx.as_pure(nnx.filter_state(params, wrt)), opt_state
+  return params, opt_state
+
+
 def functional(apply_fn: Callable[..., Any] | None, params: Any,
                opt_state: Any) -> tuple[Callable[[Any, Any], Any], Any, Any]:
   """``(apply_fn(params, inputs), params, opt_state)`` for an NNX model.
@@ -182,9 +205,7 @@ def functional(apply_fn: Callable[..., Any] | None, params: Any,
   BatchNorm/Dropout in eval mode first with ``model.eval()``). Other inputs
   come back unchanged.
   """
-  wrt = nnx.Param
-  if isinstance(opt_state, nnx.Optimizer):
-    wrt, opt_state = opt_state.wrt, opt_state.opt_state
+  wrt, opt_state = _unwrap_optimizer(opt_state)
   if isinstance(params, nnx.Module):
     graphdef, trained, rest = nnx.split(params, wrt, ...)
     call = apply_fn if apply_fn is not None else (lambda m, x: m(x))
@@ -193,8 +214,7 @@ def functional(apply_fn: Callable[..., Any] | None, params: Any,
       return call(nnx.merge(graphdef, _with_values(trained, pure), rest), inputs)
 
     return apply_model, nnx.as_pure(trained), opt_state
-  if isinstance(params, nnx.State) and any(
-      _is_variable(x) for x in jax.tree.leaves(params, is_leaf=_is_variable)):
+  if _is_variable_state(params):
     trained, rest = nnx.filter_state(params, wrt, ...)
     if apply_fn is None:
       raise TypeError("`apply_fn` is required with an nnx.State: "

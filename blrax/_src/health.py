@@ -84,19 +84,10 @@ class PosteriorHealth:
 
 def _pure(params: Any, opt_state: Any) -> tuple[Any, Any]:
   """NNX inputs (a model or its state, an ``nnx.Optimizer``) as pure trees."""
-  nnx = sys.modules.get("flax.nnx")  # Only loaded if the caller uses flax.
-  if nnx is None:
+  if "flax.nnx" not in sys.modules:  # Only loaded if the caller uses flax.
     return params, opt_state
-  wrt = nnx.Param
-  if isinstance(opt_state, nnx.Optimizer):
-    wrt, opt_state = opt_state.wrt, opt_state.opt_state
-  if isinstance(params, nnx.Module):
-    params = nnx.as_pure(nnx.state(params, wrt))
-  elif isinstance(params, nnx.State) and any(
-      isinstance(x, nnx.Variable) for x in jax.tree.leaves(
-          params, is_leaf=lambda x: isinstance(x, nnx.Variable))):
-    params = nnx.as_pure(nnx.filter_state(params, wrt))
-  return params, opt_state
+  from blrax._src import flax_integration
+  return flax_integration.trained_arrays(params, opt_state)
 
 
 def _owners(opt_state: Any) -> list[tuple[int, Any]]:
