@@ -18,6 +18,7 @@ import importlib as _importlib
 import warnings as _warnings
 
 from blrax import expfam, metrics, noise, predictive, uncertainty
+from blrax._src.accumulation import MultiSteps, MultiStepsState
 from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.full_gaussian import FullGaussian
@@ -48,6 +49,8 @@ __version__ = "0.2.0"
 __all__ = (
     "DiagonalGaussian",
     "FullGaussian",
+    "MultiSteps",
+    "MultiStepsState",
     "PosteriorHealth",
     "ScaleByBLRState",
     "ScaleByFullVONState",

@@ -94,6 +94,66 @@ def bounded(curvature: jax.Array, weight_decay) -> jax.Array:
   return jnp.clip(curvature, lowest, ceiling)
 
 
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  r"""A curvature estimator: configuration, kept in the optimizer's closure.
+
+  An estimate is made in two parts so that micro-batches can be averaged
+  before it (:class:`blrax.MultiSteps`): per leaf, ``statistic`` reduces the
+  gradients at the draw (and their noise) to one array :math:`c` that is
+  *linear* in the samples, so the mean of :math:`c` over micro-batches is
+  the :math:`c` of all their samples together; ``curvature`` then turns
+  :math:`(\bar g, c)` into :math:`\hat h`.
+
+  Attributes:
+    name: for messages.
+    statistic: ``(grads, noise, curvature) -> c`` for one leaf; ``grads``
+      carry the sample axis (and the batch axis for per-example estimators)
+      first; ``curvature`` (the leaf's :math:`h`) gives the shape.
+    curvature: ``(g_bar, c, curvature, ess, weight_decay) -> h_hat``.
+    uses_noise: whether ``statistic`` reads the noise (Price); without noise
+      (``ess = inf``) such an estimator is undefined.
+    per_example: whether ``grads`` carry a batch axis after the sample axis.
+  """
+
+  name: str
+  statistic: Callable
+  curvature: Callable
+  uses_noise: bool = False
+  per_example: bool = False
+
+  def mean_gradient(self, grads, curvature):
+    r""":math:`\bar g`: the mean over the sample (and batch) axes."""
+    if self.per_example:
+      return finite(jnp.mean(_flat_examples(grads, curvature), axis=0))
+    return finite(mc_mean(grads, curvature))
+
+  def estimate(self, grads, noise, curvature, ess, weight_decay):
+    r"""``(g_bar, h_hat)`` for one leaf, in one go."""
+    g_bar = self.mean_gradient(grads, curvature)
+    c = self.statistic(grads, noise, curvature)
+    return g_bar, self.curvature(g_bar, c, curvature, ess, weight_decay)
+
+
+def _flat_examples(grads, curvature):
+  # Sample and batch axes flattened into one (explicit size: a leaf may be
+  # zero-size).
+  count = math.prod(grads.shape[:grads.ndim - curvature.ndim])
+  return grads.reshape((count,) + curvature.shape)
+
+
+def _price_statistic(grads, noise, curvature):
+  product = finite(grads * noise)  # so the mean cannot meet inf - inf
+  return mc_mean(product, curvature)
+
+
+def _price_curvature(g_bar, statistic, curvature, ess, weight_decay):
+  del g_bar
+  big = jnp.finfo(curvature.dtype).max
+  inverse_stddev = jnp.sqrt(jnp.minimum(ess * (curvature + weight_decay), big))
+  return finite(statistic * inverse_stddev)
+
+
 def price_curvature(grads, noise, curvature, ess, weight_decay):
   r"""Price/Stein estimate :math:`\hat h = \mathrm{mean}_s\,\hat g_s \epsilon_s/\sigma`.
 
@@ -102,40 +162,12 @@ def price_curvature(grads, noise, curvature, ess, weight_decay):
   Unbiased for :math:`E_q[\mathrm{diag}\,\nabla^2 \bar\ell]` with Gaussian noise.
   ``grads`` and ``noise`` carry the Monte-Carlo axis first when batched.
   """
-  big = jnp.finfo(curvature.dtype).max
-  inverse_stddev = jnp.sqrt(jnp.minimum(ess * (curvature + weight_decay), big))
-  product = finite(grads * noise)  # so the mean cannot meet inf - inf
-  if product.ndim > curvature.ndim:
-    product = jnp.mean(product, axis=0)
-  return finite(product * inverse_stddev)
+  return _price_curvature(None, _price_statistic(grads, noise, curvature),
+                          curvature, ess, weight_decay)
 
 
-@dataclasses.dataclass(frozen=True)
-class Estimator:
-  """A curvature estimator: configuration, kept in the optimizer's closure.
-
-  Attributes:
-    name: for messages.
-    estimate: ``(grads, noise, curvature, ess, weight_decay) -> (g_bar,
-      h_hat)`` for one leaf; ``grads`` carry the sample axis (and the batch
-      axis for per-example estimators) first; the others are the leaf's.
-    uses_noise: whether ``estimate`` reads the noise (Price); without noise
-      (``ess = inf``) such an estimator is undefined.
-    per_example: whether ``grads`` carry a batch axis after the sample axis.
-  """
-
-  name: str
-  estimate: Callable
-  uses_noise: bool = False
-  per_example: bool = False
-
-
-def _price(grads, noise, curvature, ess, weight_decay):
-  return finite(mc_mean(grads, curvature)), price_curvature(
-      grads, noise, curvature, ess, weight_decay)
-
-
-PRICE = Estimator("price", _price, uses_noise=True)
+PRICE = Estimator("price", _price_statistic, _price_curvature,
+                  uses_noise=True)
 
 
 def squared_gradient(batch_size: float = 1.0) -> Estimator:
@@ -145,35 +177,40 @@ def squared_gradient(batch_size: float = 1.0) -> Estimator:
   :math:`E[M\bar g^2] = E_i[g_i^2] + (M-1)(E_i g_i)^2`: the per-example
   Gauss-Newton diagonal where the full gradient vanishes (near a minimum),
   more elsewhere. Unscaled (:math:`M = 1`), :math:`\bar g^2` underestimates
-  the curvature by about the batch size near a minimum.
+  the curvature by about the batch size near a minimum. Its statistic is
+  :math:`\bar g` itself (under accumulation, :math:`M` is the whole
+  accumulated batch).
   """
 
-  def estimate(grads, noise, curvature, ess, weight_decay):
-    del noise, ess, weight_decay
-    g_bar = finite(mc_mean(grads, curvature))
-    return g_bar, finite(batch_size * jnp.square(g_bar))
+  def statistic(grads, noise, curvature):
+    del noise
+    return finite(mc_mean(grads, curvature))
 
-  return Estimator("squared_gradient", estimate)
+  def estimate_curvature(g_bar, statistic, curvature, ess, weight_decay):
+    del g_bar, curvature, ess, weight_decay
+    return finite(batch_size * jnp.square(statistic))
 
-
-def _per_example_squared(grads, noise, curvature, ess, weight_decay):
-  del noise, ess, weight_decay
-  # Sample and batch axes flattened into one (explicit size: a leaf may be
-  # zero-size).
-  count = math.prod(grads.shape[:grads.ndim - curvature.ndim])
-  grads = grads.reshape((count,) + curvature.shape)
-  return (finite(jnp.mean(grads, axis=0)),
-          finite(jnp.mean(jnp.square(grads), axis=0)))
+  return Estimator("squared_gradient", statistic, estimate_curvature)
 
 
-PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_squared,
-                                per_example=True)
+def _per_example_statistic(grads, noise, curvature):
+  del noise
+  return finite(jnp.mean(jnp.square(_flat_examples(grads, curvature)), axis=0))
 
 
-def given_hessian(grads, hessian, curvature):
-  r""":math:`(\bar g, \mathrm{mean}_s H_s)` for a user-given ``hessian=``."""
-  return (finite(mc_mean(grads, curvature)),
-          finite(mc_mean(finite(hessian), curvature)))
+def _statistic_is_estimate(g_bar, statistic, curvature, ess, weight_decay):
+  del g_bar, curvature, ess, weight_decay
+  return statistic
+
+
+PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_statistic,
+                                _statistic_is_estimate, per_example=True)
+
+
+def hessian_statistic(hessian, curvature):
+  r"""The statistic of a user-given ``hessian=``: :math:`\mathrm{mean}_s H_s`
+  (it is its own curvature estimate)."""
+  return finite(mc_mean(finite(hessian), curvature))
 
 
 def ema(curvature, estimate, rho, weight_decay):

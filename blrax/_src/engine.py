@@ -39,7 +39,24 @@ import optax
 from blrax._src import curvature as curvature_lib
 from blrax._src import gaussian, validation
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 from blrax._src import steps as steps_lib
+
+
+class Accumulator(NamedTuple):
+  r"""Sums over the micro-batches of one step (:class:`blrax.MultiSteps`).
+
+  Attributes:
+    count: micro-batches summed so far (int32).
+    gradient: :math:`\sum \bar g`, a pytree like the curvature.
+    statistic: :math:`\sum c`, the estimator's statistic (e.g.
+      :math:`\mathrm{mean}_s \hat g_s\epsilon_s` for Price), like the
+      curvature.
+  """
+
+  count: jax.Array
+  gradient: Any
+  statistic: Any
 
 
 class ScaleByBLRState(NamedTuple):
@@ -53,7 +70,10 @@ class ScaleByBLRState(NamedTuple):
     momentum: the step's momentum, float32 or wider, like the params; an
       empty tuple for steps without momentum (VON).
     posterior: the :class:`blrax.DiagonalGaussian`: noise state (key),
-      curvature :math:`h`, ess, weight decay.
+      curvature :math:`h`, ess, weight decay, prior mean.
+    accumulator: the micro-batch sums (``Accumulator``) under
+      :class:`blrax.MultiSteps`,
+      else an empty tuple.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -69,6 +89,24 @@ class ScaleByBLRState(NamedTuple):
   count: jax.Array
   momentum: Any
   posterior: gaussian.DiagonalGaussian
+  accumulator: Any = ()
+
+
+# The extra argument with which blrax.MultiSteps asks for a micro-batch's
+# statistics to be accumulated instead of an update.
+ACCUMULATE = "blrax_accumulate"
+
+
+def _absent(field: Any) -> bool:
+  """An optional state field that is not there (an empty tuple)."""
+  return isinstance(field, tuple) and not field
+
+
+def with_accumulator(state: ScaleByBLRState) -> ScaleByBLRState:
+  """``state`` with zero sums: it now accumulates micro-batches."""
+  zeros = jax.tree.map(jnp.zeros_like, state.posterior.curvature)
+  return state._replace(accumulator=Accumulator(
+      count=jnp.zeros([], jnp.int32), gradient=zeros, statistic=zeros))
 
 
 def scale_by_blr(
@@ -79,12 +117,14 @@ def scale_by_blr(
     ess: jax.typing.ArrayLike,
     hess_init: jax.typing.ArrayLike,
     b2: jax.typing.ArrayLike,
-    weight_decay: jax.typing.ArrayLike,
+    weight_decay: Any,
     mc_samples: int,
     key: int | jax.Array,
     noise: str | noise_lib.Generator,
     hessian_precision: Callable | None = None,
     accepts_hessian: bool = False,
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""A diagonal-Gaussian BLR transform from its parts (before the learning rate).
 
@@ -96,7 +136,8 @@ def scale_by_blr(
     ess: effective sample size :math:`\lambda`.
     hess_init: initial curvature :math:`h_0`.
     b2: curvature decay; the precision step is :math:`\rho = 1-\beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``: a
+      scalar, or a pytree like the params (per-leaf prior precisions).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     noise: the noise generator (``"normal"``, ``"hash"``, ``"flip"`` or a
@@ -104,6 +145,11 @@ def scale_by_blr(
     hessian_precision: the precision update for a given ``hessian=``
       (default: ``precision``).
     accepts_hessian: whether ``update`` takes ``hessian=``.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one): where False, :math:`\delta=0`.
+    prior_mean: None (a zero-mean prior) or the prior mean :math:`m_0`, a
+      pytree like the params; the step pulls towards it with
+      :math:`\delta(m - m_0)`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -125,27 +171,38 @@ def scale_by_blr(
   validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
   validation.check_state_scale("hess_init", hess_init)
   validation.check_unit_interval("b2", b2)
-  validation.check_state_scale("weight_decay", weight_decay)
+  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
   mc_samples = validation.check_mc_samples(mc_samples)
   if not validation.is_traced(key):
     noise_lib.canonicalize_key(key)
   generator = noise_lib.generator(noise)
   hessian_precision = hessian_precision or precision
   rho = 1.0 - b2
+  # Per-leaf decays are fixed at init and read from the state; a scalar one
+  # is re-read from the closure each update (inject_hyperparams may vary it).
+  decay_in_state = (prior_lib.is_per_leaf(weight_decay)
+                    or weight_decay_mask is not None)
 
   def init_fn(params):
+    state_dtype = lambda p: gaussian.state_dtype(gaussian.real_dtype(p))
+    decay = (prior_lib.decay_tree(weight_decay, weight_decay_mask, params,
+                                  state_dtype)
+             if decay_in_state else weight_decay)
     posterior = gaussian.init_diagonal_gaussian(
         params, key=key, curvature_init=hess_init, ess=ess,
-        weight_decay=weight_decay, mc_samples=mc_samples, generator=generator)
+        weight_decay=decay, mc_samples=mc_samples, generator=generator,
+        prior_mean=(() if prior_mean is None else
+                    prior_lib.mean_tree(prior_mean, params, state_dtype)))
     momentum = (jax.tree.map(jnp.zeros_like, posterior.curvature)
                 if step.uses_momentum else ())
     return ScaleByBLRState(count=jnp.zeros([], jnp.int32), momentum=momentum,
                            posterior=posterior)
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    accumulate = bool(extra_args.pop(ACCUMULATE, False))
     del extra_args
     gaussian.check_grads(updates, params, mc_samples,
-                         batch_axis=estimator.per_example)
+                         batch_axis=estimator.per_example and hessian is None)
     gaussian.check_params(params, state.posterior.curvature)
     if hessian is not None:
       if not accepts_hessian:
@@ -157,27 +214,70 @@ def scale_by_blr(
       raise ValueError(
           "ess=inf means no weight noise, so the Price curvature estimate is "
           "undefined: pass the curvature as `update(..., hessian=...)`.")
+    if accumulate and _absent(state.accumulator):
+      raise ValueError(
+          "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
+          "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
     posterior = state.posterior
     use_noise = estimator.uses_noise and hessian is None
     noise_tree = posterior.noise() if use_noise else posterior.curvature
-    count = optax.safe_increment(state.count)
-    scalars = step.scalars(count)
+    hessian_tree = posterior.curvature if hessian is None else hessian
 
-    def leaf(mean, grad, eps, h, momentum, hess):
+    # 1. The batch's statistics, per leaf: (g_bar, c), linear in the samples.
+    def statistics(mean, grad, eps, h, hess):
       if not gaussian.is_trainable(mean):  # an int counter: left as it is.
-        return jnp.zeros_like(mean), h, momentum
-      mean, state_dtype = jnp.asarray(mean), h.dtype
+        return jnp.zeros_like(h), jnp.zeros_like(h)
       grad = grad.astype(h.dtype)
       if hessian is None:
-        g_bar, h_hat = estimator.estimate(
-            grad, eps, h, posterior.ess, posterior.weight_decay)
-        h = precision(h, h_hat, rho, weight_decay)
+        return (estimator.mean_gradient(grad, h),
+                estimator.statistic(grad, eps, h))
+      return (curvature_lib.finite(curvature_lib.mc_mean(grad, h)),
+              curvature_lib.hessian_statistic(hess.astype(h.dtype), h))
+
+    # params first: its leaves, not the per-example grads', give the shapes.
+    stats = jax.tree.map(statistics, params, updates, noise_tree,
+                         posterior.curvature, hessian_tree)
+    g_tree, c_tree = (jax.tree.map(lambda _, t, i=i: t[i], params, stats)
+                      for i in range(2))
+
+    accumulator = state.accumulator
+    if not _absent(accumulator):  # under blrax.MultiSteps: add the earlier ones.
+      total = accumulator.count + 1
+      g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
+      c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
+      if accumulate:  # no update: the next micro-batch gets a fresh draw.
+        return (jax.tree.map(jnp.zeros_like, params), state._replace(
+            posterior=posterior._replace(noise_state=generator.advance(
+                posterior.noise_state, after=posterior.curvature)),
+            accumulator=Accumulator(count=total, gradient=g_tree,
+                                    statistic=c_tree)))
+      g_tree, c_tree = (jax.tree.map(lambda x: x / total.astype(x.dtype), t)
+                        for t in (g_tree, c_tree))
+      accumulator = with_accumulator(state).accumulator
+
+    count = optax.safe_increment(state.count)
+    scalars = step.scalars(count)
+    old_decays = posterior.decays()  # the draw's sigma used these
+    decays = (old_decays if decay_in_state else
+              gaussian.per_leaf(weight_decay, posterior.curvature))
+    anchors = (posterior.curvature if _absent(posterior.prior_mean)
+               else posterior.prior_mean)
+
+    # 2. Curvature and step, per leaf.
+    def leaf(mean, g_bar, c, h, momentum, decay, old_decay, anchor):
+      if not gaussian.is_trainable(mean):
+        return jnp.zeros_like(mean), h, momentum
+      mean, state_dtype = jnp.asarray(mean), h.dtype
+      if hessian is None:
+        h_hat = estimator.curvature(g_bar, c, h, posterior.ess, old_decay)
+        h = precision(h, h_hat, rho, decay)
       else:
-        g_bar, h_hat = curvature_lib.given_hessian(grad, hess.astype(h.dtype), h)
-        h = hessian_precision(h, h_hat, rho, weight_decay)
+        h = hessian_precision(h, c, rho, decay)
+      offset = mean if _absent(posterior.prior_mean) else (
+          mean.astype(state_dtype) - anchor)
       direction, momentum = step.leaf(
-          g_bar, h, momentum if step.uses_momentum else None, mean,
-          weight_decay, scalars)
+          g_bar, h, momentum if step.uses_momentum else None, offset,
+          decay, scalars)
       # Cast back: under x64, float64 hyperparameters would widen the state.
       if momentum is not None:
         momentum = momentum.astype(state_dtype)
@@ -185,20 +285,19 @@ def scale_by_blr(
       return (curvature_lib.finite(direction, mean.dtype).astype(mean.dtype),
               h.astype(state_dtype), momentum)
 
-    # params first: its leaves, not the per-example grads', give the shapes.
     momentum_tree = state.momentum if step.uses_momentum else posterior.curvature
-    hessian_tree = posterior.curvature if hessian is None else hessian
-    out = jax.tree.map(leaf, params, updates, noise_tree, posterior.curvature,
-                       momentum_tree, hessian_tree)
+    out = jax.tree.map(leaf, params, g_tree, c_tree, posterior.curvature,
+                       momentum_tree, decays, old_decays, anchors)
     direction, curvature, momentum = (
         jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(3))
     new_posterior = posterior._replace(
         noise_state=generator.advance(posterior.noise_state, after=curvature),
         curvature=curvature, ess=jnp.asarray(ess, posterior.ess.dtype),
-        weight_decay=jnp.asarray(weight_decay, posterior.weight_decay.dtype))
+        weight_decay=(posterior.weight_decay if decay_in_state else
+                      jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
     return direction, ScaleByBLRState(
         count=count, momentum=momentum if step.uses_momentum else (),
-        posterior=new_posterior)
+        posterior=new_posterior, accumulator=accumulator)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

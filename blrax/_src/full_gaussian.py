@@ -92,6 +92,8 @@ class FullGaussian(NamedTuple):
     ess: :math:`\lambda`, a float scalar.
     weight_decay: :math:`\delta`, a float scalar.
     template: zero-size arrays shaped like the params (for unflattening).
+    prior_mean: :math:`m_0` flattened to ``(D,)``; an empty tuple when it is
+      0 (the default).
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -110,6 +112,7 @@ class FullGaussian(NamedTuple):
   ess: jax.Array
   weight_decay: jax.Array
   template: Any
+  prior_mean: Any = ()
 
   @property
   def mc_samples(self) -> int:

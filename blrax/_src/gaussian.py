@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 from blrax._src import validation
 
 
@@ -76,7 +77,11 @@ class DiagonalGaussian(NamedTuple):
     curvature: :math:`h`, a pytree like the params (``optax.MaskedNode`` where
       a wrapper masked a param out), float32 or wider.
     ess: :math:`\lambda`, the effective sample size, a float scalar.
-    weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`.
+    weight_decay: :math:`\delta`, the prior precision over :math:`\lambda`:
+      a float scalar, or a pytree like the curvature (per-leaf prior
+      precisions, ``weight_decay=`` a pytree or ``weight_decay_mask=``).
+    prior_mean: :math:`m_0`, the prior's mean, a pytree like the params; an
+      empty tuple when it is 0 (the default).
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -91,7 +96,8 @@ class DiagonalGaussian(NamedTuple):
   noise_state: Any
   curvature: Any
   ess: jax.Array
-  weight_decay: jax.Array
+  weight_decay: Any
+  prior_mean: Any = ()
 
   @property
   def key(self) -> jax.Array:
@@ -106,10 +112,14 @@ class DiagonalGaussian(NamedTuple):
     (zeros when ``ess = inf``: the posterior is a point mass)."""
     return self.noise_state.draw(self.curvature, jnp.isfinite(self.ess))
 
+  def decays(self) -> Any:
+    """:math:`\\delta` like the curvature (the scalar repeated per leaf)."""
+    return per_leaf(self.weight_decay, self.curvature)
+
   def stddev(self) -> Any:
     """:math:`\\sigma` like the params, with holes where masked."""
-    return jax.tree.map(lambda h: stddev(h, self.ess, self.weight_decay),
-                        self.curvature)
+    return jax.tree.map(lambda h, d: stddev(h, self.ess, d), self.curvature,
+                        self.decays())
 
   def curvature_diagonal(self) -> Any:
     """:math:`h`, like the params (for diagnostics)."""
@@ -125,20 +135,37 @@ class DiagonalGaussian(NamedTuple):
     return self.offset(self.noise_state.fresh(key, self.curvature, num_samples))
 
 
+def per_leaf(weight_decay: Any, like: Any) -> Any:
+  """``weight_decay`` as a pytree like ``like``: a single leaf (a scalar) is
+  repeated for every leaf, a pytree is returned as it is."""
+  leaves, treedef = jax.tree.flatten(weight_decay)
+  if jax.tree_util.treedef_is_leaf(treedef) and len(leaves) == 1:
+    return jax.tree.map(lambda _: weight_decay, like)
+  return weight_decay
+
+
 def init_diagonal_gaussian(params: Any, *, key: int | jax.Array,
                            curvature_init: Any, ess: Any, weight_decay: Any,
                            mc_samples: int,
-                           generator: noise_lib.Generator) -> DiagonalGaussian:
-  """Builds the posterior state; only maps over ``params`` (shapes suffice)."""
+                           generator: noise_lib.Generator,
+                           prior_mean: Any = ()) -> DiagonalGaussian:
+  """Builds the posterior state; only maps over ``params`` (shapes suffice).
+
+  ``weight_decay`` is a scalar or an already resolved per-leaf pytree
+  (``prior.decay_tree``); ``prior_mean`` a resolved pytree or ``()``.
+  """
   # full_like (not full) so that under an explicit-sharding mesh the state is
   # sharded like the params; it also accepts ShapeDtypeStructs.
   curvature = jax.tree_util.tree_map_with_path(
       lambda path, p: jnp.full_like(p, curvature_init, state_dtype(
-          _real_dtype(p, jax.tree_util.keystr(path) or "(root)"))), params)
+          real_dtype(p, jax.tree_util.keystr(path) or "(root)"))), params)
   return DiagonalGaussian(
       noise_state=generator.init(noise_lib.initial_key(key, mc_samples),
                                  curvature),
-      curvature=curvature, ess=scalar(ess), weight_decay=scalar(weight_decay))
+      curvature=curvature, ess=scalar(ess),
+      weight_decay=(weight_decay if prior_lib.is_per_leaf(weight_decay)
+                    else scalar(weight_decay)),
+      prior_mean=prior_mean)
 
 
 def _hole(x) -> bool:
@@ -206,7 +233,7 @@ def _dtype(x: Any):
   return None
 
 
-def _real_dtype(param: Any, path: str):
+def real_dtype(param: Any, path: str = "(root)"):
   """The dtype of a params leaf; raises unless it is a real array or number."""
   dtype = _dtype(param)
   if dtype is None:
@@ -251,7 +278,7 @@ def check_params(params: Any, curvature: Any) -> None:
         f"with; got {params_def}, state has {state_def}.")
   for path, p, h in zip(_paths(params), jax.tree.leaves(params),
                         jax.tree.leaves(curvature)):
-    _real_dtype(p, path)
+    real_dtype(p, path)
     if tuple(np.shape(p)) != tuple(h.shape):
       raise ValueError(
           f"`params` leaf{_at(path)} has shape {tuple(np.shape(p))}, but the "

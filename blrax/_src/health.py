@@ -183,19 +183,24 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   for index, (t, posterior) in enumerate(owners):
     prefix = "" if index == 0 else f"posterior{index}/"
     decayed = h0 * beta ** t
-    decay_values.append(float(posterior.weight_decay))
     ess_values.append(float(posterior.ess))
-    delta = float(posterior.weight_decay)
+    curvature = posterior.curvature_diagonal()
+    # Per-leaf prior precisions (weight_decay as a pytree or a mask).
+    decays = (posterior.decays() if hasattr(posterior, "decays") else
+              jax.tree.map(lambda _: posterior.weight_decay, curvature))
     flat = jax.tree_util.tree_flatten_with_path(
-        (posterior.curvature_diagonal(), posterior.stddev(), params),
+        (curvature, posterior.stddev(), params, decays),
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
-    count = len(flat) // 3
-    for (path, h), (_, sigma), (_, mean) in zip(flat[:count],
-                                                flat[count:2 * count],
-                                                flat[2 * count:]):
+    count = len(flat) // 4
+    for (path, h), (_, sigma), (_, mean), (_, delta) in zip(
+        flat[:count], flat[count:2 * count], flat[2 * count:3 * count],
+        flat[3 * count:]):
       if isinstance(h, optax.MaskedNode) or np.size(h) == 0:
         continue
       h = np.asarray(h, np.float64).ravel()
+      delta = np.broadcast_to(np.asarray(delta, np.float64), np.shape(
+          np.asarray(sigma))).ravel()
+      decay_values.append(float(np.median(delta)))
       sigma = np.asarray(sigma, np.float64).ravel()
       mean = np.abs(np.asarray(mean, np.float64).ravel())
       with np.errstate(divide="ignore", invalid="ignore"):
@@ -214,7 +219,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
         pooled.setdefault(k, []).append(v)
   overall = {k: _median(np.concatenate(pooled[k])) if k in pooled
              else float("nan") for k in _FIELDS}
-  ess, delta = max(ess_values), max(decay_values)
+  ess, delta = max(ess_values), max(decay_values, default=0.0)
 
   width = lambda precision: (1 / math.sqrt(precision) if precision > 0
                              else float("inf"))

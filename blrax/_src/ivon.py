@@ -3,12 +3,14 @@ r"""IVON: the Improved Variational Online Newton optimizer."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import optax
 
 from blrax._src import curvature, engine, steps, validation
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 
 ScaleByIVONState = engine.ScaleByBLRState
 
@@ -16,11 +18,21 @@ ScaleByIVONState = engine.ScaleByBLRState
 def _check_hyperparams(hess_init, weight_decay, b1, clip_radius, rescale_lr,
                        debias) -> None:
   validation.check_state_scale("hess_init", hess_init, positive=True)
-  validation.check_state_scale("weight_decay", weight_decay)  # used below
+  if not prior_lib.is_per_leaf(weight_decay):
+    validation.check_state_scale("weight_decay", weight_decay)  # used below
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_positive("clip_radius", clip_radius, allow_inf=True)
   validation.check_flag("rescale_lr", rescale_lr)
   validation.check_flag("debias", debias)
+
+
+def _rescale(hess_init, weight_decay, weight_decay_mask, rescale_lr):
+  """The step's factor: :math:`h_0 + \\delta`, per leaf when the decay is."""
+  if not rescale_lr:
+    return 1.0
+  if prior_lib.is_per_leaf(weight_decay) or weight_decay_mask is not None:
+    return lambda decay: hess_init + decay
+  return hess_init + weight_decay
 
 
 def scale_by_ivon(
@@ -29,13 +41,15 @@ def scale_by_ivon(
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     clip_radius: jax.typing.ArrayLike = math.inf,
     rescale_lr: bool = True,
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON's preconditioned direction, before the learning rate.
 
@@ -67,7 +81,8 @@ def scale_by_ivon(
     hess_init: initial curvature :math:`h_0` (> 0).
     b1: momentum decay :math:`\beta_1`.
     b2: curvature decay :math:`\beta_2`; the curvature step is :math:`1-\beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     clip_radius: elementwise clip :math:`\xi` of the preconditioned step.
     rescale_lr: multiply the step by :math:`h_0 + \delta`.
     debias: divide the momentum by :math:`1 - \beta_1^t`.
@@ -81,6 +96,12 @@ def scale_by_ivon(
       a stored draw refreshed slice by slice: about 1.3x Adam's step on CPU,
       one more params-sized array of state). See ``blrax/_src/fast_noise.py``
       for what each keeps of the statistics.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -105,9 +126,11 @@ def scale_by_ivon(
       estimator=curvature.PRICE,
       precision=curvature.positive_ema,
       step=steps.ivon(b1, debias=debias, clip_radius=clip_radius,
-                      scale=hess_init + weight_decay if rescale_lr else 1.0),
+                      scale=_rescale(hess_init, weight_decay, weight_decay_mask,
+                                     rescale_lr)),
       ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
-      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True)
+      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
 
 
 def ivon(
@@ -117,13 +140,15 @@ def ivon(
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     clip_radius: jax.typing.ArrayLike = math.inf,
     rescale_lr: bool = True,
     debias: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The IVON optimizer: variational learning at Adam's cost.
 
@@ -154,7 +179,8 @@ def ivon(
       at the start.
     b1: momentum decay :math:`\beta_1`.
     b2: curvature decay :math:`\beta_2` (close to 1).
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     clip_radius: elementwise clip :math:`\xi` of the preconditioned step.
     rescale_lr: multiply the learning rate by :math:`h_0 + \delta`.
     debias: debias the momentum as Adam does.
@@ -164,6 +190,12 @@ def ivon(
     noise: ``"normal"`` (default, threefry normals), ``"hash"`` or
       ``"flip"`` / ``blrax.flip_noise(refresh_every)``: cheaper generators
       for CPU, see :func:`scale_by_ivon`.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` accepts
@@ -194,5 +226,6 @@ def ivon(
           ess=ess, hess_init=hess_init, b1=b1, b2=b2,
           weight_decay=weight_decay, clip_radius=clip_radius,
           rescale_lr=rescale_lr, debias=debias, mc_samples=mc_samples,
-          key=key, noise=noise),
+          key=key, noise=noise, weight_decay_mask=weight_decay_mask,
+          prior_mean=prior_mean),
       learning_rate)

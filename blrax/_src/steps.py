@@ -38,8 +38,9 @@ class Step:
   Attributes:
     name: for messages.
     leaf: ``(g_bar, curvature, momentum, mean, weight_decay, scalars) ->
-      (direction, momentum)`` for one leaf (``momentum`` is None when the
-      step keeps none).
+      (direction, momentum)`` for one leaf, where ``mean`` is
+      :math:`m - m_0` (the prior's pull is :math:`\\delta(m - m_0)`) and
+      ``momentum`` is None when the step keeps none.
     scalars: ``count -> tuple`` of per-update scalars (debiasing factors).
     uses_momentum: whether the state keeps a params-sized momentum.
   """
@@ -52,7 +53,8 @@ class Step:
 
 def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
   """IVON's step: momentum of the gradient, debiased, prior term after, clip,
-  rescaled by ``scale`` (:math:`h_0+\\delta` when ``rescale_lr``)."""
+  rescaled by ``scale`` (:math:`h_0+\\delta` when ``rescale_lr``; a function
+  of the leaf's :math:`\\delta` when the weight decay is per leaf)."""
 
   def scalars(count):
     # In the widest float in use: b1**t in low precision rounds to 1.
@@ -65,8 +67,8 @@ def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
     direction = (momentum / debias_factor.astype(curvature.dtype)
                  + weight_decay * mean.astype(curvature.dtype))
     direction = jnp.clip(direction / (curvature + weight_decay),
-                         -clip_radius, clip_radius) * scale
-    return direction, momentum
+                         -clip_radius, clip_radius)
+    return direction * (scale(weight_decay) if callable(scale) else scale), momentum
 
   return Step("ivon", leaf, scalars)
 

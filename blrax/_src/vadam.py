@@ -5,18 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from blrax._src import curvature, engine, steps, validation
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 
 ScaleByVadamState = engine.ScaleByBLRState
 
 
-def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any) -> None:
+def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
+                          weight_decay_mask: Any = None) -> None:
   """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 unless ess = inf."""
   validation.check_state_scale("hess_init", hess_init)
-  h, d = validation.concrete_float(hess_init), validation.concrete_float(weight_decay)
+  h = validation.concrete_float(hess_init)
+  if weight_decay_mask is not None:
+    d = 0.0  # masked leaves have no prior precision
+  elif prior_lib.is_per_leaf(weight_decay):
+    leaves = [np.min(np.asarray(x)) for x in jax.tree.leaves(weight_decay)
+              if not validation.is_traced(x) and np.size(x)]
+    d = float(min(leaves)) if leaves else None
+  else:
+    d = validation.concrete_float(weight_decay)
   e = validation.concrete_float(ess)
   if h is not None and d is not None and h + d <= 0 and e != float("inf"):
     raise ValueError(
@@ -31,11 +42,13 @@ def scale_by_vadam(
     batch_size: jax.typing.ArrayLike = 1,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam's direction, before the learning rate.
 
@@ -65,12 +78,19 @@ def scale_by_vadam(
       about :math:`M` times too small there.
     b1: momentum decay.
     b2: curvature decay.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     hess_init: initial :math:`h` (>= 0; ``hess_init + weight_decay > 0``).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -89,13 +109,14 @@ def scale_by_vadam(
   validation.check_state_scale("batch_size", batch_size, positive=True)
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2, include_one=False)
-  validation.check_state_scale("weight_decay", weight_decay)
-  check_curvature_floor(hess_init, weight_decay, ess)
+  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
+  check_curvature_floor(hess_init, weight_decay, ess, weight_decay_mask)
   return engine.scale_by_blr(
       estimator=curvature.squared_gradient(batch_size),
       precision=curvature.ema, step=steps.adam(b1, b2, hess_init), ess=ess,
       hess_init=hess_init, b2=b2, weight_decay=weight_decay,
-      mc_samples=mc_samples, key=key, noise=noise)
+      mc_samples=mc_samples, key=key, noise=noise,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
 
 
 def vadam(
@@ -105,11 +126,13 @@ def vadam(
     batch_size: jax.typing.ArrayLike = 1,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Vadam: variational Adam, the BLR with a squared-gradient curvature.
 
@@ -148,6 +171,12 @@ def vadam(
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -172,5 +201,7 @@ def vadam(
   return engine.with_learning_rate(
       scale_by_vadam(ess, batch_size=batch_size, b1=b1, b2=b2,
                      weight_decay=weight_decay, hess_init=hess_init,
-                     mc_samples=mc_samples, key=key, noise=noise),
+                     mc_samples=mc_samples, key=key, noise=noise,
+                     weight_decay_mask=weight_decay_mask,
+                     prior_mean=prior_mean),
       learning_rate)

@@ -52,11 +52,13 @@ def scale_by_vogn(
     *,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN's direction, before the learning rate.
 
@@ -77,12 +79,19 @@ def scale_by_vogn(
     ess: effective sample size :math:`\lambda`.
     b1: momentum decay.
     b2: curvature decay.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     hess_init: initial :math:`h` (> 0).
     mc_samples: samples per step.
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -104,7 +113,9 @@ def scale_by_vogn(
   return engine.scale_by_blr(
       estimator=curvature.PER_EXAMPLE_SQUARED, precision=curvature.ema,
       step=steps.vogn(b1), ess=ess, hess_init=hess_init, b2=b2,
-      weight_decay=weight_decay, mc_samples=mc_samples, key=key, noise=noise)
+      weight_decay=weight_decay, mc_samples=mc_samples, key=key, noise=noise,
+      accepts_hessian=True,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
 
 
 def vogn(
@@ -113,11 +124,13 @@ def vogn(
     ess: jax.typing.ArrayLike,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     hess_init: jax.typing.ArrayLike = 1.0,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN: the BLR with a per-example Gauss-Newton curvature.
 
@@ -140,13 +153,20 @@ def vogn(
     ess: effective sample size :math:`\lambda`.
     b1: momentum decay.
     b2: curvature decay.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     hess_init: initial :math:`h` (> 0).
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -172,5 +192,6 @@ def vogn(
   return engine.with_learning_rate(
       scale_by_vogn(ess, b1=b1, b2=b2, weight_decay=weight_decay,
                     hess_init=hess_init, mc_samples=mc_samples, key=key,
-                    noise=noise),
+                    noise=noise, weight_decay_mask=weight_decay_mask,
+                    prior_mean=prior_mean),
       learning_rate)

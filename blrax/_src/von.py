@@ -3,7 +3,7 @@ r"""VON: Variational Online Newton, with diagonal or full covariance."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import optax
 
 from blrax._src import curvature, engine, full_gaussian, gaussian, steps, validation
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 
 COVARIANCES = ("diag", "full")
 
@@ -80,11 +81,13 @@ def scale_by_von(
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
     b2: jax.typing.ArrayLike = 0.9999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VON's Newton-like direction, before the learning rate.
 
@@ -114,12 +117,19 @@ def scale_by_von(
       ``ravel_pytree``; for small models).
     hess_init: initial curvature (:math:`S = h_0 I` for full).
     b2: curvature decay; the curvature step is :math:`\rho = 1 - \beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` (with
@@ -146,14 +156,21 @@ def scale_by_von(
   validation.check_integer("max_dim", max_dim, low=1)
   validation.check_state_scale("hess_init", hess_init, positive=True)
   if covariance == "full":
+    if weight_decay_mask is not None:
+      raise ValueError(
+          "covariance='full' takes one scalar `weight_decay`; "
+          f"weight_decay_mask={weight_decay_mask!r} is for the diagonal "
+          "posterior.")
     return scale_by_full_von(ess, hess_init=hess_init, b2=b2,
                              weight_decay=weight_decay, mc_samples=mc_samples,
-                             key=key, max_dim=max_dim, noise=noise)
+                             key=key, max_dim=max_dim, noise=noise,
+                             prior_mean=prior_mean)
   return engine.scale_by_blr(
       estimator=curvature.PRICE, precision=curvature.positive_ema,
       hessian_precision=curvature.ema, step=steps.newton(), ess=ess,
       hess_init=hess_init, b2=b2, weight_decay=weight_decay,
-      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True)
+      mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
 
 
 def scale_by_full_von(
@@ -161,11 +178,12 @@ def scale_by_full_von(
     *,
     hess_init: jax.typing.ArrayLike = 1.0,
     b2: jax.typing.ArrayLike = 0.9999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
     noise: str = "normal",
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Full-covariance VON (see :func:`scale_by_von`), its own transform.
 
@@ -182,12 +200,16 @@ def scale_by_full_von(
       ``hessian=`` is required).
     hess_init: initial curvature, :math:`S = h_0 I`.
     b2: curvature decay; the curvature step is :math:`\rho = 1 - \beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess`` (one
+      scalar: the prior precision is :math:`\lambda\delta I`).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count :math:`D` accepted.
     noise: ``"normal"`` (or a :class:`blrax.noise.NormalNoise`), the only
       generator for a full covariance.
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the Newton step solves for
+      :math:`\bar g + \delta(m - m_0)`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -208,7 +230,12 @@ def scale_by_full_von(
   validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
   validation.check_state_scale("hess_init", hess_init, positive=True)
   validation.check_unit_interval("b2", b2)
+  if prior_lib.is_per_leaf(weight_decay):
+    raise ValueError(
+        "covariance='full' takes one scalar `weight_decay` (the prior "
+        "precision is weight_decay * I), got a pytree.")
   validation.check_state_scale("weight_decay", weight_decay)
+  prior_lib.check(weight_decay, None, prior_mean)
   mc_samples = validation.check_mc_samples(mc_samples)
   max_dim = validation.check_integer("max_dim", max_dim, low=1)
   if not validation.is_traced(key):
@@ -228,7 +255,10 @@ def scale_by_full_von(
         curvature=hess_init * jnp.eye(dim, dtype=dtype),
         ess=gaussian.scalar(ess),
         weight_decay=gaussian.scalar(weight_decay),
-        template=template)
+        template=template,
+        prior_mean=(() if prior_mean is None else full_gaussian.flatten(
+            prior_lib.mean_tree(prior_mean, params,
+                                lambda p: dtype)).astype(dtype)))
     return ScaleByFullVONState(count=jnp.zeros([], jnp.int32),
                                posterior=posterior)
 
@@ -286,6 +316,8 @@ def scale_by_full_von(
     chol = jnp.where(ok, chol_new, chol_old)
     # Solved for the rhs scaled to at most 1, then saturated: a 1e38
     # gradient would otherwise overflow inside the solve into inf - inf.
+    if not (isinstance(posterior.prior_mean, tuple) and not posterior.prior_mean):
+      mean = mean - posterior.prior_mean
     rhs = curvature.finite(curvature.finite(grads.mean(0)) + weight_decay * mean)
     scale = jnp.max(jnp.abs(rhs))
     scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
@@ -309,11 +341,13 @@ def von(
     covariance: str = "diag",
     hess_init: jax.typing.ArrayLike = 1.0,
     b2: jax.typing.ArrayLike = 0.9999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     max_dim: int = 16384,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
@@ -336,13 +370,20 @@ def von(
     covariance: ``"diag"`` or ``"full"``.
     hess_init: initial curvature.
     b2: curvature decay (:math:`\rho = 1 - \beta_2`).
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``:
+      a scalar, or a pytree like the params (per-leaf precisions).
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples", "max_dim")``.
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count accepted with ``covariance="full"``.
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as ``optax.adamw(mask=...)``:
+      where False, :math:`\delta = 0` (no prior pull, e.g. biases).
+    prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
+      pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
+      (a previous task's posterior mean, for continual learning).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
@@ -369,5 +410,6 @@ def von(
   return engine.with_learning_rate(
       scale_by_von(ess, covariance=covariance, hess_init=hess_init, b2=b2,
                    weight_decay=weight_decay, mc_samples=mc_samples, key=key,
-                   max_dim=max_dim, noise=noise),
+                   max_dim=max_dim, noise=noise,
+                   weight_decay_mask=weight_decay_mask, prior_mean=prior_mean),
       learning_rate)
