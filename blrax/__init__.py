@@ -19,8 +19,15 @@ import warnings as _warnings
 
 from blrax import expfam, metrics, noise, predictive, uncertainty
 from blrax._src.accumulation import MultiSteps, MultiStepsState
+from blrax._src.bsam import (
+  ScaleByBSAMState,
+  bsam,
+  bsam_adversarial_params,
+  scale_by_bsam,
+)
 from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
+from blrax._src.evon import EigenbasisGaussian, ScaleByEVONState, evon, scale_by_evon
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.gradients import value_and_grad
@@ -32,7 +39,9 @@ from blrax._src.lookup import (
   sample_params,
   sample_posterior,
 )
+from blrax._src.merging import merge_posteriors, posterior_as_prior
 from blrax._src.noise import flip_noise
+from blrax._src.squared_grads import value_grads_and_squares
 from blrax._src.vadam import ScaleByVadamState, scale_by_vadam, vadam
 from blrax._src.vogn import ScaleByVOGNState, per_example_grads, scale_by_vogn, vogn
 from blrax._src.von import (
@@ -48,25 +57,33 @@ __version__ = "0.2.0"
 
 __all__ = (
     "DiagonalGaussian",
+    "EigenbasisGaussian",
     "FullGaussian",
     "MultiSteps",
     "MultiStepsState",
     "PosteriorHealth",
     "ScaleByBLRState",
+    "ScaleByEVONState",
+    "ScaleByBSAMState",
     "ScaleByFullVONState",
     "ScaleByIVONState",
     "ScaleByVOGNState",
     "ScaleByVONState",
     "ScaleByVadamState",
     "apply_if_finite",
+    "evon",
+    "bsam",
+    "bsam_adversarial_params",
     "expfam",
     "export_posterior",
     "find_posteriors",
     "flip_noise",
     "ivon",
+    "merge_posteriors",
     "metrics",
     "noise",
     "per_example_grads",
+    "posterior_as_prior",
     "posterior_health",
     "posterior_stddev",
     "posterior_summary",
@@ -74,6 +91,8 @@ __all__ = (
     "sample_params",
     "sample_posterior",
     "scale_by_blr",
+    "scale_by_evon",
+    "scale_by_bsam",
     "scale_by_full_von",
     "scale_by_ivon",
     "scale_by_vadam",
@@ -82,6 +101,7 @@ __all__ = (
     "uncertainty",
     "vadam",
     "value_and_grad",
+    "value_grads_and_squares",
     "vogn",
     "von",
 )

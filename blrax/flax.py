@@ -11,6 +11,8 @@ from blrax._src.flax_integration import (  # noqa: E402
     VariationalTrainState,
     nnx_sample,
     nnx_value_and_grad,
+    nnx_value_grads_and_squares,
 )
 
-__all__ = ("VariationalTrainState", "nnx_sample", "nnx_value_and_grad")
+__all__ = ("VariationalTrainState", "nnx_sample", "nnx_value_and_grad",
+           "nnx_value_grads_and_squares")

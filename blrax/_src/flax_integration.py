@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.training import train_state
 
-from blrax._src import gradients, lookup
+from blrax._src import gradients, lookup, squared_grads
 
 
 def nnx_sample(model: nnx.Module, optimizer: nnx.Optimizer) -> nnx.Module:
@@ -167,6 +167,83 @@ def nnx_value_and_grad(
     value, new_rest = jnp.mean(value, axis=0), _collapse_draws(new_rest)
   nnx.update(model, new_rest)
   return ((value, aux) if has_aux else value), grads
+
+
+def nnx_value_grads_and_squares(
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    *batch: Any,
+    reduction: str = "mean",
+):
+  r"""VOGN's inputs for an NNX model, at the optimizer's draw(s), in one pass.
+
+  :func:`blrax.value_grads_and_squares` for an NNX model: draws
+  :math:`\theta = m + \sigma\epsilon` as :func:`nnx_value_and_grad` does and
+  returns the loss, the mean gradient :math:`\bar g` and the mean squared
+  per-example gradient :math:`\hat h = \mathrm{mean}_i\, g_i^2` at the draw,
+  for ``optimizer.update(model, grads, hessian=squares)``. ``nnx.Linear``
+  and ``nnx.Conv`` kernels and biases (and any param
+  entering one dense, convolution, broadcast or elementwise op with an
+  activation) need no per-example gradients; other params (embeddings,
+  tied weights) get theirs from a ``jax.vmap`` over the examples. The model
+  must treat examples independently: no batch statistics (batch norm), and
+  no dropout, whose masks the per-example fallback cannot reproduce.
+
+  With ``mc_samples = S > 1`` the draws run under ``jax.vmap``: the value is
+  the mean over draws, ``grads`` and ``squares`` have a leading axis ``S``.
+  Non-param state the forward pass changes is written back into ``model``
+  as :func:`nnx_value_and_grad` does.
+
+  Args:
+    loss_fn: ``loss_fn(model, *batch)``, the mean (or sum) of the examples'
+      losses.
+    model: the model; its params are the posterior mean.
+    optimizer: an ``nnx.Optimizer`` holding a blrax optimizer.
+    *batch: arrays whose leading axis is the batch.
+    reduction: ``"mean"`` if ``loss_fn`` averages over the batch, ``"sum"``
+      if it sums.
+
+  Returns:
+    ``(value, grads, squares)``; ``grads`` and ``squares`` are states of
+    ``nnx.Param`` like ``nnx.grad``'s.
+
+  Raises:
+    ValueError: as :func:`blrax.value_grads_and_squares`.
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, blrax.vogn(0.1, ess=8.0),
+    ...                           wrt=nnx.Param)
+    >>> loss_fn = lambda m, x: jnp.mean(m(x) ** 2)
+    >>> loss, grads, squares = blrax.flax.nnx_value_grads_and_squares(
+    ...     loss_fn, model, optimizer, jnp.ones((8, 3)))
+    >>> squares["kernel"].shape
+    (3, 1)
+    >>> _ = optimizer.update(model, grads, hessian=squares)
+  """
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  rest = nnx.as_pure(rest)
+  theta = lookup.sample_params(nnx.as_pure(params), optimizer.opt_state)
+
+  def loss_at(draw_params, rest, *examples):
+    sample = nnx.merge(graphdef, draw_params, rest)
+    value = loss_fn(sample, *examples)
+    return value, nnx.as_pure(nnx.state(sample, nnx.Not(optimizer.wrt)))
+
+  def at(draw):
+    return squared_grads.value_grads_squares_aux(
+        loss_at, _with_values(params, draw), rest, batch, reduction)
+
+  if gradients.num_draws(optimizer.opt_state) == 1:
+    value, new_rest, grads, squares = at(theta)
+  else:
+    value, new_rest, grads, squares = jax.vmap(at)(theta)
+    value, new_rest = jnp.mean(value, axis=0), _collapse_draws(new_rest)
+  nnx.update(model, new_rest)
+  return value, grads, squares
 
 
 def _unwrap_optimizer(opt_state: Any) -> tuple[Any, Any]:

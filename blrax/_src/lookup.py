@@ -1,7 +1,8 @@
 r"""Find the variational posterior in any optax state, and use it.
 
 The posterior of a blrax optimizer is a sub-state of one of the posterior
-types (:class:`blrax.DiagonalGaussian`, :class:`blrax.FullGaussian`). It is
+types (:class:`blrax.DiagonalGaussian`, :class:`blrax.FullGaussian`,
+:class:`blrax.EigenbasisGaussian`). It is
 found **by type**, anywhere in a nested optax state: inside ``chain``,
 ``named_chain``, ``inject_hyperparams``, ``MultiSteps``, ``apply_if_finite``,
 ``masked`` and ``partition`` (whose ``optax.MaskedNode`` holes mark params
@@ -22,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import full_gaussian, gaussian, validation
+from blrax._src import evon, full_gaussian, gaussian, validation
 from blrax._src import noise as noise_lib
 
 # A fixed tuple: the posterior types are core data types, not plug-ins.
-POSTERIOR_TYPES = (gaussian.DiagonalGaussian, full_gaussian.FullGaussian)
+POSTERIOR_TYPES = (gaussian.DiagonalGaussian, full_gaussian.FullGaussian,
+                   evon.EigenbasisGaussian)
 
 
 def _is_posterior(x: Any) -> bool:

@@ -1,0 +1,326 @@
+"""bSAM (Möllenhoff & Khan, 2023): oracles, limits, robustness, wrappers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blrax
+
+# An elementwise loss with a closed-form gradient, so the NumPy oracle needs
+# no autodiff: l(w) = sum(c w^4 / 4 + b w), grad = c w^3 + b.
+C = {"a": np.array([0.5, 1.0, 2.0]), "b": np.array([[1.5, 0.25], [1.0, 3.0]])}
+B = {"a": np.array([0.3, -0.2, 0.1]), "b": np.array([[-0.5, 0.4], [0.0, 0.2]])}
+M0 = {"a": np.array([0.5, -1.0, 0.8]), "b": np.array([[0.2, -0.3], [1.1, -0.6]])}
+
+
+def loss(w):
+  return sum(jnp.sum(C[k] * w[k] ** 4 / 4 + B[k] * w[k]) for k in w)
+
+
+grad = jax.grad(loss)
+
+
+def np_grad(w):
+  return {k: C[k] * w[k] ** 3 + B[k] for k in w}
+
+
+def as_np(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def params0():
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), M0)
+
+
+def inner(state):
+  """The ScaleByBSAMState of bsam's chain (state[1] is the lr's)."""
+  return state[0]
+
+
+def bsam_state(state):
+  """The ScaleByBSAMState anywhere in a nested state."""
+  is_bsam = lambda x: isinstance(x, blrax.ScaleByBSAMState)  # noqa: E731
+  return [x for x in jax.tree.leaves(state, is_leaf=is_bsam) if is_bsam(x)][0]
+
+
+def hand_steps(theta_offsets, *, lr, ess, rho, b1, b2, damping, delta, h0):
+  """Algorithm 1 of the paper, transcribed in NumPy (float64), in s."""
+  m = as_np(M0)
+  s = {k: np.full_like(v, h0 + delta) for k, v in m.items()}
+  gm = {k: np.zeros_like(v) for k, v in m.items()}
+  history = []
+  for offsets in theta_offsets:  # e ~ N(0, 1/(ess s)), the state's draw
+    g = np_grad({k: m[k] + offsets[k] for k in m})
+    eps = {k: rho * g[k] / s[k] for k in m}
+    g_eps = np_grad({k: m[k] + eps[k] for k in m})
+    gm = {k: b1 * gm[k] + (1 - b1) * (g_eps[k] + delta * m[k]) for k in m}
+    s = {k: b2 * s[k] + (1 - b2) * (np.sqrt(s[k]) * np.abs(g[k]) + delta
+                                     + damping) for k in m}
+    m = {k: m[k] - lr * gm[k] / s[k] for k in m}
+    history.append((m, s, gm))
+  return history
+
+
+HYPER = dict(lr=0.2, ess=50.0, rho=0.3, b1=0.8, b2=0.9, damping=0.1,
+             delta=0.05, h0=0.7)
+
+
+def make_bsam(lr, ess, rho, b1, b2, damping, delta, h0, **kw):
+  return blrax.bsam(lr, ess=ess, rho=rho, b1=b1, b2=b2, damping=damping,
+                    weight_decay=delta, hess_init=h0, key=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def step_fns():
+  """Jitted steps (compiled once per module): grad_fn and explicit paths."""
+
+  def with_grad_fn(opt):
+    @jax.jit
+    def step(params, state):
+      theta = blrax.sample_params(params, state)
+      updates, state = opt.update(grad(theta), state, params, grad_fn=grad)
+      return optax.apply_updates(params, updates), state, theta
+    return step
+
+  def explicit(opt):
+    @jax.jit
+    def step(params, state):
+      theta = blrax.sample_params(params, state)
+      g = grad(theta)
+      point = blrax.bsam_adversarial_params(params, state, g)
+      updates, state = opt.update(g, state, params,
+                                  adversarial_grads=grad(point))
+      return optax.apply_updates(params, updates), state, theta
+    return step
+
+  return with_grad_fn, explicit
+
+
+def run(step, opt, n):
+  params, state = params0(), opt.init(params0())
+  out = []
+  for _ in range(n):
+    old = params
+    params, state, theta = step(params, state)
+    out.append((params, state, jax.tree.map(lambda t, p: t - p, theta, old)))
+  return out
+
+
+def check_against_hand(trace, opt):
+  """Each step of ``trace`` (from ``run``) against the NumPy Algorithm 1."""
+  # The draw is the posterior's: theta - m = eps / sqrt(ess s), eps the
+  # state's standard normals (checked before each step).
+  state = opt.init(params0())
+  for _, new_state, offset in trace:
+    post = blrax.find_posteriors(state)[0]
+    s = jax.tree.map(lambda h: h + post.weight_decay, post.curvature)
+    expect = jax.tree.map(lambda e, s: e / jnp.sqrt(post.ess * s),
+                          post.noise(), s)
+    for k in offset:
+      np.testing.assert_allclose(offset[k], expect[k], rtol=1e-5, atol=1e-7)
+    state = new_state
+  hand = hand_steps([as_np(o) for _, _, o in trace], **HYPER)
+  for (params, state, _), (m, s, gm) in zip(trace, hand):
+    st = bsam_state(state)
+    h_plus_delta = jax.tree.map(lambda h: h + st.posterior.weight_decay,
+                                st.posterior.curvature)
+    for k in m:
+      np.testing.assert_allclose(params[k], m[k], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(h_plus_delta[k], s[k], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(st.momentum[k], gm[k], rtol=1e-6, atol=1e-6)
+  return hand
+
+
+def test_matches_hand_computed_steps(step_fns):
+  opt = make_bsam(**HYPER)
+  trace = run(step_fns[0](opt), opt, 3)
+  hand = check_against_hand(trace, opt)
+  # The posterior is N(m, 1/(N s)), read by the generic posterior functions.
+  std = blrax.posterior_stddev(trace[-1][1])
+  for k in M0:
+    np.testing.assert_allclose(
+        std[k], 1 / np.sqrt(HYPER["ess"] * hand[-1][1][k]), rtol=1e-6)
+  samples = blrax.sample_posterior(jax.random.key(0), trace[-1][0],
+                                   trace[-1][1], 4)
+  assert samples["b"].shape == (4, 2, 2)
+  assert int(inner(trace[-1][1]).count) == 3
+
+
+def test_no_noise_fixed_preconditioner_is_sam(step_fns):
+  """ess=inf, b2=1: SAM (ascent rho g / s0) with momentum, preconditioned by
+  1/s0, as optax.contrib.sam with matching outer and adversarial optimizers."""
+  lr, rho, b1, delta, s0 = 0.1, 0.4, 0.7, 0.02, 2.5
+  opt = blrax.bsam(lr, ess=jnp.inf, rho=rho, b1=b1, b2=1.0, damping=0.3,
+                   weight_decay=delta, hess_init=s0 - delta)
+  trace = run(step_fns[0](opt), opt, 4)
+  outer = optax.chain(optax.add_decayed_weights(delta),
+                      optax.ema(b1, debias=False), optax.scale(-lr / s0))
+  sam = optax.contrib.sam(outer, optax.sgd(rho / s0), sync_period=2,
+                          opaque_mode=True)
+  params, state = params0(), sam.init(params0())
+  for got, _, offset in trace:
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(offset))
+    updates, state = sam.update(grad(params), state, params,
+                                grad_fn=lambda p, _: grad(p))
+    params = optax.apply_updates(params, updates)
+    for k in params:
+      np.testing.assert_allclose(got[k], params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_rho_zero_no_momentum_no_noise_is_diagonal_von():
+  """rho=0, b1=0, ess=inf: the mean moves along the gradient at the mean, and
+  the step is diagonal VON given the curvature target sqrt(s)|g| + gamma."""
+  lr, b2, damping, delta, h0 = 0.3, 0.8, 0.2, 0.05, 1.5
+  opt = blrax.bsam(lr, ess=jnp.inf, rho=0.0, b1=0.0, b2=b2, damping=damping,
+                   weight_decay=delta, hess_init=h0)
+  von = blrax.von(lr, ess=jnp.inf, b2=b2, weight_decay=delta, hess_init=h0)
+  params = von_params = params0()
+  state, von_state = opt.init(params), von.init(params)
+  points = []
+
+  def grad_fn(p):
+    points.append(p)
+    return grad(p)
+
+  for _ in range(3):
+    g = grad(params)
+    updates, state = opt.update(g, state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+    vg = grad(von_params)
+    h = blrax.find_posteriors(von_state)[0].curvature
+    target = jax.tree.map(lambda h, g: jnp.sqrt(h + delta) * jnp.abs(g)
+                          + damping, h, vg)
+    von_updates, von_state = von.update(vg, von_state, von_params,
+                                        hessian=target)
+    von_params = optax.apply_updates(von_params, von_updates)
+    for k in params:
+      np.testing.assert_allclose(params[k], von_params[k], rtol=1e-6)
+  # rho = 0: the adversarial point is the mean itself.
+  for k in M0:
+    np.testing.assert_array_equal(points[0][k], params0()[k])
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e30, 1e-30, 0.0])
+def test_precision_positive_and_finite_for_extreme_grads(scale):
+  opt = blrax.bsam(1.0, ess=1e4, rho=1.0, b1=0.5, b2=0.0, damping=0.0,
+                   weight_decay=0.0, hess_init=1e-3)
+  params = jnp.array([1.0, -2.0, 0.0])
+  state = opt.init(params)
+  sign = jnp.array([1.0, -1.0, 1.0])
+  for _ in range(3):
+    g = scale * sign
+    updates, state = opt.update(g, state, params, grad_fn=lambda p: -g)
+    params = optax.apply_updates(params, updates)
+    h = inner(state).posterior.curvature
+    assert jnp.all(jnp.isfinite(h)) and jnp.all(h > 0)
+    for leaf in jax.tree.leaves((updates, inner(state).momentum, params)):
+      assert jnp.all(jnp.isfinite(leaf))
+    std = blrax.posterior_stddev(state)
+    assert jnp.all(jnp.isfinite(std)) and jnp.all(std > 0)
+    point = blrax.bsam_adversarial_params(params, state, g)
+    assert jnp.all(jnp.isfinite(point))
+
+
+@pytest.mark.parametrize("kwargs, name, value", [
+    (dict(ess=0.0), "ess", "0.0"),
+    (dict(ess=-1.0), "ess", "-1.0"),
+    (dict(ess=math.nan), "ess", "nan"),
+    (dict(rho=-0.1), "rho", "-0.1"),
+    (dict(rho=math.inf), "rho", "inf"),
+    (dict(rho=math.nan), "rho", "nan"),
+    (dict(b1=1.0), "b1", "1.0"),
+    (dict(b1=-0.1), "b1", "-0.1"),
+    (dict(b2=1.5), "b2", "1.5"),
+    (dict(damping=-1.0), "damping", "-1.0"),
+    (dict(weight_decay=-1e-3), "weight_decay", "-0.001"),
+    (dict(hess_init=-2.0), "hess_init", "-2.0"),
+    (dict(hess_init=0.0, weight_decay=0.0), "hess_init", "0.0"),
+    (dict(learning_rate=-0.1), "learning_rate", "-0.1"),
+    (dict(rho="0.1"), "rho", "'0.1'"),
+    (dict(key=-1), "key", "-1"),
+])
+def test_bad_hyperparameters_raise(kwargs, name, value):
+  args = dict(learning_rate=0.1, ess=100.0, rho=0.01) | kwargs
+  with pytest.raises(ValueError, match=f"`{name}`.*{name}={value}"):
+    blrax.bsam(args.pop("learning_rate"), **args)
+
+
+def test_bad_update_arguments_raise():
+  opt = blrax.bsam(0.1, ess=100.0, rho=0.01)
+  params = jnp.zeros(3)
+  state = opt.init(params)
+  g = jnp.ones(3)
+  with pytest.raises(ValueError, match="exactly one of `grad_fn`"):
+    opt.update(g, state, params)
+  with pytest.raises(ValueError, match="exactly one of `grad_fn`"):
+    opt.update(g, state, params, grad_fn=grad, adversarial_grads=g)
+  with pytest.raises(ValueError, match="`grad_fn` must be callable"):
+    opt.update(g, state, params, grad_fn=3)
+  with pytest.raises(ValueError, match="`adversarial_grads` leaf has shape"):
+    opt.update(g, state, params, adversarial_grads=jnp.ones(2))
+  with pytest.raises(ValueError, match="`grads` leaf has shape"):
+    opt.update(jnp.ones(4), state, params, adversarial_grads=g)
+  with pytest.raises(ValueError, match="exactly one bSAM state"):
+    blrax.bsam_adversarial_params(params, blrax.ivon(0.1, ess=1.0).init(params),
+                                  g)
+
+
+def test_inside_chain_and_inject_hyperparams(step_fns):
+  """Wrapped, the same steps as the hand oracle: extra args reach bSAM, its
+  state is found by type, injected hyperparameters act like the closure's.
+  The chain takes the explicit path, inject_hyperparams grad_fn."""
+  chained = optax.chain(optax.clip_by_global_norm(1e6), make_bsam(**HYPER))
+  check_against_hand(run(step_fns[1](chained), chained, 2), chained)
+  injected = optax.inject_hyperparams(blrax.bsam)(
+      learning_rate=HYPER["lr"], ess=HYPER["ess"], rho=HYPER["rho"],
+      b1=HYPER["b1"], b2=HYPER["b2"], damping=HYPER["damping"],
+      weight_decay=HYPER["delta"], hess_init=HYPER["h0"], key=3)
+  check_against_hand(run(step_fns[0](injected), injected, 2), injected)
+  # A new rho injected into the state moves the adversarial point.
+  state = injected.init(params0())
+  state.hyperparams["rho"] = jnp.asarray(0.0)
+  _, state = injected.update(grad(params0()), state, params0(),
+                             adversarial_grads=grad(params0()))
+  point = blrax.bsam_adversarial_params(params0(), state, grad(params0()))
+  for k in M0:
+    np.testing.assert_array_equal(point[k], params0()[k])
+
+
+def test_masked_params_stay_put():
+  opt = optax.masked(blrax.bsam(0.1, ess=100.0, rho=0.5),
+                     {"a": True, "b": False})
+  params = params0()
+  state = opt.init(params)
+  g = grad(params)
+  point = blrax.bsam_adversarial_params(params, state, g)
+  np.testing.assert_array_equal(point["b"], params["b"])
+  assert not np.allclose(point["a"], params["a"])
+  theta = blrax.sample_params(params, state)
+  np.testing.assert_array_equal(theta["b"], params["b"])
+
+
+def _load_example():
+  path = pathlib.Path(__file__).parents[1] / "examples" / "bsam_digits.py"
+  spec = importlib.util.spec_from_file_location("bsam_digits", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_example_smoke():
+  example = _load_example()
+  rows = example.main(["--seeds", "0", "--epochs", "2", "--lrs", "0.01",
+                       "--samples", "4", "--methods", "SAM (Adam)", "bSAM"])
+  assert {row["method"] for row in rows} == {"SAM (Adam)", "bSAM (mean)",
+                                             "bSAM (BMA)"}
+  for row in rows:
+    assert 0.0 <= row["acc"] <= 1.0 and np.isfinite(row["nll"])
