@@ -186,3 +186,18 @@ def test_empty_leaves_jit_and_nnx():
   for params in (model, nnx.state(model)):
     got = blrax.posterior_health(params, opt, hess_init=0.5, b2=0.9, warn=False)
     assert got.leaves == want.leaves and set(got.leaves) == {"bias", "kernel"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: blrax.evon(0.1, ess=100.0, hess_init=4.0, weight_decay=0.0),
+    lambda: blrax.bsam(0.1, ess=100.0, hess_init=4.0, weight_decay=0.0,
+                       rho=0.05),
+], ids=["evon", "bsam"])
+def test_health_reads_evon_and_bsam_states(make):
+  """Before any step the posterior is its initialisation: sigma = 1/sqrt(
+  ess * hess_init) = 0.05, all of it from hess_init."""
+  params = {"w": jnp.ones((3, 4))}
+  health = blrax.posterior_health(params, make().init(params), hess_init=4.0,
+                                  b2=0.99999, warn=False)
+  assert health.overall["init_share"] == 1.0
+  assert health.overall["stddev"] == pytest.approx(0.05, rel=1e-5)

@@ -28,9 +28,10 @@ import jax
 import numpy as np
 import optax
 
-from blrax._src import engine, lookup, validation, von
+from blrax._src import bsam, engine, evon, lookup, validation, von
 
-_STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState)
+_STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState,
+                bsam.ScaleByBSAMState, evon.ScaleByEVONState)
 _FIELDS = ("init_share", "prior_share", "data_curvature", "stddev",
            "relative_stddev")
 
