@@ -1,10 +1,12 @@
 """The example scripts run end to end (tiny settings) and report what they say."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -65,13 +67,125 @@ def test_benchmark_runs(script):
   assert "| blrax.ivon |" in result.stdout
 
 
-def test_char_gpt_tiny_bf16_two_devices():
-  out = run("char_gpt.py", "--tiny", "--bf16", "--devices", "2")
+def _char_gpt():
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  try:
+    import char_gpt
+  finally:
+    sys.path.pop(0)
+  return char_gpt
+
+
+def test_char_gpt_tiny_bf16_two_devices_accumulate(tmp_path):
+  out = run("char_gpt.py", "--tiny", "--bf16", "--devices", "2",
+            "--accumulate", "2", "--ess", "10N", "--seed", "3",
+            "--curves", str(tmp_path))
   assert "2 device(s)" in out and "(bfloat16)" in out
+  assert "30 updates of 2 x 8 x 32 chars; seed 3" in out
   for row in ("| AdamW |", "| IVON (mean) |", "| IVON (BMA, 2) |"):
     assert row in out
   # mixed precision: params bf16, curvature float32
   assert "IVON curvature (float32)" in out and "params bfloat16" in out
+  # --ess 10N reaches the optimizer: ten times the 90,000 training chars,
+  # and the noise cost is params / (2 ess)
+  n_params = int(re.search(r"model: ([\d,]+) params", out).group(1)
+                 .replace(",", ""))
+  assert "train 90,000 / val 10,000" in out
+  cost = float(re.search(r"ess 10N = 9e\+05: .* params/\(2 ess\) = ([\d.]+)",
+                         out).group(1))
+  assert cost == pytest.approx(n_params / (2 * 900_000), abs=1e-4)
+  curves = json.loads((tmp_path / "curves.json").read_text())
+  assert sorted(curves) == ["AdamW", "IVON"]
+  assert curves["IVON"]["step"] == list(range(1, 31))
+  assert len(curves["AdamW"]["train_loss"]) == 30
+  assert curves["AdamW"]["val_step"] == [3 * i for i in range(1, 11)]
+  assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_char_gpt_ess_parsing():
+  char_gpt = _char_gpt()
+  assert char_gpt.parse_ess("N", 90_000) == 90_000
+  assert char_gpt.parse_ess("10N", 90_000) == 900_000
+  assert char_gpt.parse_ess("0.5n", 90_000) == 45_000
+  assert char_gpt.parse_ess("cold", 90_000) == 1e9
+  assert char_gpt.parse_ess("2.5e6", 90_000) == 2.5e6
+  for bad in ("-3", "0N", "xN", "nan", "inf", "ten"):
+    with pytest.raises(ValueError, match="ess"):
+      char_gpt.parse_ess(bad, 90_000)
+  with pytest.raises(ValueError, match="ess"):
+    char_gpt.parse_args(["--ess=-1N"])
+  with pytest.raises(ValueError, match="--accumulate"):
+    char_gpt.parse_args(["--accumulate", "0"])
+  with pytest.raises(ValueError, match="--warmup"):
+    char_gpt.parse_args(["--steps", "10", "--warmup", "10"])
+
+
+def test_char_gpt_decay_skips_biases_and_layernorm():
+  """One update from zero gradients is the weight decay alone: AdamW moves
+  p by -lr wd p, IVON by -lr (h0 + d) d p / (h1 + d) with
+  h1 = b2 h0 + (1-b2)^2 h0^2 / (2 (h0 + d)) (the Price estimate is 0);
+  biases and LayerNorm params must not move at all, in both."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  char_gpt = _char_gpt()
+  args = char_gpt.parse_args(["--tiny", "--warmup", "0", "--grad-clip", "1.0",
+                              "--wd-ivon", "0.5", "--hess-init", "1.0",
+                              "--clip-radius", "1e9", "--b2", "0.9"])
+  _, params = nnx.split(char_gpt.GPT(args, jnp.float32, nnx.Rngs(0)),
+                        nnx.Param)
+  params = nnx.as_pure(params)
+  named = {jax.tree_util.keystr(path): leaf for path, leaf in
+           jax.tree_util.tree_leaves_with_path(params)}
+  no_decay = [k for k in named if k.endswith(("['bias']", "['scale']"))]
+  assert any("attn" in k for k in no_decay)  # 2-D attention biases too
+  assert any("norm" in k for k in no_decay) and len(no_decay) < len(named)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  lr, h0, d, b2 = 0.01, 1.0, 0.5, 0.9
+  h1 = b2 * h0 + 0.5 * (1 - b2) ** 2 * h0 ** 2 / (h0 + d)
+  expect = {"AdamW": lambda p: -lr * args.wd_adamw * p,
+            "IVON": lambda p: -lr * (h0 + d) * d * p / (h1 + d)}
+  for name in ("AdamW", "IVON"):
+    opt = char_gpt.make_optimizer(name, args, params, lr, ess=100.0,
+                                  key=jax.random.key(0))
+    updates, _ = jax.jit(opt.update)(zeros, jax.jit(opt.init)(params), params)
+    updates = {jax.tree_util.keystr(path): leaf for path, leaf in
+               jax.tree_util.tree_leaves_with_path(updates)}
+    for k, p in named.items():
+      if k in no_decay:
+        assert float(jnp.max(jnp.abs(updates[k]))) == 0.0, (name, k)
+      else:
+        assert jnp.allclose(updates[k], expect[name](p), rtol=1e-4,
+                            atol=1e-9), (name, k)
+        assert float(jnp.max(jnp.abs(updates[k]))) > 0, (name, k)
+
+
+def test_char_gpt_sweep_table(tmp_path):
+  """The table's mean and sample std over seeds, against numpy."""
+  char_gpt = _char_gpt()
+  base = {"n_params": 1000, "train_chars": 25_000, "val_chars": 3000,
+          "val_predictions": 512, "steps": 10, "accumulate": 1, "batch": 4,
+          "seq_len": 8, "warmup": 1, "grad_clip": 1.0, "model": "d8 x1 h1",
+          "seconds": 1.0}
+  rows = []
+  for seed, loss in enumerate((1.5, 1.7, 1.6)):
+    metrics = {"loss": loss, "ppl": float(np.exp(loss)), "acc": 0.5,
+               "ece": 0.01 * (seed + 1)}
+    rows.append({**base, "optimizer": "AdamW", "lr": 3e-3, "ess": None,
+                 "seed": seed, "mean": metrics})
+    bma = {**metrics, "loss": loss - 0.1}
+    rows.append({**base, "optimizer": "IVON", "lr": 3e3, "ess": "N",
+                 "peak_step": 3e-3, "seed": seed, "mean": metrics, "bma": bma,
+                 "sigma_over_w": 0.1 * (seed + 1), "noise_cost": 0.02})
+  path = tmp_path / "sweep.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  text = char_gpt.write_table(str(path))
+  assert text == (tmp_path / "sweep.md").read_text()
+  std = np.std([1.5, 1.7, 1.6], ddof=1)
+  assert f"| AdamW | 0.003 | - | 3 | 1.6000 ± {std:.4f} |" in text
+  assert f"| 1.5000 ± {std:.4f} |" in text  # IVON's BMA loss
+  assert "| 0.2000 ± 0.1000 | 0.0200 |" in text  # sigma/|w|, params/(2 ess)
+  assert "(25.0 per param)" in text
 
 
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
@@ -89,6 +203,11 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert section in report, report
   assert (tmp_path / "scaling.png").stat().st_size > 0
   assert (tmp_path / "scaling_transformer.png").stat().st_size > 0
+  assert "4 updates of 2 x 8 x 16 chars" in report  # accumulation on
+  curves = json.loads((tmp_path / "char_gpt" / "curves.json").read_text())
+  assert sorted(curves) == ["AdamW", "IVON"]
+  assert len(curves["IVON"]["train_loss"]) == 4
+  assert (tmp_path / "char_gpt" / "curves.png").stat().st_size > 0
 
 
 def test_device_scaling_benchmark_runs(tmp_path):

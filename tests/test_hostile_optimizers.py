@@ -41,7 +41,7 @@ COMMON_BAD = [
     ("hess_init", math.inf), ("hess_init", math.nan), ("hess_init", [-1.0]),
     ("hess_init", None),
     ("weight_decay", math.inf), ("weight_decay", -1.0), ("weight_decay", "x"),
-    ("weight_decay", np.array([1e-4, 1e-4])),
+    ("weight_decay", np.array([1e-4, -1e-4])),  # per element: each checked
     ("b2", 1.5), ("b2", [2.0]), ("b2", math.nan), ("b2", -0.5),
     ("mc_samples", math.inf), ("mc_samples", 1.5), ("mc_samples", 0),
     ("mc_samples", True), ("mc_samples", "2"), ("mc_samples", 2.0),
@@ -58,7 +58,8 @@ SPECIFIC_BAD = {
              ("noise", None), ("noise", 3)],
     "von": [("covariance", ["full"]), ("covariance", "Full"),
             ("hess_init", 0.0), ("max_dim", "big"), ("max_dim", -5)],
-    "von_full": [("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
+    "von_full": [("weight_decay", np.array([1e-4, 1e-4])),  # scalar only
+                 ("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
                  ("max_dim", "big"), ("noise", "hash")],
     "vadam": [("b1", 1.0), ("b2", 1.0), ("b2", 0.9999999999),
               ("batch_size", 0.0), ("batch_size", math.inf),

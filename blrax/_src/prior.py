@@ -108,7 +108,7 @@ def _check_decay_leaf(path: str, value: Any) -> None:
   if np.any(bad):
     raise ValueError(
         f"`weight_decay`{path} must be finite, >= 0 and at most "
-        f"{validation.STATE_LIMIT:.2g}, got {_show(array[bad])}.")
+        f"{validation.STATE_LIMIT:.2g}, got weight_decay={_show(array[bad])}.")
 
 
 def _check_mask(mask: Any) -> None:

@@ -233,7 +233,7 @@ def scale_by_full_von(
   if prior_lib.is_per_leaf(weight_decay):
     raise ValueError(
         "covariance='full' takes one scalar `weight_decay` (the prior "
-        "precision is weight_decay * I), got a pytree.")
+        f"precision is weight_decay * I), got weight_decay={weight_decay!r}.")
   validation.check_state_scale("weight_decay", weight_decay)
   prior_lib.check(weight_decay, None, prior_mean)
   mc_samples = validation.check_mc_samples(mc_samples)
