@@ -138,10 +138,9 @@ class DiagonalGaussian(NamedTuple):
 def per_leaf(weight_decay: Any, like: Any) -> Any:
   """``weight_decay`` as a pytree like ``like``: a single leaf (a scalar) is
   repeated for every leaf, a pytree is returned as it is."""
-  leaves, treedef = jax.tree.flatten(weight_decay)
-  if jax.tree_util.treedef_is_leaf(treedef) and len(leaves) == 1:
-    return jax.tree.map(lambda _: weight_decay, like)
-  return weight_decay
+  if prior_lib.is_per_leaf(weight_decay):
+    return weight_decay
+  return jax.tree.map(lambda _: weight_decay, like)
 
 
 def init_diagonal_gaussian(params: Any, *, key: int | jax.Array,
