@@ -9,10 +9,12 @@ and to adamw, both wall-clock and CPU time of the process (on a shared
 machine the CPU time is the steadier measure of the work). Two models:
 
 - ``mlp``: 784-1024-1024-10 ReLU MLP (1.87M params), batch ``--batch``;
-- ``transformer``: a 2-layer pre-LN decoder (d_model 128, 4 heads, MLP 512,
-  vocabulary 256, context 64; 0.43M params), ``--tx-batch`` sequences.
+- ``transformer``: a pre-LN decoder (by default 2 layers, d_model 128, 4
+  heads, MLP 512, vocabulary 256, context 64: 0.47M params; ``--tx-dim 256
+  --tx-context 128``: 1.75M params), ``--tx-batch`` sequences per step.
 
     python benchmarks/evon_step.py [--inner 20] [--rounds 3] [--batch 128]
+        [--tx-batch 16] [--tx-dim 128] [--tx-layers 2] [--tx-context 64]
 
 EVON's extra cost per step is four rotations per weight matrix
 (:math:`Q_L^\\top X Q_R` or back: the gradient, the preconditioned
@@ -48,21 +50,23 @@ def mlp_loss(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-VOCAB, CONTEXT, DIM, HEADS, HIDDEN, LAYERS = 256, 64, 128, 4, 512, 2
+VOCAB, HEADS = 256, 4
 
 
-def transformer_init(key):
-  keys = iter(jax.random.split(key, 4 + 6 * LAYERS))
+def transformer_init(key, dim=128, layers=2, context=64):
+  """Pre-LN decoder: ``layers`` blocks of width ``dim``, MLP ``4 dim``."""
+  hidden = 4 * dim
+  keys = iter(jax.random.split(key, 4 + 6 * layers))
   normal = lambda shape, fan_in: (jax.random.normal(next(keys), shape)
                                   / jnp.sqrt(fan_in))
-  layers = [{
-      "ln1": jnp.ones(DIM), "ln2": jnp.ones(DIM),
-      "qkv": normal((DIM, 3 * DIM), DIM), "out": normal((DIM, DIM), DIM),
-      "up": normal((DIM, HIDDEN), DIM), "down": normal((HIDDEN, DIM), HIDDEN),
-  } for _ in range(LAYERS)]
-  return {"embed": normal((VOCAB, DIM), 1.0),
-          "pos": normal((CONTEXT, DIM), 1.0) * 0.1, "layers": layers,
-          "ln": jnp.ones(DIM), "head": normal((DIM, VOCAB), DIM)}
+  blocks = [{
+      "ln1": jnp.ones(dim), "ln2": jnp.ones(dim),
+      "qkv": normal((dim, 3 * dim), dim), "out": normal((dim, dim), dim),
+      "up": normal((dim, hidden), dim), "down": normal((hidden, dim), hidden),
+  } for _ in range(layers)]
+  return {"embed": normal((VOCAB, dim), 1.0),
+          "pos": normal((context, dim), 1.0) * 0.1, "layers": blocks,
+          "ln": jnp.ones(dim), "head": normal((dim, VOCAB), dim)}
 
 
 def _norm(x, scale):
@@ -72,12 +76,13 @@ def _norm(x, scale):
 
 def transformer_loss(params, tokens, targets):
   x = params["embed"][tokens] + params["pos"]
-  mask = jnp.tril(jnp.ones((CONTEXT, CONTEXT), bool))
+  context, dim = params["pos"].shape
+  mask = jnp.tril(jnp.ones((context, context), bool))
   for layer in params["layers"]:
     q, k, v = jnp.split(_norm(x, layer["ln1"]) @ layer["qkv"], 3, axis=-1)
-    split = lambda t: t.reshape(t.shape[:-1] + (HEADS, DIM // HEADS))
+    split = lambda t: t.reshape(t.shape[:-1] + (HEADS, dim // HEADS))
     att = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(
-        DIM // HEADS)
+        dim // HEADS)
     att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
     y = jnp.einsum("bhqk,bkhd->bqhd", att, split(v)).reshape(x.shape)
     x = x + y @ layer["out"]
@@ -144,7 +149,11 @@ def main():
   parser.add_argument("--inner", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--tx-batch", type=int, default=16)
+  parser.add_argument("--tx-batch", type=int, default=16,
+                      help="transformer sequences per step")
+  parser.add_argument("--tx-dim", type=int, default=128)
+  parser.add_argument("--tx-layers", type=int, default=2)
+  parser.add_argument("--tx-context", type=int, default=64)
   parser.add_argument("--models", default="mlp,transformer")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; "
@@ -156,10 +165,13 @@ def main():
     bench(f"mlp (batch {args.batch})", mlp_init(key), mlp_loss, (xs, ys),
           args.inner, args.rounds, ess=60000.0)
   if "transformer" in args.models:
-    tokens = jax.random.randint(key, (args.inner, args.tx_batch, CONTEXT + 1),
+    context = args.tx_context
+    tokens = jax.random.randint(key, (args.inner, args.tx_batch, context + 1),
                                 0, VOCAB)
-    bench(f"transformer ({args.tx_batch}x{CONTEXT} tokens)",
-          transformer_init(key), transformer_loss,
+    bench(f"transformer (d_model {args.tx_dim}, {args.tx_layers} layers; "
+          f"{args.tx_batch}x{context} = {args.tx_batch * context} tokens/step)",
+          transformer_init(key, args.tx_dim, args.tx_layers, context),
+          transformer_loss,
           (tokens[..., :-1], tokens[..., 1:]), args.inner, args.rounds,
           ess=1e6)
 

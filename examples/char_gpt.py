@@ -45,6 +45,7 @@ import sysconfig
 import time
 
 COLD_ESS = 1e9  # "cold": sigma ~ 1/sqrt(1e9 h), far below the weights' scale
+OPTIMIZERS = {"adamw": "AdamW", "ivon": "IVON", "evon": "EVON"}
 
 
 def parse_ess(text, n_train=None):
@@ -102,6 +103,8 @@ def parse_args(argv=None):
   parser.add_argument("--lr-ivon", type=float, default=3e3,
                       help="peak step is lr x (hess_init + wd) x clip_radius")
   parser.add_argument("--wd-ivon", type=float, default=1e-6)
+  parser.add_argument("--lr-evon", type=float, default=3e3,
+                      help="EVON's lr (it shares IVON's other settings)")
   parser.add_argument("--hess-init", type=float, default=1e-3)
   parser.add_argument("--clip-radius", type=float, default=1e-3)
   parser.add_argument("--b2", type=float, default=0.99999, help="IVON's b2")
@@ -109,7 +112,8 @@ def parse_args(argv=None):
                       help="IVON's ess: a number, kN (N = training chars) "
                            "or 'cold'")
   parser.add_argument("--optimizers", default="adamw,ivon",
-                      help="which to train, comma separated")
+                      help="which to train, comma separated: adamw, ivon, "
+                           "evon")
   parser.add_argument("--curves", default=None,
                       help="a folder: write curves.json and curves.png")
   parser.add_argument("--eval-every", type=int, default=None,
@@ -146,6 +150,15 @@ def parse_args(argv=None):
     raise ValueError(f"`--grad-clip` must be >= 0, got {args.grad_clip}.")
   if args.eval_every is None:
     args.eval_every = max(1, args.steps // 10)
+  wanted = [w.strip().lower() for w in args.optimizers.split(",")]
+  for w in wanted:
+    if w not in OPTIMIZERS:
+      raise ValueError(f"`--optimizers` must name {', '.join(OPTIMIZERS)}, "
+                       f"got {w!r}.")
+  if "evon" in wanted and args.accumulate > 1:
+    raise ValueError("`--accumulate` > 1 is not available for EVON (its "
+                     "state holds no accumulator), got --accumulate "
+                     f"{args.accumulate} with --optimizers {args.optimizers}.")
   return args
 
 
@@ -270,8 +283,10 @@ def _multi_steps(opt, k, variational):
 
 
 def make_optimizer(name, args, params, lr, ess=None, key=0):
-  """The optimizer for ``"AdamW"`` or ``"IVON"`` (``lr``, ``ess`` and ``key``
-  may be traced), wrapped in the grad clip and the accumulation."""
+  """The optimizer for ``"AdamW"``, ``"IVON"`` or ``"EVON"`` (``lr``, ``ess``
+  and ``key`` may be traced), wrapped in the grad clip and the accumulation.
+  EVON gets IVON's recipe, run in SOAP's eigenbasis (default refresh every
+  10 steps)."""
   mask = decay_mask(params)
   if name == "AdamW":
     opt = optax.adamw(_schedule(lr, args), b1=0.9, b2=args.b2_adamw,
@@ -280,12 +295,17 @@ def make_optimizer(name, args, params, lr, ess=None, key=0):
     opt = blrax.ivon(_schedule(lr, args), ess=ess, hess_init=args.hess_init,
                      b2=args.b2, clip_radius=args.clip_radius, key=key,
                      weight_decay=args.wd_ivon, weight_decay_mask=mask)
+  elif name == "EVON":
+    opt = blrax.evon(_schedule(lr, args), ess=ess, hess_init=args.hess_init,
+                     b2=args.b2, clip_radius=args.clip_radius, key=key,
+                     weight_decay=args.wd_ivon, weight_decay_mask=mask)
   else:
-    raise ValueError(f"`optimizers` must name adamw or ivon, got {name!r}.")
+    raise ValueError(f"`optimizers` must name adamw, ivon or evon, got "
+                     f"{name!r}.")
   # The clip sees every micro-batch in both (blrax.MultiSteps clips inside,
   # so AdamW's clip goes before optax.MultiSteps).
   clip = [optax.clip_by_global_norm(args.grad_clip)] if args.grad_clip else []
-  if name == "IVON":
+  if name != "AdamW":
     return _multi_steps(optax.chain(*clip, opt), args.accumulate, True)
   return optax.chain(*clip, _multi_steps(opt, args.accumulate, False))
 
@@ -294,10 +314,11 @@ def optimizer_info(name, args, n_train):
   if name == "AdamW":
     return {"lr": args.lr_adamw, "wd": args.wd_adamw, "b2": args.b2_adamw}
   ess = parse_ess(args.ess, n_train)
-  return {"lr": args.lr_ivon, "wd": args.wd_ivon, "b2": args.b2,
+  lr = args.lr_ivon if name == "IVON" else args.lr_evon
+  return {"lr": lr, "wd": args.wd_ivon, "b2": args.b2,
           "ess": args.ess, "ess_value": ess, "hess_init": args.hess_init,
           "clip_radius": args.clip_radius,
-          "peak_step": args.lr_ivon * (args.hess_init + args.wd_ivon)
+          "peak_step": lr * (args.hess_init + args.wd_ivon)
           * args.clip_radius}
 
 
@@ -338,7 +359,7 @@ def compiled(name, args):
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   graphdef, _ = nnx.split(GPT(args, dtype, nnx.Rngs(0)), nnx.Param)
   apply = lambda p, tokens: nnx.merge(graphdef, p)(tokens)
-  variational = name == "IVON"
+  variational = name != "AdamW"
 
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
@@ -499,10 +520,7 @@ def main(args):
     return sweep(args)
   train, _ = data(args)
   wanted = [w.strip().lower() for w in args.optimizers.split(",")]
-  for w in wanted:
-    if w not in ("adamw", "ivon"):
-      raise ValueError(f"`--optimizers` must name adamw or ivon, got {w!r}.")
-  names = [n for n in ("AdamW", "IVON") if n.lower() in wanted]
+  names = [n for w, n in OPTIMIZERS.items() if w in wanted]
   results = []
   for name in names:
     results.append(train_one(name, args))
@@ -519,17 +537,19 @@ def main(args):
   print("| model | val loss | perplexity | acc | ECE | train s |")
   print("|---|---:|---:|---:|---:|---:|")
   for r in results:
-    if r["optimizer"] == "AdamW":
+    name = r["optimizer"]
+    if name == "AdamW":
       print(_row("AdamW", r["mean"], r["seconds"]))
     else:
-      print(_row("IVON (mean)", r["mean"], r["seconds"]))
-      print(_row(f"IVON (BMA, {r['samples']})", r["bma"], r["seconds"]))
+      print(_row(f"{name} (mean)", r["mean"], r["seconds"]))
+      print(_row(f"{name} (BMA, {r['samples']})", r["bma"], r["seconds"]))
   for r in results:
-    if r["optimizer"] == "IVON":
-      print(f"\nIVON ess {r['ess']} = {r['ess_value']:.3g}: median sigma/|w| "
-            f"{r['sigma_over_w']:.4f}; params/(2 ess) = {r['noise_cost']:.4f} "
-            f"nats")
-      print(f"IVON curvature ({r['curvature_dtype']}): median "
+    name = r["optimizer"]
+    if name != "AdamW":
+      print(f"\n{name} ess {r['ess']} = {r['ess_value']:.3g}: median "
+            f"sigma/|w| {r['sigma_over_w']:.4f}; params/(2 ess) = "
+            f"{r['noise_cost']:.4f} nats")
+      print(f"{name} curvature ({r['curvature_dtype']}): median "
             f"{r['curvature_median']:.4g} (init {args.hess_init}); params "
             f"{r['params_dtype']}")
   return results
@@ -561,8 +581,9 @@ def _load(path):
 def sweep(args):
   """AdamW over SWEEP_ADAMW_LR, IVON (ess = N) over SWEEP_PEAK_STEP, IVON at
   SWEEP_ESS at the best of those, then each lr grid extended by one 3x step
-  past an edge winner, then SWEEP_SEEDS for the best AdamW, the best IVON and the
-  best IVON at ess = N; appends to ``args.sweep`` and writes the table."""
+  past an edge winner; EVON (if asked) over IVON's grid at ess = N and cold
+  at its best; then SWEEP_SEEDS for the best of each optimizer and the best
+  at ess = N; appends to ``args.sweep`` and writes the table."""
   done = {_key(r["optimizer"], r["lr"], r.get("ess"), r["seed"])
           for r in _load(args.sweep)}
   ivon_lr = [s / ((args.hess_init + args.wd_ivon) * args.clip_radius)
@@ -573,7 +594,7 @@ def sweep(args):
       return
     run_args = argparse.Namespace(**{**vars(args), "seed": seed,
                                      "ess": ess or "N", "curves": None})
-    setattr(run_args, "lr_adamw" if name == "AdamW" else "lr_ivon", lr)
+    setattr(run_args, f"lr_{name.lower()}", lr)
     r = train_one(name, run_args)
     for k in [k for k in r if k.startswith("_")]:
       del r[k]
@@ -610,11 +631,16 @@ def sweep(args):
     for ess in SWEEP_ESS:  # at the best lr of the 3-point grid
       run("IVON", at_n, ess, args.seed)
     best_lr("IVON", "N", ivon_lr)
+  if "evon" in wanted:  # IVON's grid and its best ess, at ess = N and cold
+    at_n = best_lr("EVON", "N", ivon_lr)
+    run("EVON", at_n, "cold", args.seed)
   grid = [r for r in _load(args.sweep) if r["seed"] == args.seed]
   best = []
   for pick in (lambda r: r["optimizer"] == "AdamW",
                lambda r: r["optimizer"] == "IVON",
-               lambda r: r["optimizer"] == "IVON" and r["ess"] == "N"):
+               lambda r: r["optimizer"] == "IVON" and r["ess"] == "N",
+               lambda r: r["optimizer"] == "EVON",
+               lambda r: r["optimizer"] == "EVON" and r["ess"] == "N"):
     rows = [r for r in grid if pick(r)]
     if rows:
       best.append(min(rows, key=_score))
@@ -674,7 +700,7 @@ def write_table(path):
       continue
     cells = [fmt(_stats([r["mean"][k] for r in rs]), d)
              for k, d in (("loss", 4), ("ppl", 3), ("ece", 4))]
-    if name == "IVON":
+    if name != "AdamW":
       cells += [fmt(_stats([r["bma"][k] for r in rs]), d)
                 for k, d in (("loss", 4), ("ppl", 3), ("ece", 4))]
       cells += [fmt(_stats([r["sigma_over_w"] for r in rs])),

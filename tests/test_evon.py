@@ -12,6 +12,7 @@ Oracles:
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,18 +209,28 @@ def _eigvecs(a):
   return np.linalg.eigh(a)[1]
 
 
-@pytest.mark.parametrize("source", ["hessian", "price"])
-def test_steps_match_hand_computation(source):
+@pytest.mark.parametrize("source,prior", [
+    ("hessian", "scalar"), ("price", "scalar"), ("price", "per_leaf"),
+    ("hessian", "mask")])
+def test_steps_match_hand_computation(source, prior):
   """Three steps in float64 against NumPy. ``hessian``: ess = inf, the
   deterministic SOAP-like limit (Newton in the rotated basis with IVON's
   momentum); ``price``: ess finite, two MC samples, the Price estimate in
-  the rotated basis with the noise recovered from the draws."""
-  lr, b1, b2, beta, delta, h0 = 0.3, 0.8, 0.6, 0.7, 0.05, 2.0
+  the rotated basis with the noise recovered from the draws. ``prior``: one
+  weight decay, one per leaf, or a mask that switches it off for ``v``."""
+  lr, b1, b2, beta, h0 = 0.3, 0.8, 0.6, 0.7, 2.0
+  decay_args, deltas = {
+      "scalar": (dict(weight_decay=0.05), {"w": 0.05, "v": 0.05}),
+      "per_leaf": (dict(weight_decay={"w": 0.05, "v": 0.4}),
+                   {"w": 0.05, "v": 0.4}),
+      "mask": (dict(weight_decay=0.05,
+                    weight_decay_mask={"w": True, "v": False}),
+               {"w": 0.05, "v": 0.0})}[prior]
   ess, samples = (np.inf, 1) if source == "hessian" else (30.0, 2)
   rng = np.random.default_rng(5)
   with jax.enable_x64(True):
     opt = blrax.evon(lr, ess=ess, hess_init=h0, b1=b1, b2=b2,
-                     weight_decay=delta, shampoo_beta=beta,
+                     **decay_args, shampoo_beta=beta,
                      precondition_frequency=2, mc_samples=samples,
                      precondition_1d=True)
     params = {"w": jnp.asarray(rng.normal(size=(3, 2))),
@@ -248,6 +259,7 @@ def test_steps_match_hand_computation(source):
           {k: jnp.asarray(hess[k].reshape(params[k].shape)) for k in params})
       params = optax.apply_updates(params, updates)
       for k in params:
+        delta = deltas[k]
         if source == "price":
           sigma = 1 / np.sqrt(ess * (h[k] + delta))
           offset = np.asarray(theta[k]).reshape(lead + mats[k]) - m[k]
@@ -354,6 +366,46 @@ def test_bad_hyperparameters_raise(kwargs, name):
   kwargs = {"learning_rate": 0.1, "ess": 10.0, **kwargs}
   with pytest.raises(ValueError, match=f"{name}="):
     blrax.evon(**kwargs)
+
+
+def test_per_element_or_bad_prior_raises():
+  params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+  # A per-element precision is not isotropic: not diagonal once rotated.
+  opt = blrax.evon(0.1, ess=10.0, weight_decay={"w": jnp.ones((2, 3)),
+                                                "b": 0.1})
+  with pytest.raises(ValueError, match=r"one scalar per leaf.*\['w'\]"):
+    opt.init(params)
+  with pytest.raises(ValueError, match="weight_decay"):
+    blrax.evon(0.1, ess=10.0, weight_decay={"w": -1.0, "b": 0.1})
+  with pytest.raises(ValueError, match="weight_decay_mask"):
+    blrax.evon(0.1, ess=10.0, weight_decay_mask={"w": 1.0, "b": 0.0})
+  with pytest.raises(ValueError, match="structure"):
+    blrax.evon(0.1, ess=10.0, weight_decay={"w": 0.1}).init(params)
+
+
+def test_per_leaf_prior_equals_scalar_and_mask():
+  """A pytree of equal decays is the scalar; a mask is the pytree with 0."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  grads = {"w": jnp.full((3, 2), 0.3), "b": jnp.full(2, -0.2)}
+
+  def run(**kwargs):
+    opt = blrax.evon(0.1, ess=20.0, key=1, precondition_frequency=2,
+                     **kwargs)
+    p, state = params, opt.init(params)
+    for _ in range(3):
+      updates, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    return p, blrax.posterior_stddev(state)
+
+  chex.assert_trees_all_close(run(weight_decay=0.3),
+                              run(weight_decay={"w": 0.3, "b": 0.3}),
+                              rtol=1e-6)
+  masked = run(weight_decay=0.3, weight_decay_mask=lambda p: {
+      "w": True, "b": False})
+  chex.assert_trees_all_close(masked, run(weight_decay={"w": 0.3, "b": 0.0}),
+                              rtol=1e-6)
+  with pytest.raises(AssertionError):  # the mask does change the b leaf
+    chex.assert_trees_all_close(masked, run(weight_decay=0.3), rtol=1e-6)
 
 
 def test_bad_update_inputs_raise():

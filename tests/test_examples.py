@@ -118,13 +118,18 @@ def test_char_gpt_ess_parsing():
     char_gpt.parse_args(["--accumulate", "0"])
   with pytest.raises(ValueError, match="--warmup"):
     char_gpt.parse_args(["--steps", "10", "--warmup", "10"])
+  with pytest.raises(ValueError, match="'sgd'"):
+    char_gpt.parse_args(["--optimizers", "adamw,sgd"])
+  with pytest.raises(ValueError, match="--accumulate"):
+    char_gpt.parse_args(["--optimizers", "evon", "--accumulate", "2"])
 
 
 def test_char_gpt_decay_skips_biases_and_layernorm():
   """One update from zero gradients is the weight decay alone: AdamW moves
   p by -lr wd p, IVON by -lr (h0 + d) d p / (h1 + d) with
   h1 = b2 h0 + (1-b2)^2 h0^2 / (2 (h0 + d)) (the Price estimate is 0);
-  biases and LayerNorm params must not move at all, in both."""
+  biases and LayerNorm params must not move at all, in all three (EVON
+  gets IVON's recipe)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -143,9 +148,11 @@ def test_char_gpt_decay_skips_biases_and_layernorm():
   zeros = jax.tree.map(jnp.zeros_like, params)
   lr, h0, d, b2 = 0.01, 1.0, 0.5, 0.9
   h1 = b2 * h0 + 0.5 * (1 - b2) ** 2 * h0 ** 2 / (h0 + d)
+  # EVON: h' stays uniform, so its rotations cancel: IVON's step.
   expect = {"AdamW": lambda p: -lr * args.wd_adamw * p,
-            "IVON": lambda p: -lr * (h0 + d) * d * p / (h1 + d)}
-  for name in ("AdamW", "IVON"):
+            "IVON": lambda p: -lr * (h0 + d) * d * p / (h1 + d),
+            "EVON": lambda p: -lr * (h0 + d) * d * p / (h1 + d)}
+  for name in ("AdamW", "IVON", "EVON"):
     opt = char_gpt.make_optimizer(name, args, params, lr, ess=100.0,
                                   key=jax.random.key(0))
     updates, _ = jax.jit(opt.update)(zeros, jax.jit(opt.init)(params), params)

@@ -56,6 +56,7 @@ import optax
 from blrax._src import curvature as curvature_lib
 from blrax._src import engine, gaussian, validation
 from blrax._src import noise as noise_lib
+from blrax._src import prior as prior_lib
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -149,7 +150,9 @@ class EigenbasisGaussian(NamedTuple):
       ``(0, 0)`` array where the left side is the identity.
     right: :math:`Q_R` per leaf, :math:`n\times n` or ``(0, 0)``.
     ess: :math:`\lambda`, a float scalar.
-    weight_decay: :math:`\delta`, a float scalar.
+    weight_decay: :math:`\delta`, a float scalar, or one scalar per leaf (a
+      pytree like the curvature) when the optimizer was given a per-leaf
+      ``weight_decay`` or a ``weight_decay_mask``.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -183,11 +186,15 @@ class EigenbasisGaussian(NamedTuple):
     (zeros when ``ess = inf``)."""
     return self.noise_state.draw(self.curvature, jnp.isfinite(self.ess))
 
+  def decays(self) -> Any:
+    """:math:`\\delta` per leaf, a pytree like the curvature."""
+    return gaussian.per_leaf(self.weight_decay, self.curvature)
+
   def rotated_stddev(self) -> Any:
     """:math:`\\sigma = 1/\\sqrt{\\lambda(h'+\\delta)}` in the rotated basis."""
     return jax.tree.map(
-        lambda h: gaussian.stddev(h, self.ess, self.weight_decay),
-        self.curvature)
+        lambda h, d: gaussian.stddev(h, self.ess, d), self.curvature,
+        self.decays())
 
   def _map(self, fn, *trees) -> Any:
     return jax.tree.map(
@@ -266,14 +273,15 @@ class ScaleByEVONState(NamedTuple):
   posterior: EigenbasisGaussian
 
 
-def _check_hyperparams(ess, hess_init, b1, b2, weight_decay, clip_radius,
-                       rescale_lr, debias, shampoo_beta,
-                       precondition_frequency, precondition_1d) -> None:
+def _check_hyperparams(ess, hess_init, b1, b2, weight_decay,
+                       weight_decay_mask, clip_radius, rescale_lr, debias,
+                       shampoo_beta, precondition_frequency,
+                       precondition_1d) -> None:
   validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
   validation.check_state_scale("hess_init", hess_init, positive=True)
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2)
-  validation.check_state_scale("weight_decay", weight_decay)
+  prior_lib.check(weight_decay, weight_decay_mask, None)
   validation.check_positive("clip_radius", clip_radius, allow_inf=True)
   validation.check_flag("rescale_lr", rescale_lr)
   validation.check_flag("debias", debias)
@@ -282,6 +290,19 @@ def _check_hyperparams(ess, hess_init, b1, b2, weight_decay, clip_radius,
   if not validation.is_traced(precondition_frequency):
     validation.check_integer("precondition_frequency", precondition_frequency,
                              low=1, high=2**31)
+
+
+def _check_isotropic(decay: Any) -> None:
+  """EVON's prior must be one scalar per leaf: an isotropic Gaussian is the
+  same in every rotated basis, a per-element precision is not."""
+  for path, value in jax.tree_util.tree_flatten_with_path(decay)[0]:
+    if jnp.ndim(value) > 0:
+      raise ValueError(
+          "EVON's `weight_decay` (and `weight_decay_mask`) must give one "
+          "scalar per leaf (the prior N(0, I/(ess*weight_decay)) must be "
+          "isotropic to stay diagonal in the rotated basis), got an array of "
+          f"shape {jnp.shape(value)} at {jax.tree_util.keystr(path)}: "
+          f"weight_decay={value}.")
 
 
 def _side_sizes(shape, max_dim, precondition_1d) -> tuple[int, int]:
@@ -323,7 +344,7 @@ def scale_by_evon(
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     clip_radius: jax.typing.ArrayLike = math.inf,
     rescale_lr: bool = True,
     debias: bool = True,
@@ -334,6 +355,7 @@ def scale_by_evon(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""EVON's preconditioned direction, before the learning rate.
 
@@ -399,7 +421,10 @@ def scale_by_evon(
     hess_init: initial curvature :math:`h_0` (> 0).
     b1: momentum decay :math:`\beta_1`.
     b2: curvature decay :math:`\beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``: a
+      scalar, or a pytree like the params of one scalar per leaf (the prior
+      must be isotropic per leaf to stay diagonal in the rotated basis; an
+      array per element raises a ValueError).
     clip_radius: elementwise clip :math:`\xi` of the step in the rotated
       basis.
     rescale_lr: multiply the step by :math:`h_0 + \delta`.
@@ -417,6 +442,9 @@ def scale_by_evon(
     key: PRNG key (or int seed) of the weight noise; kept in the state.
     noise: the generator of :math:`E` (``"normal"``, ``"hash"``, ``"flip"``
       or a ``blrax.noise`` generator); see :func:`blrax.scale_by_ivon`.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one), as in ``optax.adamw(mask=)``:
+      where False, :math:`\delta = 0` (e.g. no decay on biases and norms).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -439,9 +467,9 @@ def scale_by_evon(
     Shen et al., `Variational Learning is Effective for Large Deep Networks
     <https://arxiv.org/abs/2402.17641>`_, ICML 2024.
   """
-  _check_hyperparams(ess, hess_init, b1, b2, weight_decay, clip_radius,
-                     rescale_lr, debias, shampoo_beta, precondition_frequency,
-                     precondition_1d)
+  _check_hyperparams(ess, hess_init, b1, b2, weight_decay, weight_decay_mask,
+                     clip_radius, rescale_lr, debias, shampoo_beta,
+                     precondition_frequency, precondition_1d)
   max_dim = validation.check_integer("max_precond_dim", max_precond_dim,
                                      low=1)
   mc_samples = validation.check_mc_samples(mc_samples)
@@ -449,7 +477,10 @@ def scale_by_evon(
     noise_lib.canonicalize_key(key)
   generator = noise_lib.generator(noise)
   rho = 1.0 - b2
-  scale = hess_init + weight_decay if rescale_lr else 1.0
+  # Per-leaf decays are fixed at init and read from the state; a scalar one
+  # is re-read from the closure each update (inject_hyperparams may vary it).
+  decay_in_state = (prior_lib.is_per_leaf(weight_decay)
+                    or weight_decay_mask is not None)
 
   def init_fn(params):
     # full_like: sharded like the params; accepts ShapeDtypeStructs.
@@ -458,6 +489,12 @@ def scale_by_evon(
             _dtype(p))), params)
     noise_state = generator.init(noise_lib.initial_key(key, mc_samples),
                                  curvature)
+    decay = weight_decay
+    if decay_in_state:
+      decay = prior_lib.decay_tree(
+          weight_decay, weight_decay_mask, params,
+          lambda p: gaussian.state_dtype(_dtype(p)))
+      _check_isotropic(decay)
 
     def sides(h, p, make):
       sizes = ((0, 0) if not gaussian.is_trainable(p) else
@@ -477,7 +514,7 @@ def scale_by_evon(
             noise_state=noise_state, curvature=curvature,
             left=pick(bases, 0), right=pick(bases, 1),
             ess=gaussian.scalar(ess),
-            weight_decay=gaussian.scalar(weight_decay)))
+            weight_decay=decay if decay_in_state else gaussian.scalar(decay)))
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     del extra_args
@@ -497,9 +534,13 @@ def scale_by_evon(
     count = optax.safe_increment(state.count)
     debias_factor = (1.0 - gaussian.scalar(b1) ** count if debias
                      else gaussian.scalar(1.0))
+    old_decays = posterior.decays()  # the draw's sigma used these
+    decays = (old_decays if decay_in_state else
+              gaussian.per_leaf(weight_decay, posterior.curvature))
 
     # 1. Curvature in the draw's basis, momentum, Kronecker factors.
-    def first(mean, grad, eps, h, ql, qr, momentum, lf, rf, hess):
+    def first(mean, grad, eps, h, ql, qr, momentum, lf, rf, hess, decay,
+              old_decay):
       if not gaussian.is_trainable(mean):
         return h, momentum, lf, rf
       shape, dtype = h.shape, h.dtype
@@ -509,11 +550,11 @@ def scale_by_evon(
         rotated = _safe(lambda x: _rotate(x, ql, qr),
                         _as_matrix(grad, shape)).reshape(grad.shape)
         h_hat = curvature_lib.price_curvature(
-            rotated, eps, h, posterior.ess, posterior.weight_decay)
+            rotated, eps, h, posterior.ess, old_decay)
       else:
         h_hat = curvature_lib.finite(curvature_lib.mc_mean(
             curvature_lib.finite(jnp.asarray(hess).astype(dtype)), h))
-      h = curvature_lib.positive_ema(h, h_hat, rho, weight_decay)
+      h = curvature_lib.positive_ema(h, h_hat, rho, decay)
       momentum = b1 * momentum + (1.0 - b1) * g_bar
       g2 = g_bar.reshape(matrix_shape(shape))
       if lf.size:
@@ -528,7 +569,7 @@ def scale_by_evon(
     out = jax.tree.map(first, params, updates, noise_tree,
                        posterior.curvature, posterior.left, posterior.right,
                        state.momentum, state.left_factor, state.right_factor,
-                       hessian_tree)
+                       hessian_tree, decays, old_decays)
     h_tree, momentum, left_factor, right_factor = (
         jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(4))
 
@@ -536,14 +577,14 @@ def scale_by_evon(
     def refresh(operands):
       h_tree, old_left, old_right = operands
 
-      def leaf(h, lf, rf, ql, qr):
+      def leaf(h, lf, rf, ql, qr, decay):
         new_l = _eigenbasis(lf, ql) if ql.size else ql
         new_r = _eigenbasis(rf, qr) if qr.size else qr
         h = _reproject(h, h.shape, ql, qr, new_l, new_r)
-        return curvature_lib.bounded(h, weight_decay), new_l, new_r
+        return curvature_lib.bounded(h, decay), new_l, new_r
 
       out = jax.tree.map(leaf, h_tree, left_factor, right_factor, old_left,
-                         old_right)
+                         old_right, decays)
       return tuple(jax.tree.map(lambda _, t, i=i: t[i], h_tree, out)
                    for i in range(3))
 
@@ -553,29 +594,31 @@ def scale_by_evon(
         operands)
 
     # 3. The step in the (new) rotated basis.
-    def direction(mean, h, ql, qr, momentum):
+    def direction(mean, h, ql, qr, momentum, decay):
       if not gaussian.is_trainable(mean):
         return jnp.zeros_like(mean)
       mean = jnp.asarray(mean)
       shape, dtype = h.shape, h.dtype
+      scale = hess_init + decay if rescale_lr else 1.0
       numerator = (momentum / debias_factor.astype(dtype)
-                   + weight_decay * mean.astype(dtype))
+                   + decay * mean.astype(dtype))
       rotated = _safe(lambda x: _rotate(x, ql, qr),
                       curvature_lib.finite(numerator).reshape(
                           matrix_shape(shape)))
-      step = jnp.clip(rotated / (h.reshape(rotated.shape) + weight_decay),
+      step = jnp.clip(rotated / (h.reshape(rotated.shape) + decay),
                       -clip_radius, clip_radius) * scale
       step = _safe(lambda x: _unrotate(x, ql, qr),
                    curvature_lib.finite(step, dtype)).reshape(shape)
       return curvature_lib.finite(step, mean.dtype).astype(mean.dtype)
 
     directions = jax.tree.map(direction, params, h_tree, left, right,
-                              momentum)
+                              momentum, decays)
     new_posterior = posterior._replace(
         noise_state=generator.advance(posterior.noise_state, after=h_tree),
         curvature=h_tree, left=left, right=right,
         ess=jnp.asarray(ess, posterior.ess.dtype),
-        weight_decay=jnp.asarray(weight_decay, posterior.weight_decay.dtype))
+        weight_decay=(posterior.weight_decay if decay_in_state else
+                      jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
     return directions, ScaleByEVONState(
         count=count, momentum=momentum, left_factor=left_factor,
         right_factor=right_factor, posterior=new_posterior)
@@ -590,7 +633,7 @@ def evon(
     hess_init: jax.typing.ArrayLike = 1.0,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
-    weight_decay: jax.typing.ArrayLike = 1e-4,
+    weight_decay: Any = 1e-4,
     clip_radius: jax.typing.ArrayLike = math.inf,
     rescale_lr: bool = True,
     debias: bool = True,
@@ -601,6 +644,7 @@ def evon(
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The EVON optimizer: IVON in SOAP's eigenbasis, a structured posterior.
 
@@ -642,7 +686,8 @@ def evon(
     hess_init: initial curvature :math:`h_0` (> 0).
     b1: momentum decay :math:`\beta_1`.
     b2: curvature decay :math:`\beta_2` (close to 1).
-    weight_decay: :math:`\delta`, prior precision divided by ``ess``.
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``: a
+      scalar or one scalar per leaf (a pytree like the params).
     clip_radius: elementwise clip :math:`\xi` of the rotated step.
     rescale_lr: multiply the learning rate by :math:`h_0 + \delta`.
     debias: debias the momentum as Adam does.
@@ -656,6 +701,8 @@ def evon(
       ``static_args=("mc_samples", "max_precond_dim")``.
     key: PRNG key or int seed of the weight noise, kept in the state.
     noise: ``"normal"`` (default), ``"hash"`` or ``"flip"``.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of them): where False, :math:`\delta = 0`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` accepts
@@ -692,5 +739,6 @@ def evon(
           rescale_lr=rescale_lr, debias=debias, shampoo_beta=shampoo_beta,
           precondition_frequency=precondition_frequency,
           max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
-          mc_samples=mc_samples, key=key, noise=noise),
+          mc_samples=mc_samples, key=key, noise=noise,
+          weight_decay_mask=weight_decay_mask),
       learning_rate)
