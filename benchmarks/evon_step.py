@@ -17,11 +17,12 @@ machine the CPU time is the steadier measure of the work). Two models:
         [--tx-batch 16] [--tx-dim 128] [--tx-layers 2] [--tx-context 64]
 
 EVON's extra cost per step is four rotations per weight matrix
-(:math:`Q_L^\\top X Q_R` or back: the gradient, the preconditioned
-numerator, the step, and the draw), :math:`8mn(m+n)` flops, against
-:math:`6Bmn` for the forward and backward pass of :math:`B` examples (or
-tokens): the ratio to IVON is about :math:`1 + 4(m+n)/(3B)`, plus the
-eigendecompositions every ``precondition_frequency`` steps.
+(:math:`Q_L^\\top X Q_R` or back: the draw, the gradient, the
+preconditioned numerator, the step) and the two Kronecker factors, about
+:math:`10mn(m+n)` flops, against :math:`6Bmn` for the forward and backward
+pass of :math:`B` examples (or tokens): the ratio to IVON is about
+:math:`1 + 5(m+n)/(3B)`, plus an ``eigh`` per side every
+``precondition_frequency`` steps.
 """
 
 from __future__ import annotations

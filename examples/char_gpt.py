@@ -21,7 +21,7 @@ params/(2 ess) in nats).
 (``N``, ``10N``, ``0.5N``) or ``cold`` (1e9: the posterior collapses to a
 point, IVON becomes a deterministic sign-like optimizer). ``--accumulate k``
 averages k micro-batches per update (``optax.MultiSteps`` for AdamW,
-``blrax.MultiSteps`` for IVON, which draws fresh weights for every
+``blrax.MultiSteps`` for IVON and EVON, which draws fresh weights for every
 micro-batch). Weight decay skips biases and LayerNorm params in both
 optimizers (``decay_mask``). ``--sweep FILE.jsonl`` runs the learning-rate x
 ess grid, then extra seeds for the winners, appending one JSON line per run
@@ -155,10 +155,6 @@ def parse_args(argv=None):
     if w not in OPTIMIZERS:
       raise ValueError(f"`--optimizers` must name {', '.join(OPTIMIZERS)}, "
                        f"got {w!r}.")
-  if "evon" in wanted and args.accumulate > 1:
-    raise ValueError("`--accumulate` > 1 is not available for EVON (its "
-                     "state holds no accumulator), got --accumulate "
-                     f"{args.accumulate} with --optimizers {args.optimizers}.")
   return args
 
 

@@ -26,6 +26,8 @@ OPTIMIZERS = [
      dict(learning_rate=1e-2, ess=1e6, b2=0.99999, covariance="full")),
     ("vadam", blrax.vadam, dict(learning_rate=1e-2, ess=1e8)),
     ("vogn", blrax.vogn, dict(learning_rate=1e-2, ess=1e8, b2=0.99999)),
+    ("evon", blrax.evon, dict(learning_rate=1e-2, ess=1e6,
+                              precondition_frequency=3)),
 ]
 
 # Small ess: wide posteriors, for tests about the noise itself.
@@ -40,6 +42,8 @@ WIDE = [
     ("vadam_hash", blrax.vadam,
      dict(learning_rate=1e-2, ess=50.0, hess_init=2.0, noise="hash")),
     ("vogn", blrax.vogn, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0)),
+    ("evon", blrax.evon, dict(learning_rate=1e-2, ess=50.0, hess_init=2.0,
+                              precondition_frequency=3)),
 ]
 
 

@@ -32,12 +32,13 @@ def _posterior(state):
 
 def _set_keys(state, keys):
   """The mc_samples=k state with its k keys replaced by ``keys``."""
+  kinds = (blrax.DiagonalGaussian, blrax.EigenbasisGaussian)
+
   def swap(x):
-    if isinstance(x, blrax.DiagonalGaussian):
+    if isinstance(x, kinds):
       return x._replace(noise_state=x.noise_state._replace(key=keys))
     return x
-  return jax.tree.map(swap, state,
-                      is_leaf=lambda x: isinstance(x, blrax.DiagonalGaussian))
+  return jax.tree.map(swap, state, is_leaf=lambda x: isinstance(x, kinds))
 
 
 def _accumulate(opt, grad_fn, params, micro=K, inner_mc=1, **extra):
@@ -84,20 +85,40 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
     lambda mc: blrax.von(0.05, ess=200.0, hess_init=0.5, mc_samples=mc),
     lambda mc: blrax.ivon(0.05, ess=200.0, hess_init=0.5, mc_samples=mc,
                           noise="hash"),
-], ids=["ivon", "von_diag", "ivon_hash"])
+    lambda mc: blrax.evon(0.05, ess=200.0, hess_init=0.5, mc_samples=mc,
+                          precondition_1d=True, precondition_frequency=2),
+], ids=["ivon", "von_diag", "ivon_hash", "evon"])
 def test_equals_mc_samples_k_in_one_step(make):
-  updates, state, keys, draws = _accumulate(
-      blrax.MultiSteps(make(1), every_k_schedule=K), _plain_grads, PARAMS)
+  """Two updates (for EVON the second draws in the eigenbasis of the first)."""
+  multi = blrax.MultiSteps(make(1), every_k_schedule=K)
   single = make(K)
-  ref_state = _set_keys(single.init(PARAMS), jnp.stack(keys))
-  # The draws are the mc_samples=K draws, sample i = micro-batch i.
-  ref_draws = blrax.sample_params(PARAMS, ref_state)
-  _assert_trees_close(ref_draws, jax.tree.map(lambda *t: jnp.stack(t), *draws))
-  ref_updates, ref_state = single.update(_stacked_grads(draws), ref_state,
-                                         PARAMS)
-  _assert_trees_close(updates, ref_updates)
-  _assert_trees_close(_posterior(state).curvature,
-                      _posterior(ref_state).curvature)
+  params, ref_params = PARAMS, PARAMS
+  ref_state = single.init(PARAMS)
+  state = multi.init(PARAMS)
+  for _ in range(2):
+    keys, draws = [], []
+    for i in range(K):
+      keys.append(_posterior(state).noise_state.key)
+      theta = blrax.sample_params(params, state)
+      draws.append(theta)
+      updates, state = multi.update(_plain_grads(theta, X[i], Y[i], 1), state,
+                                    params)
+      if i < K - 1:
+        assert all(np.all(np.asarray(u) == 0)
+                   for u in jax.tree.leaves(updates))
+    params = optax.apply_updates(params, updates)
+    ref_state = _set_keys(ref_state, jnp.stack(keys))
+    # The draws are the mc_samples=K draws, sample i = micro-batch i.
+    ref_draws = blrax.sample_params(ref_params, ref_state)
+    _assert_trees_close(ref_draws,
+                        jax.tree.map(lambda *t: jnp.stack(t), *draws))
+    ref_updates, ref_state = single.update(_stacked_grads(draws), ref_state,
+                                           ref_params)
+    ref_params = optax.apply_updates(ref_params, ref_updates)
+    _assert_trees_close(updates, ref_updates)
+    _assert_trees_close(_posterior(state).curvature,
+                        _posterior(ref_state).curvature)
+  _assert_trees_close(params, ref_params)
   # And the update is not the one-draw update (the statistic was averaged).
   one = make(1)
   s1 = one.init(PARAMS)

@@ -120,8 +120,6 @@ def test_char_gpt_ess_parsing():
     char_gpt.parse_args(["--steps", "10", "--warmup", "10"])
   with pytest.raises(ValueError, match="'sgd'"):
     char_gpt.parse_args(["--optimizers", "adamw,sgd"])
-  with pytest.raises(ValueError, match="--accumulate"):
-    char_gpt.parse_args(["--optimizers", "evon", "--accumulate", "2"])
 
 
 def test_char_gpt_decay_skips_biases_and_layernorm():

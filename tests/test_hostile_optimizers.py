@@ -31,6 +31,7 @@ FACTORIES = {
     "von_full": (blrax.von, dict(IVON, covariance="full")),
     "vadam": (blrax.vadam, IVON),
     "vogn": (blrax.vogn, IVON),
+    "evon": (blrax.evon, IVON),
 }
 COMMON_BAD = [
     ("learning_rate", None), ("learning_rate", math.inf),
@@ -65,6 +66,11 @@ SPECIFIC_BAD = {
               ("batch_size", 0.0), ("batch_size", math.inf),
               ("batch_size", "32"), ("batch_size", 1e39)],
     "vogn": [("b1", 1.0), ("hess_init", 0.0)],
+    "evon": [("b1", 1.0), ("hess_init", 0.0), ("clip_radius", 0.0),
+             ("shampoo_beta", 1.5), ("shampoo_beta", math.nan),
+             ("precondition_frequency", 0), ("precondition_frequency", 1.5),
+             ("max_precond_dim", 0), ("precondition_1d", "yes"),
+             ("weight_decay_mask", {"w": 1.0}), ("noise", "philox")],
 }
 CASES = [(name, arg, value) for name in FACTORIES
          for arg, value in COMMON_BAD + SPECIFIC_BAD[name]]
@@ -233,6 +239,8 @@ VARIANTS = {
                                           hess_init=1e-3),
     "von_hessian": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0),
     "von_full": lambda: blrax.von(1e-3, ess=1e4, covariance="full", b2=0.9),
+    "evon": lambda: blrax.evon(1e-3, ess=1e4, weight_decay=0.0, b2=0.9,
+                               precondition_1d=True, precondition_frequency=2),
 }
 # Variants whose update is given the (signed, adversarial) grads as hessian=.
 GIVEN_HESSIAN = {"von_hessian"}

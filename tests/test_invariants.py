@@ -92,7 +92,8 @@ def test_sample_posterior_moments_match_stddev(name, factory, kwargs):
 
 def _replace_key(state, key):
   is_posterior = lambda x: isinstance(x, (blrax.DiagonalGaussian,
-                                          blrax.FullGaussian))
+                                          blrax.FullGaussian,
+                                          blrax.EigenbasisGaussian))
 
   def replace(x):
     if isinstance(x, blrax.FullGaussian):

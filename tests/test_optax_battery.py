@@ -95,7 +95,7 @@ def test_inject_hyperparams_is_identical(name, factory, kwargs):
   # (0.99999 -> 0.99998999: 1 - b2 moves by 0.14%), so use an exact b2.
   kwargs = dict(kwargs, b2=1.0 - 2.0**-16)
   opt = factory(**kwargs)
-  static = [a for a in ("mc_samples", "max_dim")
+  static = [a for a in ("mc_samples", "max_dim", "max_precond_dim")
             if a in inspect.signature(factory).parameters]
   injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
   params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]

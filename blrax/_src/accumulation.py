@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import engine, lookup, validation
+from blrax._src import engine, evon, lookup, validation
 
 
 class MultiStepsState(NamedTuple):
@@ -56,11 +56,16 @@ class MultiStepsState(NamedTuple):
   inner_state: Any
 
 
+# The states that can sum micro-batches, and how each gets its zero sums.
+_ACCUMULATING = {engine.ScaleByBLRState: engine.with_accumulator,
+                 evon.ScaleByEVONState: evon.with_accumulator}
+
+
 def _is_blr(x: Any) -> bool:
-  return isinstance(x, engine.ScaleByBLRState)
+  return type(x) in _ACCUMULATING
 
 
-def _blr_states(tree: Any) -> list[engine.ScaleByBLRState]:
+def _blr_states(tree: Any) -> list[Any]:
   return [x for x in jax.tree.leaves(tree, is_leaf=_is_blr) if _is_blr(x)]
 
 
@@ -90,7 +95,9 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
   micro-batch; those after it (the learning rate and its schedule) run once
   per step. Memory: two params-sized sums, one more than
   ``optax.MultiSteps``. The diagonal optimizers (IVON, VON, Vadam, VOGN)
-  are supported; others are refused at ``init``.
+  and EVON (its statistic is the Price product in the rotated basis, which
+  stays fixed between updates; the Kronecker factors see the averaged
+  gradient) are supported; others are refused at ``init``.
 
   Args:
     opt: the optimizer to wrap (a blrax optimizer, possibly inside optax
@@ -145,11 +152,11 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
       if not blr or found != len(blr):
         raise ValueError(
             "blrax.MultiSteps accumulates the diagonal blrax optimizers (ivon, "
-            "von, vadam, vogn); `opt` holds "
+            "von, vadam, vogn) and evon; `opt` holds "
             f"{found - len(blr) if blr else 'no'} posterior(s) it cannot "
             "accumulate (for others use optax.MultiSteps: one draw per step).")
       inner_state = jax.tree.map(
-          lambda x: engine.with_accumulator(x) if _is_blr(x) else x,
+          lambda x: _ACCUMULATING[type(x)](x) if _is_blr(x) else x,
           inner_state, is_leaf=_is_blr)
       return MultiStepsState(mini_step=jnp.zeros([], jnp.int32),
                              gradient_step=jnp.zeros([], jnp.int32),

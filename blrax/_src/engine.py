@@ -97,7 +97,7 @@ class ScaleByBLRState(NamedTuple):
 ACCUMULATE = "blrax_accumulate"
 
 
-def _absent(field: Any) -> bool:
+def is_absent(field: Any) -> bool:
   """An optional state field that is not there (an empty tuple)."""
   return isinstance(field, tuple) and not field
 
@@ -214,7 +214,7 @@ def scale_by_blr(
       raise ValueError(
           "ess=inf means no weight noise, so the Price curvature estimate is "
           "undefined: pass the curvature as `update(..., hessian=...)`.")
-    if accumulate and _absent(state.accumulator):
+    if accumulate and is_absent(state.accumulator):
       raise ValueError(
           "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
           "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
@@ -241,7 +241,7 @@ def scale_by_blr(
                       for i in range(2))
 
     accumulator = state.accumulator
-    if not _absent(accumulator):  # under blrax.MultiSteps: add the earlier ones.
+    if not is_absent(accumulator):  # under blrax.MultiSteps: add the earlier ones.
       total = accumulator.count + 1
       g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
       c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
@@ -260,7 +260,7 @@ def scale_by_blr(
     old_decays = posterior.decays()  # the draw's sigma used these
     decays = (old_decays if decay_in_state else
               gaussian.per_leaf(weight_decay, posterior.curvature))
-    anchors = (posterior.curvature if _absent(posterior.prior_mean)
+    anchors = (posterior.curvature if is_absent(posterior.prior_mean)
                else posterior.prior_mean)
 
     # 2. Curvature and step, per leaf.
@@ -273,7 +273,7 @@ def scale_by_blr(
         h = precision(h, h_hat, rho, decay)
       else:
         h = hessian_precision(h, c, rho, decay)
-      offset = mean if _absent(posterior.prior_mean) else (
+      offset = mean if is_absent(posterior.prior_mean) else (
           mean.astype(state_dtype) - anchor)
       direction, momentum = step.leaf(
           g_bar, h, momentum if step.uses_momentum else None, offset,

@@ -256,6 +256,9 @@ class ScaleByEVONState(NamedTuple):
     right_factor: :math:`R = \mathrm{EMA}(G^\top G)` per leaf.
     posterior: the :class:`blrax.EigenbasisGaussian` (key, :math:`h'`,
       bases, ess, weight decay).
+    accumulator: ``()``, or under :class:`blrax.MultiSteps` the sums over
+      the micro-batches of the mean gradient and of the curvature statistic
+      (rotated basis): an ``Accumulator(count, gradient, statistic)``.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -271,6 +274,14 @@ class ScaleByEVONState(NamedTuple):
   left_factor: Any
   right_factor: Any
   posterior: EigenbasisGaussian
+  accumulator: Any = ()
+
+
+def with_accumulator(state: ScaleByEVONState) -> ScaleByEVONState:
+  """``state`` with zero micro-batch sums (for :class:`blrax.MultiSteps`)."""
+  zeros = jax.tree.map(jnp.zeros_like, state.posterior.curvature)
+  return state._replace(accumulator=engine.Accumulator(
+      count=jnp.zeros([], jnp.int32), gradient=zeros, statistic=zeros))
 
 
 def _check_hyperparams(ess, hess_init, b1, b2, weight_decay,
@@ -517,8 +528,13 @@ def scale_by_evon(
             weight_decay=decay if decay_in_state else gaussian.scalar(decay)))
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
     gaussian.check_grads(updates, params, mc_samples)
+    if accumulate and engine.is_absent(state.accumulator):
+      raise ValueError(
+          "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
+          "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
     posterior = state.posterior
     gaussian.check_params(params, posterior.curvature)
     if hessian is not None:
@@ -531,6 +547,44 @@ def scale_by_evon(
     noise_tree = (posterior.noise() if hessian is None
                   else posterior.curvature)
     hessian_tree = posterior.curvature if hessian is None else hessian
+
+    # 1. The micro-batch's statistics, linear in its samples: the mean
+    # gradient and the curvature statistic in the draw's basis (Price: the
+    # rotated gradient times the noise; or the given ``hessian``).
+    def statistics(mean, grad, eps, h, ql, qr, hess):
+      if not gaussian.is_trainable(mean):
+        return jnp.zeros_like(h), jnp.zeros_like(h)
+      shape, dtype = h.shape, h.dtype
+      grad = curvature_lib.finite(jnp.asarray(grad).astype(dtype))
+      if hessian is None:
+        rotated = _safe(lambda x: _rotate(x, ql, qr),
+                        _as_matrix(grad, shape)).reshape(grad.shape)
+        statistic = curvature_lib.PRICE.statistic(rotated, eps, h)
+      else:
+        statistic = curvature_lib.hessian_statistic(
+            jnp.asarray(hess).astype(dtype), h)
+      return curvature_lib.finite(curvature_lib.mc_mean(grad, h)), statistic
+
+    stats = jax.tree.map(statistics, params, updates, noise_tree,
+                         posterior.curvature, posterior.left, posterior.right,
+                         hessian_tree)
+    g_tree, c_tree = (jax.tree.map(lambda _, t, i=i: t[i], params, stats)
+                      for i in range(2))
+    accumulator = state.accumulator
+    if not engine.is_absent(accumulator):  # under blrax.MultiSteps
+      total = accumulator.count + 1
+      g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
+      c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
+      if accumulate:  # no update; the next micro-batch gets a fresh draw.
+        return (jax.tree.map(jnp.zeros_like, params), state._replace(
+            posterior=posterior._replace(noise_state=generator.advance(
+                posterior.noise_state, after=posterior.curvature)),
+            accumulator=engine.Accumulator(count=total, gradient=g_tree,
+                                           statistic=c_tree)))
+      g_tree, c_tree = (jax.tree.map(lambda x: x / total.astype(x.dtype), t)
+                        for t in (g_tree, c_tree))
+      accumulator = with_accumulator(state).accumulator
+
     count = optax.safe_increment(state.count)
     debias_factor = (1.0 - gaussian.scalar(b1) ** count if debias
                      else gaussian.scalar(1.0))
@@ -538,22 +592,14 @@ def scale_by_evon(
     decays = (old_decays if decay_in_state else
               gaussian.per_leaf(weight_decay, posterior.curvature))
 
-    # 1. Curvature in the draw's basis, momentum, Kronecker factors.
-    def first(mean, grad, eps, h, ql, qr, momentum, lf, rf, hess, decay,
-              old_decay):
+    # 2. Curvature in the draw's basis, momentum, Kronecker factors.
+    def first(mean, g_bar, c, h, momentum, lf, rf, decay, old_decay):
       if not gaussian.is_trainable(mean):
         return h, momentum, lf, rf
       shape, dtype = h.shape, h.dtype
-      grad = curvature_lib.finite(jnp.asarray(grad).astype(dtype))
-      g_bar = curvature_lib.mc_mean(grad, h)
-      if hessian is None:
-        rotated = _safe(lambda x: _rotate(x, ql, qr),
-                        _as_matrix(grad, shape)).reshape(grad.shape)
-        h_hat = curvature_lib.price_curvature(
-            rotated, eps, h, posterior.ess, old_decay)
-      else:
-        h_hat = curvature_lib.finite(curvature_lib.mc_mean(
-            curvature_lib.finite(jnp.asarray(hess).astype(dtype)), h))
+      h_hat = (curvature_lib.PRICE.curvature(g_bar, c, h, posterior.ess,
+                                             old_decay)
+               if hessian is None else c)
       h = curvature_lib.positive_ema(h, h_hat, rho, decay)
       momentum = b1 * momentum + (1.0 - b1) * g_bar
       g2 = g_bar.reshape(matrix_shape(shape))
@@ -566,14 +612,13 @@ def scale_by_evon(
       return (h.astype(dtype), momentum.astype(dtype), lf.astype(dtype),
               rf.astype(dtype))
 
-    out = jax.tree.map(first, params, updates, noise_tree,
-                       posterior.curvature, posterior.left, posterior.right,
+    out = jax.tree.map(first, params, g_tree, c_tree, posterior.curvature,
                        state.momentum, state.left_factor, state.right_factor,
-                       hessian_tree, decays, old_decays)
+                       decays, old_decays)
     h_tree, momentum, left_factor, right_factor = (
         jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(4))
 
-    # 2. Every f steps (first at step 1): new bases, h' carried over.
+    # 3. Every f steps (first at step 1): new bases, h' carried over.
     def refresh(operands):
       h_tree, old_left, old_right = operands
 
@@ -593,7 +638,7 @@ def scale_by_evon(
         (count - 1) % precondition_frequency == 0, refresh, lambda x: x,
         operands)
 
-    # 3. The step in the (new) rotated basis.
+    # 4. The step in the (new) rotated basis.
     def direction(mean, h, ql, qr, momentum, decay):
       if not gaussian.is_trainable(mean):
         return jnp.zeros_like(mean)
@@ -621,7 +666,8 @@ def scale_by_evon(
                       jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
     return directions, ScaleByEVONState(
         count=count, momentum=momentum, left_factor=left_factor,
-        right_factor=right_factor, posterior=new_posterior)
+        right_factor=right_factor, posterior=new_posterior,
+        accumulator=accumulator)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

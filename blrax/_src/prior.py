@@ -118,7 +118,7 @@ def _check_mask(mask: Any) -> None:
     if np.asarray(value).dtype != np.bool_:
       raise ValueError(
           f"`weight_decay_mask`{path} must be booleans (True: decayed), got "
-          f"{value!r}.")
+          f"weight_decay_mask={value!r}.")
 
 
 def _match(name: str, tree: Any, params: Any, fn: Callable) -> Any:
