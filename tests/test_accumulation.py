@@ -47,15 +47,19 @@ def _accumulate(opt, grad_fn, params, micro=K, inner_mc=1, **extra):
   state = opt.init(params)
   keys, draws = [], []
   updates = None
+  update = jax.jit(opt.update)
   for i in range(micro):
     keys.append(_posterior(state).noise_state.key)
-    theta = blrax.sample_params(params, state)
+    theta = _draw(params, state)
     draws.append(theta)
     grads = grad_fn(theta, X[i % len(X)], Y[i % len(Y)], inner_mc)
-    updates, state = opt.update(grads, state, params, **extra)
+    updates, state = update(grads, state, params, **extra)
     if i < micro - 1:
       assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
   return updates, state, keys, draws
+
+
+_draw = jax.jit(blrax.sample_params)
 
 
 def _plain_grads(theta, x, y, mc):
@@ -95,13 +99,14 @@ def test_equals_mc_samples_k_in_one_step(make):
   params, ref_params = PARAMS, PARAMS
   ref_state = single.init(PARAMS)
   state = multi.init(PARAMS)
+  multi_update, single_update = jax.jit(multi.update), jax.jit(single.update)
   for _ in range(2):
     keys, draws = [], []
     for i in range(K):
       keys.append(_posterior(state).noise_state.key)
-      theta = blrax.sample_params(params, state)
+      theta = _draw(params, state)
       draws.append(theta)
-      updates, state = multi.update(_plain_grads(theta, X[i], Y[i], 1), state,
+      updates, state = multi_update(_plain_grads(theta, X[i], Y[i], 1), state,
                                     params)
       if i < K - 1:
         assert all(np.all(np.asarray(u) == 0)
@@ -109,10 +114,10 @@ def test_equals_mc_samples_k_in_one_step(make):
     params = optax.apply_updates(params, updates)
     ref_state = _set_keys(ref_state, jnp.stack(keys))
     # The draws are the mc_samples=K draws, sample i = micro-batch i.
-    ref_draws = blrax.sample_params(ref_params, ref_state)
+    ref_draws = _draw(ref_params, ref_state)
     _assert_trees_close(ref_draws,
                         jax.tree.map(lambda *t: jnp.stack(t), *draws))
-    ref_updates, ref_state = single.update(_stacked_grads(draws), ref_state,
+    ref_updates, ref_state = single_update(_stacked_grads(draws), ref_state,
                                            ref_params)
     ref_params = optax.apply_updates(ref_params, ref_updates)
     _assert_trees_close(updates, ref_updates)

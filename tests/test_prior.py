@@ -47,15 +47,19 @@ def _ivon_oracle(params, decay, prior_mean, noise, lr, ess, hess_init, b1, b2,
 
 
 def _run(opt, params, steps):
-  state = opt.init(params)
-  noise = []
-  for _ in range(steps):
-    posterior = blrax.find_posteriors(state)[0]
-    noise.append({k: np.asarray(v, np.float64)
-                  for k, v in posterior.noise().items()})
+  """``steps`` jitted steps at the draws; the noise of each, in float64."""
+  @jax.jit
+  def step(params, state):
+    noise = blrax.find_posteriors(state)[0].noise()
     theta = blrax.sample_params(params, state)
     updates, state = opt.update(jax.grad(loss)(theta), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state, noise
+
+  state = jax.jit(opt.init)(params)
+  noise = []
+  for _ in range(steps):
+    params, state, eps = step(params, state)
+    noise.append({k: np.asarray(v, np.float64) for k, v in eps.items()})
   return params, state, noise
 
 
