@@ -104,12 +104,20 @@ def test_linen_train_state_equals_functional_loop():
   ts = blrax.flax.VariationalTrainState.create(apply_fn=module.apply,
                                                params=params, tx=opt)
   state = opt.init(params)
-  for _ in range(4):
-    grads = jax.grad(loss_fn)(ts.sample_params())
-    ts = ts.apply_gradients(grads=grads)
+
+  @jax.jit
+  def train_state_step(ts):
+    return ts.apply_gradients(grads=jax.grad(loss_fn)(ts.sample_params()))
+
+  @jax.jit
+  def functional_step(params, state):
     theta = blrax.sample_params(params, state)
     updates, state = opt.update(jax.grad(loss_fn)(theta), state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(4):
+    ts = train_state_step(ts)
+    params, state = functional_step(params, state)
   assert int(ts.step) == 4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                ts.params, params)
