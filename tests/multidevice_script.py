@@ -1,7 +1,8 @@
 """Run by tests/test_multidevice.py in a process with 8 CPU devices.
 
 Checks: data-parallel (replicated params) and fully sharded (FSDP) IVON
-runs, also with noise="flip", equal the single-device run over many steps;
+runs, also with noise="flip", and EVON runs, equal the single-device run over
+many steps;
 one MC sample per device equals the single-device mc_samples=8 run; init
 works on abstract inputs; state shardings follow the params after init and
 after update; the noise is drawn shard by shard (no full-size draw on any
@@ -173,6 +174,34 @@ def main():
   assert_close(mc_params, ref8_params, "per-device sample params")
   assert_close(posterior_of(mc_state).curvature,
                posterior_of(ref8_state).curvature, "per-device sample curvature")
+  # 4. EVON, data parallel and fully sharded. Only the smaller side of each
+  #    matrix gets a basis (max_precond_dim=16: w1's 16 x 16, w2's 8 x 8),
+  #    whose Kronecker factor is full rank from the first step: the other
+  #    side's would have a null space, whose eigenvectors (arbitrary) move
+  #    with rounding, so no run would equal another.
+  evon = blrax.evon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
+                    max_precond_dim=16)
+  evon_ref, evon_ref_state = run(evon, jax.jit(make_step(evon)), params0,
+                                 evon.init(params0))
+  assert posterior_of(evon_ref_state).left["w1"].shape == (16, 16)
+  assert posterior_of(evon_ref_state).right["w2"].shape == (8, 8)
+  params = jax.device_put(params0, replicated)
+  state = jax.jit(evon.init, out_shardings=replicated)(params)
+  step = jax.jit(make_step(evon), out_shardings=replicated)
+  evon_dp, _ = run(evon, step, params, state, shard_data=batch)
+  assert_close(evon_dp, evon_ref, "evon data parallel params")
+  evon_sharding = state_shardings(evon, params0, param_sharding, replicated)
+  params = jax.device_put(params0, param_sharding)
+  state = jax.jit(evon.init, out_shardings=evon_sharding)(params)
+  step = jax.jit(make_step(evon), out_shardings=(param_sharding,
+                                                 evon_sharding))
+  evon_fs, evon_fs_state = run(evon, step, params, state, shard_data=batch)
+  assert_close(evon_fs, evon_ref, "evon fsdp params")
+  assert_close(posterior_of(evon_fs_state).curvature,
+               posterior_of(evon_ref_state).curvature, "evon fsdp curvature")
+  curv = posterior_of(evon_fs_state).curvature
+  for name in params0:
+    assert curv[name].sharding.is_equivalent_to(param_sharding[name], 2), name
   print("multidevice OK")
 
 

@@ -307,6 +307,21 @@ def test_steps_match_hand_computation(source, prior):
       np.testing.assert_array_equal(stddev[k], 0.0)
 
 
+def test_bases_have_canonical_column_signs():
+  """eigh's column signs are arbitrary (and differ across shardings, see
+  tests/multidevice_script.py); each column's largest entry is positive."""
+  opt = blrax.evon(0.1, ess=100.0, key=2)
+  params = jnp.zeros((5, 4))
+  grads = jax.random.normal(jax.random.key(0), (5, 4))
+  _, state = jax.jit(opt.update)(grads, opt.init(params), params)
+  post = blrax.find_posteriors(state)[0]
+  for basis in (post.left, post.right):
+    basis = np.asarray(basis)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(len(basis)), atol=1e-5)
+    largest = basis[np.argmax(np.abs(basis), axis=0), np.arange(len(basis))]
+    assert np.all(largest > 0), largest
+
+
 def test_refresh_carries_the_curvature_matrix_through_a_permuted_basis():
   """A refresh to the same eigenspaces (eigh reorders its vectors as the
   eigenvalues cross, and may flip them) leaves the curvature matrix

@@ -332,6 +332,12 @@ def _eigenbasis(factor: jax.Array, old: jax.Array) -> jax.Array:
   scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
   factor = factor / scale  # eigenvectors are scale-free; this avoids overflow
   _, vectors = jnp.linalg.eigh(0.5 * (factor + factor.T))
+  # eigh's column signs are arbitrary and differ between backends and
+  # shardings; the draw M + Q_L(sigma E)Q_R^T depends on them, so fix the
+  # largest entry of each column positive: one run on one device or many.
+  largest = jnp.take_along_axis(
+      vectors, jnp.argmax(jnp.abs(vectors), axis=0)[None], axis=0)
+  vectors = vectors * jnp.where(largest < 0, -1.0, 1.0).astype(vectors.dtype)
   return jnp.where(jnp.all(jnp.isfinite(vectors)), vectors, old)
 
 
