@@ -165,16 +165,22 @@ def test_ivon_at_infinite_ess_is_diagonal_newton_with_momentum():
     opt = blrax.ivon(lr, ess=INF, hess_init=h0, b1=b1, b2=b2, weight_decay=d)
     params = jnp.asarray(m)
     state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+      theta = blrax.sample_params(params, state)
+      updates, state = opt.update(jax.grad(loss)(theta), state, params,
+                                  hessian=jax.vmap(jax.grad(jax.grad(
+                                      lambda x: x**4 / 4 + x**2)))(theta))
+      return optax.apply_updates(params, updates), state, theta
+
     g, h = np.zeros(3), np.full(3, h0)
     for t in range(1, 6):
       hh = hess(m)
       g = b1 * g + (1 - b1) * grad(m)
       h = b2 * h + (1 - b2) * hh + 0.5 * (1 - b2) ** 2 * (h - hh) ** 2 / (h + d)
       m = m - lr * (h0 + d) * (g / (1 - b1**t) + d * m) / (h + d)
-      theta = blrax.sample_params(params, state)
+      new_params, state, theta = step(params, state)
       np.testing.assert_array_equal(theta, params)  # no noise
-      updates, state = opt.update(jax.grad(loss)(theta), state, params,
-                                  hessian=jax.vmap(jax.grad(jax.grad(
-                                      lambda x: x**4 / 4 + x**2)))(theta))
-      params = optax.apply_updates(params, updates)
+      params = new_params
       np.testing.assert_allclose(params, m, rtol=1e-12)

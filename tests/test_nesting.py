@@ -73,14 +73,20 @@ def test_multi_steps_shares_noise_within_accumulation(name, factory, kwargs):
   if cases.per_example(factory):
     pytest.skip("MultiSteps accumulates params-shaped grads only")
   opt = optax.MultiSteps(factory(**kwargs), every_k_schedule=2)
+
+  @jax.jit
+  def step(params, state):
+    theta = blrax.sample_params(params, state)
+    grads = cases.grads(factory, loss, theta)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, theta
+
   state = opt.init(PARAMS)
   params = PARAMS
   draws = []
   for _ in range(4):
-    theta = blrax.sample_params(params, state)
+    params, state, theta = step(params, state)
     draws.append(theta)
-    updates, state = opt.update(cases.grads(factory, loss, theta), state, params)
-    params = optax.apply_updates(params, updates)
   offset = lambda d, p: jax.tree.map(jnp.subtract, d, p)
   assert_same(offset(draws[0], PARAMS), offset(draws[1], PARAMS))
   assert not np.allclose(draws[1]["a"], draws[2]["a"])
