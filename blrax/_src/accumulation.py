@@ -56,9 +56,8 @@ class MultiStepsState(NamedTuple):
   inner_state: Any
 
 
-# The states that can sum micro-batches, and how each gets its zero sums.
-_ACCUMULATING = {engine.ScaleByBLRState: engine.with_accumulator,
-                 evon.ScaleByEVONState: evon.with_accumulator}
+# The states that can sum micro-batches (an ``accumulator`` field).
+_ACCUMULATING = (engine.ScaleByBLRState, evon.ScaleByEVONState)
 
 
 def _is_blr(x: Any) -> bool:
@@ -156,7 +155,7 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
             f"{found - len(blr) if blr else 'no'} posterior(s) it cannot "
             "accumulate (for others use optax.MultiSteps: one draw per step).")
       inner_state = jax.tree.map(
-          lambda x: _ACCUMULATING[type(x)](x) if _is_blr(x) else x,
+          lambda x: engine.with_accumulator(x) if _is_blr(x) else x,
           inner_state, is_leaf=_is_blr)
       return MultiStepsState(mini_step=jnp.zeros([], jnp.int32),
                              gradient_step=jnp.zeros([], jnp.int32),

@@ -102,11 +102,46 @@ def is_absent(field: Any) -> bool:
   return isinstance(field, tuple) and not field
 
 
-def with_accumulator(state: ScaleByBLRState) -> ScaleByBLRState:
-  """``state`` with zero sums: it now accumulates micro-batches."""
+def with_accumulator(state: Any) -> Any:
+  """``state`` (a blrax state with ``posterior`` and ``accumulator`` fields)
+  with zero sums: it now accumulates micro-batches."""
   zeros = jax.tree.map(jnp.zeros_like, state.posterior.curvature)
   return state._replace(accumulator=Accumulator(
       count=jnp.zeros([], jnp.int32), gradient=zeros, statistic=zeros))
+
+
+def check_accumulate(state: Any, accumulate: bool) -> None:
+  if accumulate and is_absent(state.accumulator):
+    raise ValueError(
+        "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
+        "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
+
+
+def add_micro_batch(state: Any, params: Any, g_tree: Any, c_tree: Any,
+                    generator: noise_lib.Generator, accumulate: bool):
+  """Adds a micro-batch's statistics to ``state.accumulator``.
+
+  Returns ``(done, g_tree, c_tree, accumulator)``. Under
+  :class:`blrax.MultiSteps`, before the last micro-batch ``done`` is the
+  ``(zero updates, state)`` to return (sums kept, the next micro-batch gets a
+  fresh draw); at the last one, the statistics are the averages and the
+  sums are reset. Outside it, everything passes through.
+  """
+  accumulator = state.accumulator
+  if is_absent(accumulator):
+    return None, g_tree, c_tree, accumulator
+  total = accumulator.count + 1
+  g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
+  c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
+  if accumulate:
+    posterior = state.posterior
+    return (jax.tree.map(jnp.zeros_like, params), state._replace(
+        posterior=posterior._replace(noise_state=generator.advance(
+            posterior.noise_state, after=posterior.curvature)),
+        accumulator=Accumulator(count=total, gradient=g_tree,
+                                statistic=c_tree))), None, None, None
+  mean = lambda t: jax.tree.map(lambda x: x / total.astype(x.dtype), t)
+  return None, mean(g_tree), mean(c_tree), with_accumulator(state).accumulator
 
 
 def scale_by_blr(
@@ -214,10 +249,7 @@ def scale_by_blr(
       raise ValueError(
           "ess=inf means no weight noise, so the Price curvature estimate is "
           "undefined: pass the curvature as `update(..., hessian=...)`.")
-    if accumulate and is_absent(state.accumulator):
-      raise ValueError(
-          "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
-          "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
+    check_accumulate(state, accumulate)
     posterior = state.posterior
     use_noise = estimator.uses_noise and hessian is None
     noise_tree = posterior.noise() if use_noise else posterior.curvature
@@ -240,20 +272,10 @@ def scale_by_blr(
     g_tree, c_tree = (jax.tree.map(lambda _, t, i=i: t[i], params, stats)
                       for i in range(2))
 
-    accumulator = state.accumulator
-    if not is_absent(accumulator):  # under blrax.MultiSteps: add the earlier ones.
-      total = accumulator.count + 1
-      g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
-      c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
-      if accumulate:  # no update: the next micro-batch gets a fresh draw.
-        return (jax.tree.map(jnp.zeros_like, params), state._replace(
-            posterior=posterior._replace(noise_state=generator.advance(
-                posterior.noise_state, after=posterior.curvature)),
-            accumulator=Accumulator(count=total, gradient=g_tree,
-                                    statistic=c_tree)))
-      g_tree, c_tree = (jax.tree.map(lambda x: x / total.astype(x.dtype), t)
-                        for t in (g_tree, c_tree))
-      accumulator = with_accumulator(state).accumulator
+    done, g_tree, c_tree, accumulator = add_micro_batch(
+        state, params, g_tree, c_tree, generator, accumulate)
+    if done is not None:  # under blrax.MultiSteps, before the last one
+      return done
 
     count = optax.safe_increment(state.count)
     scalars = step.scalars(count)

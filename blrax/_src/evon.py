@@ -277,13 +277,6 @@ class ScaleByEVONState(NamedTuple):
   accumulator: Any = ()
 
 
-def with_accumulator(state: ScaleByEVONState) -> ScaleByEVONState:
-  """``state`` with zero micro-batch sums (for :class:`blrax.MultiSteps`)."""
-  zeros = jax.tree.map(jnp.zeros_like, state.posterior.curvature)
-  return state._replace(accumulator=engine.Accumulator(
-      count=jnp.zeros([], jnp.int32), gradient=zeros, statistic=zeros))
-
-
 def _check_hyperparams(ess, hess_init, b1, b2, weight_decay,
                        weight_decay_mask, clip_radius, rescale_lr, debias,
                        shampoo_beta, precondition_frequency,
@@ -537,10 +530,7 @@ def scale_by_evon(
     accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
     gaussian.check_grads(updates, params, mc_samples)
-    if accumulate and engine.is_absent(state.accumulator):
-      raise ValueError(
-          "micro-batch accumulation needs the state of blrax.MultiSteps: wrap "
-          "the optimizer as blrax.MultiSteps(opt, every_k_schedule=k).")
+    engine.check_accumulate(state, accumulate)
     posterior = state.posterior
     gaussian.check_params(params, posterior.curvature)
     if hessian is not None:
@@ -576,20 +566,10 @@ def scale_by_evon(
                          hessian_tree)
     g_tree, c_tree = (jax.tree.map(lambda _, t, i=i: t[i], params, stats)
                       for i in range(2))
-    accumulator = state.accumulator
-    if not engine.is_absent(accumulator):  # under blrax.MultiSteps
-      total = accumulator.count + 1
-      g_tree = jax.tree.map(jnp.add, accumulator.gradient, g_tree)
-      c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
-      if accumulate:  # no update; the next micro-batch gets a fresh draw.
-        return (jax.tree.map(jnp.zeros_like, params), state._replace(
-            posterior=posterior._replace(noise_state=generator.advance(
-                posterior.noise_state, after=posterior.curvature)),
-            accumulator=engine.Accumulator(count=total, gradient=g_tree,
-                                           statistic=c_tree)))
-      g_tree, c_tree = (jax.tree.map(lambda x: x / total.astype(x.dtype), t)
-                        for t in (g_tree, c_tree))
-      accumulator = with_accumulator(state).accumulator
+    done, g_tree, c_tree, accumulator = engine.add_micro_batch(
+        state, params, g_tree, c_tree, generator, accumulate)
+    if done is not None:  # under blrax.MultiSteps, before the last one
+      return done
 
     count = optax.safe_increment(state.count)
     debias_factor = (1.0 - gaussian.scalar(b1) ** count if debias
