@@ -161,7 +161,8 @@ def fit_temperature(logits: Any, labels: Any, *,
     num_iterations: bisection steps, an int ``>= 1``.
 
   Returns:
-    :math:`T`, a scalar array.
+    :math:`T`, a scalar array (NaN under ``jit`` for NaN or +inf logits or
+    labels outside ``[0, k)``).
 
   Raises:
     ValueError: wrong shapes, NaN or +inf logits, labels outside
@@ -198,6 +199,11 @@ def fit_temperature(logits: Any, labels: Any, *,
   return _fit(logits, labels, -math.log(high), -math.log(low), num_iterations)
 
 
+def _valid_labels(labels: jax.Array, k: int) -> jax.Array:
+  """True when every label is in ``[0, k)`` (the jit-side check)."""
+  return jnp.all((labels >= 0) & (labels < k))
+
+
 @functools.partial(jax.jit, static_argnums=4)
 def _fit(logits, labels, lo, hi, num_iterations):
   z = logits - jnp.max(logits, axis=1, keepdims=True)
@@ -216,7 +222,10 @@ def _fit(logits, labels, lo, hi, num_iterations):
 
   lo, hi = jax.lax.fori_loop(0, num_iterations, halve,
                              (jnp.asarray(lo, z.dtype), jnp.asarray(hi, z.dtype)))
-  return jnp.exp(-0.5 * (lo + hi))
+  # Under jit the checks of fit_temperature cannot raise: NaN, not a bound.
+  valid = (jnp.all(~jnp.isnan(logits) & (logits != jnp.inf))
+           & _valid_labels(labels, logits.shape[1]))
+  return metrics._nan_unless(valid, jnp.exp(-0.5 * (lo + hi)))
 
 
 def temperature_predictor(predictor: Any, temperature: Any) -> Predictor:
@@ -379,7 +388,7 @@ def conformal_threshold(probs: Any, labels: Any, alpha: float, *,
     q = jnp.asarray(jnp.inf, probs.dtype)
   else:
     q = jnp.sort(picked)[rank - 1]
-  return metrics._nan_unless(valid, q)
+  return metrics._nan_unless(valid & _valid_labels(labels, k), q)
 
 
 def conformal_sets(probs: Any, threshold: Any, *, method: str = "aps",
@@ -403,10 +412,14 @@ def conformal_sets(probs: Any, threshold: Any, *, method: str = "aps",
     k_reg: RAPS unpenalised ranks (``method="raps"`` only).
 
   Returns:
-    A boolean mask ``(n, k)``: ``True`` for the classes in each set.
+    A boolean mask ``(n, k)``: ``True`` for the classes in each set. Rows of
+    invalid probabilities, and every row when a traced ``threshold`` is NaN
+    (from invalid calibration data under ``jit``), are empty sets: check
+    ``jnp.isnan(threshold)`` there.
 
   Raises:
-    ValueError: as :func:`conformal_threshold`.
+    ValueError: as :func:`conformal_threshold`; a concrete NaN
+      ``threshold`` (:func:`conformal_threshold` found invalid data).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -423,5 +436,10 @@ def conformal_sets(probs: Any, threshold: Any, *, method: str = "aps",
   if threshold.shape != ():
     raise ValueError("`threshold` must be a scalar, got threshold.shape="
                      f"{threshold.shape}.")
+  if not validation.is_traced(threshold) and bool(jnp.isnan(threshold)):
+    raise ValueError(
+        "`threshold` is NaN, got threshold=nan: conformal_threshold returns "
+        "NaN under jit for invalid calibration probabilities or labels; "
+        "check them (eagerly it raises naming the bad row).")
   scores = _scores(probs, randomized, key, lam, k_reg)
   return (scores <= threshold) & valid
