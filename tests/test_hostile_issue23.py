@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import blrax
 from blrax import uncertainty as U
 
 PROBS = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6],
@@ -56,3 +57,71 @@ def test_conformal_sets_refuse_a_nan_threshold():
   sets = jax.jit(lambda q: U.conformal_sets(PROBS, q, randomized=False))(
       jnp.nan)
   assert not np.asarray(sets).any()
+
+
+# --------------------------------------------------------------------------
+# 5-7: merging and health with int leaves, per-leaf decays and masks.
+
+MIXED = {"w": jnp.array([0.5, -1.0]), "n": jnp.array(3, jnp.int32)}
+
+
+def _layout(tree):
+  return jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def test_merge_keeps_shard_zeros_int_counters():
+  """#5: int counters were averaged (3 and 6 -> 4), not shard 0's."""
+  opt = blrax.ivon(0.1, ess=10.0)
+  other = {"w": jnp.array([1.0, 2.0]), "n": jnp.array(6)}
+  params, _ = blrax.merge_posteriors(
+      [MIXED, other], [opt.init(MIXED), opt.init(other)])
+  assert int(params["n"]) == 3 and params["n"].dtype == MIXED["n"].dtype
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(weight_decay={"w": 0.1, "n": 0.0}),
+    dict(weight_decay=0.1, weight_decay_mask={"w": True, "n": False}),
+])
+def test_merged_state_keeps_the_init_layout(kwargs):
+  """#7: per-leaf weight_decay or a mask changed the state's leaf shapes."""
+  opt = blrax.ivon(0.1, ess=10.0, **kwargs)
+  state = opt.init(MIXED)
+  params, merged = blrax.merge_posteriors([MIXED, MIXED], [state, state])
+  assert _layout(merged) == _layout(state)
+  assert _layout(params) == _layout(MIXED)
+  traces = []
+
+  @jax.jit
+  def step(p, s):
+    traces.append(None)
+    grads = jax.tree.map(jnp.zeros_like, p)
+    return opt.update(grads, s, p)
+
+  step(MIXED, state)
+  step(params, merged)
+  assert len(traces) == 1  # the merged state does not retrace the step
+
+
+def test_merged_prior_precision_keeps_a_scalar_leaf_a_scalar():
+  """#7: an explicit full-shaped but uniform prior precision of a leaf whose
+  state decay is a scalar stays a scalar; a non-uniform one is refused."""
+  opt = blrax.ivon(0.1, ess=10.0, weight_decay={"w": 0.1, "n": 0.0})
+  state = opt.init(MIXED)
+  _, merged = blrax.merge_posteriors(
+      [MIXED, MIXED], [state, state],
+      prior_precision={"w": jnp.full(2, 3.0), "n": 0.0})
+  assert _layout(merged) == _layout(state)
+  decay = blrax.find_posteriors(merged)[0].weight_decay["w"]
+  np.testing.assert_allclose(decay, 3.0 / 20.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="prior_precision"):
+    blrax.merge_posteriors([MIXED, MIXED], [state, state],
+                           prior_precision={"w": jnp.array([3.0, 4.0]),
+                                            "n": 0.0})
+
+
+def test_health_skips_int_leaves():
+  """#6: int leaves (untrainable counters) were reported with sigma > 0."""
+  opt = blrax.ivon(0.1, ess=10.0)
+  health = blrax.posterior_health(MIXED, opt.init(MIXED), hess_init=1.0,
+                                  b2=0.99999, warn=False)
+  assert "n" not in health.leaves and "w" in health.leaves

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import optax
 
-from blrax._src import bsam, engine, evon, lookup, validation, von
+from blrax._src import bsam, engine, evon, gaussian, lookup, validation, von
 
 _STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState,
                 bsam.ScaleByBSAMState, evon.ScaleByEVONState)
@@ -196,7 +196,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
     for (path, h), (_, sigma), (_, mean), (_, delta) in zip(
         flat[:count], flat[count:2 * count], flat[2 * count:3 * count],
         flat[3 * count:]):
-      if isinstance(h, optax.MaskedNode) or np.size(h) == 0:
+      if (isinstance(h, optax.MaskedNode) or np.size(h) == 0
+          or not gaussian.is_trainable(mean)):  # int leaves: no posterior
         continue
       h = np.asarray(h, np.float64).ravel()
       delta = np.broadcast_to(np.asarray(delta, np.float64), np.shape(

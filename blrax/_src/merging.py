@@ -164,6 +164,8 @@ def _merge_diagonal(posteriors, means, prior_precision, prior_mean):
       return lam0_
     k = len(posteriors)
     h, m, d, mk0 = (per_shard[i * k:(i + 1) * k] for i in range(4))
+    if not gaussian.is_trainable(m[0]):  # an int counter: shard 0's.
+      return jnp.asarray(m[0]), sum(e * hk for e, hk in zip(ess, h)) / total
     dtype = h[0].dtype
     # The shards' likelihoods: precision e_k h_k, linear term e_k (h_k + d_k)
     # m_k - e_k d_k m0_k = e_k h_k m_k + e_k d_k (m_k - m0_k).
@@ -186,10 +188,14 @@ def _merge_diagonal(posteriors, means, prior_precision, prior_mean):
                       is_leaf=lambda x: pair(x) or _hole(x))
   curvature = jax.tree.map(lambda x: x if _hole(x) else x[1], out,
                            is_leaf=lambda x: pair(x) or _hole(x))
+  # Each leaf keeps the shape and dtype of shard 0's (so the merged state
+  # restores into `opt.init(params)` and a jitted step does not retrace).
+  old_decays = _leafwise(first.weight_decay, curv)
   weight_decay = (gaussian.scalar(jnp.asarray(prior_precision) / total)
                   if scalar_prior else
-                  jax.tree.map(lambda l0, h: (l0 / total).astype(h.dtype)
-                               * jnp.ones_like(h), lam0, curvature))
+                  jax.tree.map(lambda l0, h, old: l0 if _hole(l0) else
+                               _like_leaf((l0 / total).astype(h.dtype), old),
+                               lam0, curvature, old_decays, is_leaf=_hole))
   fields = dict(curvature=curvature, ess=gaussian.scalar(total),
                 weight_decay=weight_decay)
   if "prior_mean" in type(first)._fields:
@@ -199,6 +205,29 @@ def _merge_diagonal(posteriors, means, prior_precision, prior_mean):
         if not validation.is_traced(x)):
       fields["prior_mean"] = _leafwise(prior_mean, curv)
   return mean, first._replace(**fields)
+
+
+def _like_leaf(value: jax.Array, old: Any) -> jax.Array:
+  """The merged per-leaf decay ``value`` in the shape and dtype of ``old``.
+
+  A full-shaped ``value`` for a leaf whose state keeps a scalar decay (an
+  explicit ``prior_precision``) must be uniform.
+  """
+  shape, dtype = np.shape(old), jnp.result_type(old)
+  value = jnp.asarray(value)
+  if value.shape != shape:
+    if shape == () and not validation.is_traced(value) and value.size and bool(
+        jnp.all(value == value.ravel()[0])):
+      value = value.ravel()[0]
+    elif shape and np.broadcast_shapes(value.shape, shape) == shape:
+      value = jnp.broadcast_to(value, shape)
+    else:
+      raise ValueError(
+          "`prior_precision` has a leaf of shape "
+          f"{value.shape} that varies where the state keeps one weight decay "
+          f"of shape {shape} (built with a scalar weight_decay for it): pass "
+          "a scalar for that leaf, or train with a per-element weight_decay.")
+  return value.astype(dtype)
 
 
 def _merge_full(posteriors, means, prior_precision, prior_mean):
