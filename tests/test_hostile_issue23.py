@@ -125,3 +125,44 @@ def test_health_skips_int_leaves():
   health = blrax.posterior_health(MIXED, opt.init(MIXED), hess_init=1.0,
                                   b2=0.99999, warn=False)
   assert "n" not in health.leaves and "w" in health.leaves
+
+
+# --------------------------------------------------------------------------
+# 10, 18: uncertainty.report inputs.
+
+
+def _bf16_log_probs(n=64, k=10):
+  z = 3.0 * jax.random.normal(jax.random.key(0), (n, k))
+  return jax.nn.log_softmax(z.astype(jnp.bfloat16))
+
+
+def test_report_accepts_exact_bf16_log_softmax():
+  """#10: a bf16 model's exact log_softmax output was refused (a fixed 1e-3
+  tolerance after the float32 cast; bf16 rounding reaches several 1e-3)."""
+  log_probs = _bf16_log_probs()
+  sums = jax.nn.logsumexp(log_probs.astype(jnp.float32), axis=-1)
+  assert float(jnp.max(jnp.abs(jnp.expm1(sums)))) > 1e-3  # the hard case
+  labels = jnp.zeros(log_probs.shape[0], jnp.int32)
+  report = U.report(lambda x: x, [(log_probs, labels)])
+  assert report.num_examples == log_probs.shape[0]
+  # float32 outputs keep the 1e-3 tolerance: the same rows in float32 fail.
+  with pytest.raises(ValueError, match="not log-probabilities"):
+    U.report(lambda x: x, [(log_probs.astype(jnp.float32), labels)])
+
+
+def test_ood_batches_as_lists_are_split_like_tuples():
+  """#18: an OOD batch given as an [x, y] list reached the predictor whole."""
+  log_probs = jnp.log(jnp.asarray(PROBS))
+  seen = []
+
+  def predictor(x):
+    seen.append(type(x))
+    return x
+
+  want = U.report(predictor, [(log_probs, LABELS)],
+                  ood_batches=[(log_probs[::-1], LABELS)], jit=False)
+  got = U.report(predictor, [(log_probs, LABELS)],
+                 ood_batches=[[log_probs[::-1], LABELS]], jit=False)
+  assert list not in seen
+  assert got.ood.num_examples == len(LABELS)
+  assert got.ood.detection == want.ood.detection

@@ -411,12 +411,22 @@ class _Scores(NamedTuple):
   ok: jax.Array          # (n,) rows of valid log-probabilities
 
 
-def _scores(member_log_probs: jax.Array) -> _Scores:
+def _row_tolerance(dtype: Any) -> float:
+  """How far exp of a row of log-probabilities of ``dtype`` may sum from 1:
+  ``ROW_SUM_TOLERANCE``, or 4 machine epsilons of a 16-bit dtype (the
+  rounding of an exact bf16 ``log_softmax`` reaches several 1e-3)."""
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return ROW_SUM_TOLERANCE
+  return max(ROW_SUM_TOLERANCE, 4 * float(jnp.finfo(dtype).eps))
+
+
+def _scores(member_log_probs: jax.Array,
+            tolerance: float = ROW_SUM_TOLERANCE) -> _Scores:
   s, _, k = member_log_probs.shape
   log_probs = jax.nn.logsumexp(member_log_probs, axis=0) - jnp.log(s)
   # Every member row is a distribution: exp sums to 1, no NaN, no +inf.
   row_sums = jax.nn.logsumexp(member_log_probs, axis=-1)
-  ok = jnp.all(jnp.abs(jnp.expm1(row_sums)) <= ROW_SUM_TOLERANCE, axis=0)
+  ok = jnp.all(jnp.abs(jnp.expm1(row_sums)) <= tolerance, axis=0)
   top = jnp.argmax(log_probs, axis=-1)
   onehot = jax.nn.one_hot(top, k, dtype=bool)
   log_gap = jax.nn.logsumexp(jnp.where(onehot, -jnp.inf, log_probs), axis=-1)
@@ -456,8 +466,9 @@ _UNLABELLED = ("n", "shape_members", "shape_classes", "bad_rows",
 def _stats(member_log_probs, labels, mask, num_bins, num_score_bins):
   """Sufficient statistics of one batch; rows where ``mask`` is False (the
   padding of a short batch) count for nothing."""
+  out_dtype = jnp.result_type(jnp.asarray(member_log_probs))
   member_log_probs = _members(member_log_probs)
-  scores = _scores(member_log_probs)
+  scores = _scores(member_log_probs, _row_tolerance(out_dtype))
   n, k = scores.log_probs.shape
   labels = jnp.asarray(labels)
   if labels.shape != (n,):
@@ -920,7 +931,8 @@ def _batch_pair(i, batch, name):
 
 
 def _ood_inputs(batch):
-  if isinstance(batch, tuple) and len(batch) == 2:
+  # (x, y) or [x, y] (a list, as many loaders yield): the inputs are x.
+  if isinstance(batch, (tuple, list)) and len(batch) == 2:
     return batch[0]
   return batch
 
@@ -931,8 +943,8 @@ def _check_rows(i, stats, name):
     raise ValueError(
         f"`{name}`: batch {i} has {bad} row(s) that are not log-"
         "probabilities (the predictor must return log_softmax outputs: "
-        f"exp of each member row sums to 1 within {ROW_SUM_TOLERANCE}, no "
-        "NaN).")
+        f"exp of each member row sums to 1 within {ROW_SUM_TOLERANCE}, or 4 "
+        "machine epsilons for 16-bit outputs; no NaN).")
   bad = int(stats.get("bad_labels", 0))
   if bad:
     raise ValueError(
@@ -987,7 +999,7 @@ def report(predictor: Any, batches: Iterable, *,
     batches: an iterable of ``(inputs, labels)`` pairs, labels integer
       ``(n,)`` in ``[0, k)``; consumed once, one batch at a time.
     ood_batches: optional iterable of OOD inputs (or ``(inputs, labels)``
-      pairs, labels ignored).
+      pairs, tuples or two-element lists, labels ignored).
     num_bins: calibration bins, an int ``>= 1``.
     num_score_bins: cells of the score grid, an int ``>= 2``.
     jit: jit-compile the per-batch statistics with the predictor;
