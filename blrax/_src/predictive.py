@@ -32,6 +32,7 @@ gives a NaN variance under ``jit``.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -101,6 +102,20 @@ def _draws(key, params, opt_state, num_samples, chunk_size):
   draw = lambda k: jax.tree.map(
       lambda x: x[0], lookup.sample_posterior(k, params, opt_state, 1))
   return keys, draw, num_samples
+
+
+def default_noise_variance(value: Any, caller: str, stacklevel: int = 3):
+  """``value``, or 0.0 with a ``UserWarning`` when it was left out (None)."""
+  if value is not None:
+    return value
+  warnings.warn(
+      f"{caller}: noise_variance not given, so the predictive variance is the "
+      "posterior's (epistemic) alone, with no observation noise: intervals "
+      "of noisy targets come out far too narrow. Pass noise_variance= (e.g. "
+      "the mean squared residual on held-out data), or noise_variance=0.0 "
+      "for the epistemic variance on purpose.", UserWarning,
+      stacklevel=stacklevel)
+  return 0.0
 
 
 def _noise_variance(value: Any) -> tuple[jax.Array, jax.Array]:
@@ -242,7 +257,7 @@ def predictive_mean_variance(
     inputs: Any,
     num_samples: int = 32,
     chunk_size: int | None = None,
-    noise_variance: jax.typing.ArrayLike = 0.0,
+    noise_variance: jax.typing.ArrayLike | None = None,
     mean_only: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Predictive mean and variance of a regression output.
@@ -261,7 +276,10 @@ def predictive_mean_variance(
     chunk_size: draws evaluated together (a divisor of ``num_samples``).
     noise_variance: observation noise :math:`\sigma^2 \ge 0` added to the
       variance: a scalar or an array broadcasting to the output shape
-      (without enlarging it).
+      (without enlarging it). Left out, it is 0 with a ``UserWarning``:
+      without it the variance is the posterior's alone and predictive
+      intervals of noisy targets are far too narrow; pass ``0.0`` for the
+      epistemic variance on purpose.
     mean_only: a bool; the output at the mean with variance
       ``noise_variance``.
 
@@ -289,7 +307,8 @@ def predictive_mean_variance(
   """
   apply_fn, params, opt_state = _functional(apply_fn, params, opt_state)
   key = _common(apply_fn, key, mean_only)
-  noise_variance, noise_ok = _noise_variance(noise_variance)
+  noise_variance, noise_ok = _noise_variance(
+      default_noise_variance(noise_variance, "predictive_mean_variance"))
 
   def finish(mean, variance):
     shape = jnp.shape(mean)

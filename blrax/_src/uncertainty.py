@@ -1214,7 +1214,7 @@ def plot_report(reports: Any, *, fig: Any = None, ood_score: str = "entropy"):
 def regression_predictor(apply_fn: Callable[[Any, Any], jax.Array], key: Any,
                          params: Any, opt_state: Any, num_samples: int = 32,
                          chunk_size: int | None = None,
-                         noise_variance: Any = 0.0,
+                         noise_variance: Any = None,
                          mean_only: bool = False) -> Predictor:
   r"""The Gaussian predictive :math:`(\mu, \sigma^2)` of a regression model
   under a blrax posterior.
@@ -1234,6 +1234,9 @@ def regression_predictor(apply_fn: Callable[[Any, Any], jax.Array], key: Any,
     num_samples: posterior draws, an int ``>= 1``.
     chunk_size: draws evaluated together (a divisor of ``num_samples``).
     noise_variance: observation noise :math:`\sigma^2_{\text{noise}} \ge 0`.
+      Left out, it is 0 with a ``UserWarning`` (the intervals would cover
+      the model's uncertainty only, not the targets' noise); pass ``0.0``
+      to mean it.
     mean_only: a bool: ignore the posterior.
 
   Returns:
@@ -1259,7 +1262,8 @@ def regression_predictor(apply_fn: Callable[[Any, Any], jax.Array], key: Any,
   apply_fn, params, opt_state = predictive._functional(apply_fn, params,
                                                        opt_state)
   key = predictive._common(apply_fn, key, mean_only)
-  noise, _ = predictive._noise_variance(noise_variance)
+  noise, _ = predictive._noise_variance(predictive.default_noise_variance(
+      noise_variance, "regression_predictor"))
   if not mean_only:
     predictive._draws(key, params, opt_state, num_samples, chunk_size)
 
