@@ -1,5 +1,11 @@
-"""Prediction by Bayesian model averaging over a blrax posterior."""
+"""Prediction by Bayesian model averaging over a blrax posterior, and the
+linearised (GLM) predictive."""
 
+from blrax._src.linearized import (
+    linearized_log_probs,
+    linearized_mean_variance,
+    linearized_probs,
+)
 from blrax._src.predictive import (
     predictive_log_probs,
     predictive_mean_variance,
@@ -7,6 +13,9 @@ from blrax._src.predictive import (
 )
 
 __all__ = (
+    "linearized_log_probs",
+    "linearized_mean_variance",
+    "linearized_probs",
     "predictive_log_probs",
     "predictive_mean_variance",
     "predictive_probs",

@@ -9,6 +9,7 @@ from blrax._src.conformal import (
     fit_temperature,
     temperature_predictor,
 )
+from blrax._src.linearized import linearized_predictor
 from blrax._src.uncertainty import (
     SCORES,
     Detection,
@@ -45,6 +46,7 @@ __all__ = (
     "fit_temperature",
     "format_reports",
     "gaussian_crps",
+    "linearized_predictor",
     "plot_report",
     "point_predictor",
     "posterior_predictor",
