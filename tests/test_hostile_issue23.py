@@ -10,6 +10,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import blrax
@@ -193,3 +194,120 @@ def test_regression_predictive_warns_when_noise_variance_is_left_out():
     U.regression_predictor(apply_fn, 0, w, state, num_samples=2,
                            noise_variance=0.0)(x)
   assert var.shape == (4,)
+
+
+# --------------------------------------------------------------------------
+# 1, 8, 9, 11-13, 22: gradient accumulation.
+
+
+def _partitioned():
+  return optax.partition(
+      {"bayes": blrax.ivon(0.1, ess=10.0), "plain": optax.sgd(1.0)},
+      {"a": "bayes", "b": "plain"})
+
+
+def test_multisteps_gives_a_plain_part_the_average_gradient():
+  """#1: the plain optax part of a partition stepped on the last micro-batch
+  only (k - 1 of k micro-batches' gradients dropped)."""
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+  micro = [jnp.array([1.0, -2.0]), jnp.array([3.0, 4.0]),
+           jnp.array([5.0, 1.0])]
+  opt = blrax.MultiSteps(_partitioned(), every_k_schedule=3)
+  want_opt = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=3)
+  state, want_state = opt.init(params), want_opt.init(params["b"])
+  step = jax.jit(opt.update)
+  for g in micro:
+    theta = blrax.sample_params(params, state)
+    grads = {"a": 2.0 * theta["a"], "b": g}
+    updates, state = step(grads, state, params)
+    want, want_state = want_opt.update(g, want_state, params["b"])
+  np.testing.assert_allclose(updates["b"], -sum(micro) / 3, rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], want, rtol=1e-6)
+  # The IVON part still stepped (its own accumulation is unchanged).
+  assert np.all(np.asarray(updates["a"]) != 0.0)
+  # The buffer is only for the plain part: a pure IVON keeps its memory.
+  assert [x.shape for x in jax.tree.leaves(state.acc_grads)] == [(2,)]
+  pure = blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), 3).init(params)
+  assert not jax.tree.leaves(pure.acc_grads)
+
+
+def test_multisteps_keeps_the_nan_skip_counters_of_apply_if_finite():
+  """#8: MultiSteps(blrax.apply_if_finite(ivon)) lost the NaN-skip counters
+  of the micro-batches (and so their consecutive-error limit)."""
+  opt = blrax.MultiSteps(
+      blrax.apply_if_finite(blrax.ivon(0.1, ess=10.0), 5), every_k_schedule=3)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  for g in (jnp.full(2, jnp.nan), jnp.ones(2), jnp.ones(2)):
+    _, state = opt.update(g, state, params)
+  assert int(state.inner_state.total_notfinite) == 1
+  # The NaN micro-batch was skipped: the step averaged the two finite ones.
+  blr = state.inner_state.inner_state[0]
+  assert int(blr.count) == 1 and int(blr.accumulator.count) == 0
+
+
+def test_multisteps_refuses_mixing_hessian_and_no_hessian():
+  """#9: micro-batches with and without `hessian=` were mixed silently."""
+  opt = blrax.MultiSteps(blrax.von(0.1, ess=10.0), every_k_schedule=3)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  _, state = opt.update(jnp.ones(2), state, params, hessian=jnp.ones(2))
+  with pytest.raises(ValueError, match="hessian"):
+    opt.update(jnp.ones(2), state, params)
+  state = opt.init(params)
+  _, state = opt.update(jnp.ones(2), state, params)
+  with pytest.raises(ValueError, match="hessian"):
+    opt.update(jnp.ones(2), state, params, hessian=jnp.ones(2))
+  # Under jit the mix cannot raise: the updates are NaN, not silently wrong.
+  step = jax.jit(lambda g, s, h: opt.update(g, s, params, hessian=h))
+  updates, _ = step(jnp.ones(2), state, jnp.ones(2))
+  assert np.all(np.isnan(updates))
+  # All micro-batches with hessian= (or all without) still work.
+  state = opt.init(params)
+  for _ in range(3):
+    updates, state = step(jnp.ones(2), state, jnp.ones(2))
+  assert np.all(np.isfinite(updates)) and int(state.gradient_step) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: blrax.bsam(0.1, ess=10.0, rho=0.01),
+    lambda: blrax.von(0.1, ess=10.0, covariance="full"),
+])
+def test_multisteps_refusal_names_the_posterior_it_cannot_accumulate(make):
+  """#11: bSAM / full VON were refused as holding "no posterior"."""
+  with pytest.raises(ValueError) as info:
+    blrax.MultiSteps(make(), every_k_schedule=2).init(jnp.zeros(2))
+  message = str(info.value)
+  assert "no posterior" not in message and "holds no" not in message
+  assert "Gaussian" in message and "optax.MultiSteps" in message
+
+
+def test_nested_multisteps_is_a_clear_value_error():
+  """#12: MultiSteps in MultiSteps raised a duplicate-keyword TypeError."""
+  inner = blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), every_k_schedule=2)
+  with pytest.raises(ValueError, match="every_k_schedule=6"):
+    blrax.MultiSteps(inner, every_k_schedule=3).init(jnp.zeros(2))
+
+
+def test_multisteps_has_updated_like_optax():
+  """#13: blrax.MultiSteps had no has_updated (not a drop-in for optax's)."""
+  opt = blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), every_k_schedule=2)
+  ref = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+  params = jnp.zeros(2)
+  state, ref_state = opt.init(params), ref.init(params)
+  for _ in range(4):
+    assert bool(opt.has_updated(state)) == bool(ref.has_updated(ref_state))
+    _, state = opt.update(jnp.ones(2), state, params)
+    _, ref_state = ref.update(jnp.ones(2), ref_state, params)
+  assert bool(opt.has_updated(state))
+  assert isinstance(opt.gradient_transformation(), optax.GradientTransformation)
+
+
+def test_optax_multisteps_with_mc_samples_points_to_blrax_multisteps():
+  """#22: optax.MultiSteps with mc_samples > 1 quoted a shape the user never
+  passed and not the fix."""
+  opt = optax.MultiSteps(blrax.ivon(0.1, ess=10.0, mc_samples=2), 2)
+  params = {"w": jnp.zeros(3)}
+  with pytest.raises(ValueError, match="blrax.MultiSteps") as info:
+    opt.update({"w": jnp.ones((2, 3))}, opt.init(params), params)
+  assert "optax.MultiSteps" in str(info.value)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import engine, evon, lookup, validation
+from blrax._src import engine, evon, gaussian, lookup, validation
 
 
 class MultiStepsState(NamedTuple):
@@ -40,6 +40,13 @@ class MultiStepsState(NamedTuple):
     gradient_step: updates emitted so far (int32).
     inner_state: the inner optimizer's state; its blrax states carry the
       micro-batch sums (``ScaleByBLRState.accumulator``).
+    acc_grads: the running mean of the gradients of the params no blrax
+      state takes (the plain optax part of an ``optax.partition``), like
+      ``optax.MultiStepsState.acc_grads``, with ``optax.MaskedNode()`` at
+      the params a blrax state accumulates itself (all of them for a plain
+      blrax optimizer: no buffer).
+    hessian_given: whether this step's micro-batches came with
+      ``hessian=`` (a bool array; one step cannot mix both).
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -54,6 +61,8 @@ class MultiStepsState(NamedTuple):
   mini_step: jax.Array
   gradient_step: jax.Array
   inner_state: Any
+  acc_grads: Any = ()
+  hessian_given: Any = ()
 
 
 # The states that can sum micro-batches (an ``accumulator`` field).
@@ -66,6 +75,76 @@ def _is_blr(x: Any) -> bool:
 
 def _blr_states(tree: Any) -> list[Any]:
   return [x for x in jax.tree.leaves(tree, is_leaf=_is_blr) if _is_blr(x)]
+
+
+def _hole(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _holds_posterior(x: Any) -> bool:
+  return isinstance(x, tuple) and isinstance(getattr(x, "posterior", None),
+                                             lookup.POSTERIOR_TYPES)
+
+
+def _check_inner(inner_state: Any) -> None:
+  """Raises ``ValueError`` unless every posterior is one MultiSteps sums."""
+  if any(isinstance(x, MultiStepsState) for x in jax.tree.leaves(
+      inner_state, is_leaf=lambda x: isinstance(x, MultiStepsState))):
+    raise ValueError(
+        "`opt` is already a blrax.MultiSteps: nested accumulation is not "
+        "supported; use one blrax.MultiSteps with every_k_schedule = the "
+        "product of the two (e.g. every_k_schedule=6 for 2 inside 3).")
+  found = lookup.find_posteriors(inner_state)  # none: the usual error
+  blr = _blr_states(inner_state)
+  if len(found) == len(blr):
+    return
+  others = [x for x in jax.tree.leaves(inner_state, is_leaf=_holds_posterior)
+            if _holds_posterior(x) and not _is_blr(x)]
+  names = ", ".join(sorted({f"{type(x).__name__} (a "
+                            f"{type(x.posterior).__name__} posterior)"
+                            for x in others})) or "a posterior"
+  raise ValueError(
+      f"blrax.MultiSteps cannot accumulate {names}: it sums per-micro-batch "
+      "statistics, which only the diagonal optimizers (ivon, von, vadam, "
+      "vogn) and evon define; bsam's adversarial step and the full "
+      "covariance's outer products do not split into micro-batch sums. Use "
+      "optax.MultiSteps (it averages the gradients; the k micro-batches "
+      "share one weight draw) or a larger batch per step.")
+
+
+def _free(inner_state: Any, params: Any) -> Any:
+  """Bools like ``params``: True where no blrax state takes the gradient
+  (and the param is a float), so that MultiSteps must average it."""
+  free = jax.tree.map(gaussian.is_trainable, params)
+  for blr in _blr_states(inner_state):
+    covered = jax.eval_shape(blr.posterior.stddev)
+    try:
+      free = jax.tree.map(lambda f, c: f and _hole(c), free, covered)
+    except ValueError:  # another structure than the params: it covers all.
+      return jax.tree.map(lambda _: False, params)
+  return free
+
+
+def _buffer(free: Any, params: Any) -> Any:
+  """Zeros where ``free``, holes elsewhere (no memory for the blrax part)."""
+  return jax.tree.map(lambda f, p: jnp.zeros_like(p) if f else
+                      optax.MaskedNode(), free, params)
+
+
+def _advance(old: Any, new: Any) -> Any:
+  """The inner state after a micro-batch: the blrax states (sums, draw) and
+  the NaN-skip counters of ``apply_if_finite`` advance; the rest of the
+  chain (schedules, counters) waits for the step."""
+  is_node = lambda x: _is_blr(x) or isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
+
+  def pick(o, n):
+    if _is_blr(o):
+      return n
+    if isinstance(o, optax.ApplyIfFiniteState):
+      return n._replace(inner_state=_advance(o.inner_state, n.inner_state))
+    return o
+
+  return jax.tree.map(pick, old, new, is_leaf=is_node)
 
 
 class MultiSteps(optax.GradientTransformationExtraArgs):
@@ -96,7 +175,20 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
   ``optax.MultiSteps``. The diagonal optimizers (IVON, VON, Vadam, VOGN)
   and EVON (its statistic is the Price product in the rotated basis, which
   stays fixed between updates; the Kronecker factors see the averaged
-  gradient) are supported; others are refused at ``init``.
+  gradient) are supported; others (bSAM, full-covariance VON) are refused
+  at ``init``, with the advice to use ``optax.MultiSteps``, as is a
+  ``MultiSteps`` nested in another (use one with the product of the two
+  ``every_k_schedule``).
+
+  Plain optax transforms beside the blrax one (``optax.partition``) get
+  the average gradient of the :math:`k` micro-batches, as under
+  ``optax.MultiSteps`` (one more buffer, for their params only). An inner
+  :func:`blrax.apply_if_finite` skips a non-finite micro-batch (the step
+  averages the others) and counts it. All micro-batches of a step must
+  come with ``hessian=`` or all without: a mix raises ``ValueError``
+  (under ``jit``, where it cannot raise, the updates are NaN).
+  ``has_updated(state)`` is True right after an update, as in
+  ``optax.MultiSteps``.
 
   Args:
     opt: the optimizer to wrap (a blrax optimizer, possibly inside optax
@@ -146,47 +238,95 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
 
     def init_fn(params):
       inner_state = inner.init(params)
-      found = len(lookup.find_posteriors(inner_state))
-      blr = _blr_states(inner_state)
-      if not blr or found != len(blr):
-        raise ValueError(
-            "blrax.MultiSteps accumulates the diagonal blrax optimizers (ivon, "
-            "von, vadam, vogn) and evon; `opt` holds "
-            f"{found - len(blr) if blr else 'no'} posterior(s) it cannot "
-            "accumulate (for others use optax.MultiSteps: one draw per step).")
+      _check_inner(inner_state)
       inner_state = jax.tree.map(
           lambda x: engine.with_accumulator(x) if _is_blr(x) else x,
           inner_state, is_leaf=_is_blr)
       return MultiStepsState(mini_step=jnp.zeros([], jnp.int32),
                              gradient_step=jnp.zeros([], jnp.int32),
-                             inner_state=inner_state)
+                             inner_state=inner_state,
+                             acc_grads=_buffer(_free(inner_state, params),
+                                               params),
+                             hessian_given=jnp.zeros([], bool))
 
     def update_fn(updates, state, params=None, **extra_args):
+      extra_args.pop(engine.ACCUMULATE, None)
+      if params is None:
+        raise ValueError("blrax.MultiSteps needs `params` (the posterior "
+                         "mean) in `update`, got params=None.")
+      given = extra_args.get("hessian") is not None
+      # The grads of the params no blrax state takes: their running mean,
+      # as optax.MultiSteps keeps it (the blrax states sum their own).
+      free = _free(state.inner_state, params)
+      mean_grads = jax.tree.map(
+          lambda f, g, acc: acc + (jnp.asarray(g) - acc) / (
+              state.mini_step + 1).astype(acc.dtype) if f else g,
+          free, updates, state.acc_grads, is_leaf=_hole)
+      for g, acc in zip(jax.tree.leaves(updates), jax.tree.leaves(
+          mean_grads, is_leaf=_hole)):
+        if not _hole(acc) and jnp.shape(g) != jnp.shape(acc):
+          raise ValueError(
+              "`grads` of a plain optax part beside the blrax one must have "
+              f"the params' shape {jnp.shape(acc)}, got {jnp.shape(g)}.")
+      mixed = (state.mini_step > 0) & (state.hessian_given != given)
+      if not validation.is_traced(mixed) and bool(mixed):
+        raise ValueError(
+            f"`hessian`: this micro-batch {'came with' if given else 'lacks'} "
+            f"hessian= but the {int(state.mini_step)} before it in this step "
+            f"{'did not' if given else 'did'}; the micro-batches of one "
+            "step must all pass hessian= or all leave it out (their "
+            "curvature statistics do not mix).")
 
       def emit(_):
+        grads = jax.tree.map(lambda f, g, m: m if f else g, free, updates,
+                             mean_grads)
         new_updates, inner_state = inner.update(
-            updates, state.inner_state, params, **extra_args)
+            grads, state.inner_state, params, **extra_args)
         return new_updates, MultiStepsState(
             mini_step=jnp.zeros([], jnp.int32),
             gradient_step=optax.safe_increment(state.gradient_step),
-            inner_state=inner_state)
+            inner_state=inner_state,
+            acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads),
+            hessian_given=jnp.zeros([], bool))
 
       def accumulate(_):
         _, accumulated = inner.update(
             updates, state.inner_state, params,
             **{engine.ACCUMULATE: True}, **extra_args)
-        # Only the blrax states take in the micro-batch (sums, next draw);
-        # the rest of the chain (schedules, counters) waits for the step.
-        inner_state = jax.tree.map(
-            lambda old, new: new if _is_blr(old) else old,
-            state.inner_state, accumulated, is_leaf=_is_blr)
         shapes = jax.eval_shape(emit, None)[0]
         return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                MultiStepsState(mini_step=optax.safe_increment(state.mini_step),
-                                gradient_step=state.gradient_step,
-                                inner_state=inner_state))
+                MultiStepsState(
+                    mini_step=optax.safe_increment(state.mini_step),
+                    gradient_step=state.gradient_step,
+                    inner_state=_advance(state.inner_state, accumulated),
+                    acc_grads=jax.tree.map(
+                        lambda acc, m: acc if _hole(acc) else m.astype(
+                            acc.dtype), state.acc_grads, mean_grads,
+                        is_leaf=_hole),
+                    hessian_given=jnp.asarray(given)))
 
       k = k_at(state.gradient_step)
-      return jax.lax.cond(state.mini_step + 1 >= k, emit, accumulate, None)
+      new_updates, new_state = jax.lax.cond(state.mini_step + 1 >= k, emit,
+                                            accumulate, None)
+      if validation.is_traced(mixed):  # under jit: NaN, not a silent mix
+        new_updates = jax.tree.map(
+            lambda u: u * jnp.where(mixed, jnp.nan, 1).astype(u.dtype)
+            if jnp.issubdtype(u.dtype, jnp.inexact) else u, new_updates)
+      return new_updates, new_state
 
     return super().__new__(cls, init_fn, update_fn)
+
+  def has_updated(self, state: MultiStepsState) -> jax.Array:
+    """Whether the last ``update`` emitted an update (as ``optax.MultiSteps``).
+
+    Args:
+      state: a :class:`MultiStepsState`.
+
+    Returns:
+      A bool array: True after the :math:`k`-th micro-batch of a step.
+    """
+    return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+
+  def gradient_transformation(self) -> optax.GradientTransformation:
+    """This transformation as a plain ``optax.GradientTransformation``."""
+    return optax.GradientTransformation(init=self.init, update=self.update)

@@ -217,6 +217,12 @@ def check_grads(grads: Any, params: Any, mc_samples: int, name: str = "grads",
               "no leading sample axis" if mc_samples == 1 else
               "leading axis of size mc_samples, e.g. from "
               "jax.vmap(jax.grad(loss))")
+      if mc_samples > 1 and shape == p_shape:
+        hint += (
+            "; got the params' own shape. Under optax.MultiSteps this is its "
+            "params-shaped gradient accumulator, whatever shape was passed "
+            "in: optax.MultiSteps cannot carry the sample axis, use "
+            "blrax.MultiSteps (a weight draw per micro-batch) instead")
       raise ValueError(
           f"`{name}` leaf has shape {tuple(np.shape(g))}{_at(path)}, expected "
           f"{expected} "

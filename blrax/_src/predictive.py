@@ -257,7 +257,7 @@ def predictive_mean_variance(
     inputs: Any,
     num_samples: int = 32,
     chunk_size: int | None = None,
-    noise_variance: jax.typing.ArrayLike | None = None,
+    noise_variance: Any = None,
     mean_only: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Predictive mean and variance of a regression output.
