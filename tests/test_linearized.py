@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -29,8 +30,8 @@ def _init(seed=0):
   return {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
 
 
-def _with_curvature(state, curvature):
-  is_post = lambda x: isinstance(x, blrax.DiagonalGaussian)
+def _with_curvature(state, curvature, kind=blrax.DiagonalGaussian):
+  is_post = lambda x: isinstance(x, kind)
   return jax.tree.map(
       lambda x: x._replace(curvature=curvature) if is_post(x) else x, state,
       is_leaf=is_post)
@@ -131,6 +132,84 @@ def test_inputs_pytree_and_int_leaves_held_fixed():
         state, inputs, noise_variance=0.0, method="closed_form")
     np.testing.assert_allclose(var, np.einsum("nkp,p,nkp->nk", jac, s2, jac),
                                rtol=1e-12)
+
+
+def _dense_covariance(params, posteriors_and_leaves):
+  """Sigma over ravel_pytree(params) from (posterior, leaf names) pairs: a
+  full posterior's covariance on its leaves (tree order), a diagonal one's
+  sigma^2; zero elsewhere."""
+  flat, unravel = ravel_pytree(params)
+  index = unravel(jnp.arange(flat.size, dtype=flat.dtype))
+  sigma = np.zeros((flat.size, flat.size))
+  for posterior, names in posteriors_and_leaves:
+    idx = np.concatenate([np.asarray(index[k]).ravel().astype(int)
+                          for k in sorted(names)])
+    if isinstance(posterior, blrax.FullGaussian):
+      sigma[np.ix_(idx, idx)] = np.asarray(posterior.covariance())
+    else:
+      sd = posterior.stddev()
+      s2 = np.concatenate([np.asarray(sd[k]).ravel() for k in sorted(names)])
+      sigma[idx, idx] = s2 ** 2
+  return sigma
+
+
+def test_closed_form_with_a_full_covariance_posterior():
+  with jax.enable_x64(True):
+    params, _, x = _setup(seed=9)
+    state = blrax.von(0.1, ess=20.0, covariance="full",
+                      weight_decay=0.5).init(params)
+    # A covariance with strong correlations: a random PSD curvature.
+    a = np.random.default_rng(2).normal(size=(31, 31))
+    state = _with_curvature(state, jnp.asarray(a @ a.T / 31),
+                            blrax.FullGaussian)
+    (posterior,) = blrax.find_posteriors(state)
+    sigma = _dense_covariance(params, [(posterior, params)])
+    assert np.abs(sigma - np.diag(np.diag(sigma))).max() > 0.01
+    f, jac, _, _ = _oracle(mlp, params, state, x)
+    want = np.einsum("nkp,pq,nkq->nk", jac, sigma, jac)
+    mean, var = blrax.predictive.linearized_mean_variance(
+        mlp, None, params, state, x, noise_variance=0.0, method="closed_form")
+    np.testing.assert_allclose(mean, f, rtol=1e-13)
+    np.testing.assert_allclose(var, want, rtol=1e-10)
+    log_probs = blrax.predictive.linearized_log_probs(
+        mlp, None, params, state, x, method="probit")
+    np.testing.assert_allclose(
+        log_probs, _log_softmax(f / np.sqrt(1 + math.pi / 8 * want)),
+        rtol=1e-10)
+
+
+def test_closed_form_with_masked_and_partitioned_posteriors():
+  """optax.masked (holes: no variance from the frozen leaves) and
+  optax.partition of a full and a diagonal posterior (Sigma block-diagonal)."""
+  with jax.enable_x64(True):
+    params, _, x = _setup(seed=10)
+    f, jac, _, _ = _oracle(mlp, params, blrax.ivon(0.1, ess=20.0).init(
+        params), x)
+    first = {"w1": True, "b1": True, "w2": False, "b2": False}
+    masked = optax.masked(blrax.ivon(0.1, ess=20.0, hess_init=2.0), first)
+    state = masked.init(params)
+    (posterior,) = blrax.find_posteriors(state)
+    sigma = _dense_covariance(params, [(posterior, ["w1", "b1"])])
+    _, var = blrax.predictive.linearized_mean_variance(
+        mlp, None, params, state, x, noise_variance=0.0, method="closed_form")
+    np.testing.assert_allclose(
+        var, np.einsum("nkp,pq,nkq->nk", jac, sigma, jac), rtol=1e-12)
+
+    labels = {k: "full" if v else "diag" for k, v in first.items()}
+    opt = optax.partition(
+        {"full": blrax.von(0.1, ess=20.0, covariance="full",
+                           weight_decay=0.5),
+         "diag": blrax.ivon(0.1, ess=20.0, hess_init=3.0)}, labels)
+    state = opt.init(params)
+    posteriors = blrax.find_posteriors(state)
+    pairs = [(p, ["w1", "b1"] if isinstance(p, blrax.FullGaussian)
+              else ["w2", "b2"]) for p in posteriors]
+    assert len(pairs) == 2
+    sigma = _dense_covariance(params, pairs)
+    _, var = blrax.predictive.linearized_mean_variance(
+        mlp, None, params, state, x, noise_variance=0.0, method="closed_form")
+    np.testing.assert_allclose(
+        var, np.einsum("nkp,pq,nkq->nk", jac, sigma, jac), rtol=1e-12)
 
 
 # --------------------------------------------------------------------------
@@ -270,6 +349,26 @@ def test_nnx_model():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_predictor_in_the_uncertainty_report():
+  """The report of linearized_predictor: its NLL is that of
+  linearized_log_probs, batch by batch; probit has one member."""
+  params, state, x = _setup(seed=12)
+  params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+  state = blrax.ivon(0.1, ess=20.0, weight_decay=0.1).init(params)
+  y = jnp.argmax(mlp(params, x), -1).at[0].set(2)
+  batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+  for method, key, members in (("sampled", 5, 4), ("probit", None, 1)):
+    predictor = blrax.uncertainty.linearized_predictor(
+        mlp, key, params, state, num_samples=4, method=method)
+    r = blrax.uncertainty.report(predictor, batches)
+    log_probs = blrax.predictive.linearized_log_probs(
+        mlp, key, params, state, x, num_samples=4, method=method)
+    want = -np.mean(np.take_along_axis(np.asarray(log_probs),
+                                       np.asarray(y)[:, None], 1))
+    np.testing.assert_allclose(r.nll, want, rtol=1e-5)
+    assert r.num_members == members
+
+
 # --------------------------------------------------------------------------
 # Bad input.
 
@@ -315,11 +414,11 @@ _X = jnp.ones((2, 3))
         lambda p, x: x @ p["w"][:, :1], 0, _PARAMS, _STATE, _X),
      "2 classes"),
     (lambda: blrax.predictive.linearized_log_probs(
-        _APPLY, None, _PARAMS, blrax.von(0.1, ess=10.0, covariance="full")
-        .init(_PARAMS), _X, method="probit"), "FullGaussian.*'sampled'"),
+        _APPLY, None, _PARAMS, blrax.evon(0.1, ess=10.0).init(_PARAMS), _X,
+        method="probit"), "EigenbasisGaussian.*'sampled'"),
     (lambda: blrax.uncertainty.linearized_predictor(
-        _APPLY, None, _PARAMS, blrax.von(0.1, ess=10.0, covariance="full")
-        .init(_PARAMS), method="probit"), "FullGaussian.*'sampled'"),
+        _APPLY, None, _PARAMS, blrax.evon(0.1, ess=10.0).init(_PARAMS),
+        method="probit"), "EigenbasisGaussian.*'sampled'"),
 ])
 def test_bad_input_raises_value_error_naming_it(call, match):
   with pytest.raises(ValueError, match=match):

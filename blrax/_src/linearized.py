@@ -25,19 +25,24 @@ log of the model average, :math:`\mathrm{logsumexp}_s \log\mathrm{softmax}
 f_{\text{lin}}(x, \theta_s) - \log S`; regression the mean and variance over
 draws (plus the noise).
 
-**Closed form** (diagonal posteriors, :math:`\Sigma = \mathrm{diag}(\sigma^2)`):
-the output variances are
+**Closed form** (diagonal and full posteriors): the output variances are
 
 .. math::
 
-  v_k(x) = \big(J(x)\Sigma J(x)^\top\big)_{kk}
-         = \sum_i \Big(\frac{\partial f_k(x, m)}{\partial \theta_i}\Big)^2
-           \sigma_i^2 .
+  v_k(x) = \big(J(x)\Sigma J(x)^\top\big)_{kk} = g_k^\top \Sigma\, g_k,
+  \qquad g_k = \partial f_k(x, m) / \partial\theta,
+
+which for a diagonal posterior, :math:`\Sigma = \mathrm{diag}(\sigma^2)`,
+is :math:`v_k(x) = \sum_i (\partial f_k(x, m)/\partial \theta_i)^2
+\sigma_i^2`; a :class:`blrax.FullGaussian` uses its dense covariance, and
+several posteriors (``optax.partition``) add their blocks.
 
 They are computed one output element :math:`k` at a time (``jax.lax.map``)
 from per-example vector-Jacobian products (``jax.vmap`` over examples), so
 memory is :math:`O(n \cdot P)` for :math:`n` examples and :math:`P` params,
-not :math:`O(n \cdot K \cdot P)`; the cost is :math:`K` backward passes. For
+not :math:`O(n \cdot K \cdot P)` (plus the :math:`D \times D` covariance of
+a full posterior over :math:`D` params); the cost is :math:`K` backward
+passes. For
 classification (``method="probit"``) the predictive is the multi-class probit
 approximation (MacKay, 1992),
 
@@ -47,10 +52,9 @@ approximation (MacKay, 1992),
     \frac{f(x, m)}{\sqrt{1 + \frac{\pi}{8} v(x)}}\Big),
 
 for regression (``method="closed_form"``) the mean is :math:`f(x, m)` and the
-variance :math:`v(x) + \sigma^2_{\text{noise}}`. Full and eigenbasis
-posteriors (:class:`blrax.FullGaussian`, :class:`blrax.EigenbasisGaussian`)
-are refused by the closed forms with a ``ValueError``: use
-``method="sampled"`` for them.
+variance :math:`v(x) + \sigma^2_{\text{noise}}`. Eigenbasis posteriors
+(:class:`blrax.EigenbasisGaussian`, EVON) are refused by the closed forms
+with a ``ValueError``: use ``method="sampled"`` for them.
 
 The closed forms read the leading axis of every ``inputs`` leaf as the batch
 axis and need ``apply_fn`` to treat examples independently (eval mode: no
@@ -77,13 +81,18 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from blrax._src import gaussian, lookup, predictive, uncertainty
+from blrax._src import full_gaussian, gaussian, lookup, predictive, uncertainty
 
 _TypeError = predictive._TypeError
 
 _CLASSIFICATION = ("sampled", "probit")
 _REGRESSION = ("sampled", "closed_form")
+
+
+def _hole(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def _method(method: Any, allowed: tuple[str, ...]) -> str:
@@ -170,29 +179,59 @@ def _batch_size(inputs) -> int:
   return sizes.pop()
 
 
-def _diagonal_stddev(params, opt_state):
+def _quadratic_forms(params, opt_state):
+  """One function per posterior: per-example gradients (a list like the
+  trainable leaves, each with a leading batch axis) -> ``g^T Sigma g``."""
   posteriors = lookup.find_posteriors(opt_state)
   other = [type(p).__name__ for p in posteriors
-           if not isinstance(p, gaussian.DiagonalGaussian)]
+           if not isinstance(p, (gaussian.DiagonalGaussian,
+                                 full_gaussian.FullGaussian))]
   if other:
     raise ValueError(
-        "the closed-form linearised predictive needs diagonal posteriors "
-        f"(DiagonalGaussian), but `opt_state` holds {', '.join(other)}: use "
-        "method='sampled'.")
-  return lookup.posterior_stddev(opt_state, params)
+        "the closed-form linearised predictive needs DiagonalGaussian or "
+        f"FullGaussian posteriors, but `opt_state` holds {', '.join(other)}: "
+        "use method='sampled'.")
+  lookup._check_params(params, posteriors)
+  parts = _Trainable(params)
+  forms = []
+  for posterior in posteriors:
+    if isinstance(posterior, gaussian.DiagonalGaussian):
+      # sigma^2 where this posterior covers the leaf, None in its holes.
+      variances = [None if _hole(s) else jnp.square(s)
+                   for s in parts.select(posterior.stddev())]
+
+      def diagonal(grads, variances=variances):
+        return sum(jnp.sum((jnp.square(g) * v).reshape(g.shape[0], -1), 1)
+                   for g, v in zip(grads, variances) if v is not None)
+
+      forms.append(diagonal)
+    else:  # Sigma over the covered leaves, flattened in tree order.
+      covered = [not _hole(t) for t in parts.select(
+          posterior.template)]
+      covariance = posterior.covariance()
+
+      def full(grads, covered=covered, covariance=covariance):
+        flat = jnp.concatenate(
+            [g.reshape(g.shape[0], -1) for g, c in zip(grads, covered) if c],
+            axis=1).astype(covariance.dtype)
+        return jnp.sum((flat @ covariance) * flat, axis=1)
+
+      forms.append(full)
+  return forms
 
 
 def _output_variance(apply_fn, params, opt_state, inputs):
   r"""``(f(x, m), diag(J Sigma J^T))``, both shaped like the outputs."""
-  stddev = _diagonal_stddev(params, opt_state)
+  forms = _quadratic_forms(params, opt_state)
   n = _batch_size(inputs)
   parts = _Trainable(params)
-  variances = [jnp.square(s) for s in parts.select(stddev)]
   mean = apply_fn(params, inputs)
   if jnp.ndim(mean) < 1 or jnp.shape(mean)[0] != n:
     raise ValueError(
         "the closed forms need `apply_fn` to return outputs with the batch "
         f"axis of `inputs` ({n}) first, got shape {jnp.shape(mean)}.")
+  if not any(parts.mask):
+    return mean, jnp.zeros(jnp.shape(mean), jnp.result_type(mean, float))
 
   def one(trainable, example):  # One example, as a batch of one.
     batch = jax.tree.map(lambda x: x[None], example)
@@ -205,15 +244,12 @@ def _output_variance(apply_fn, params, opt_state, inputs):
   shape = out.shape[1:]
   size = math.prod(shape)
 
-  def element(k):  # sum_i (d f_k / d theta_i)^2 sigma_i^2, per example.
+  def element(k):  # g_k^T Sigma g_k per example, g_k = d f_k / d theta.
     cotangent = jnp.broadcast_to(
         jax.nn.one_hot(k, size, dtype=out.dtype).reshape(shape), out.shape)
     (grads,) = f_vjp(cotangent)
-    return sum(jnp.sum((jnp.square(g) * v).reshape(n, -1), axis=1)
-               for g, v in zip(grads, variances))
+    return sum(form(grads) for form in forms)
 
-  if not variances:
-    return mean, jnp.zeros(jnp.shape(mean), jnp.result_type(mean, float))
   per_element = jax.lax.map(element, jnp.arange(size))  # (size, n)
   return mean, per_element.T.reshape(mean.shape)
 
@@ -238,9 +274,10 @@ def linearized_log_probs(
   ``method="sampled"``: :math:`\log\frac1S\sum_s\mathrm{softmax}\big(f(x, m)
   + J(x)(\theta_s - m)\big)`, :math:`\theta_s \sim q`, with the draws of
   :func:`blrax.predictive.predictive_log_probs` for the same key.
-  ``method="probit"`` (diagonal posteriors): :math:`\log\mathrm{softmax}
-  \big(f(x, m) / \sqrt{1 + \frac{\pi}{8} v(x)}\big)` with
-  :math:`v_k(x) = \sum_i (\partial f_k / \partial\theta_i)^2 \sigma_i^2`.
+  ``method="probit"`` (diagonal or full posteriors): :math:`\log
+  \mathrm{softmax}\big(f(x, m) / \sqrt{1 + \frac{\pi}{8} v(x)}\big)` with
+  :math:`v_k(x) = (J\Sigma J^\top)_{kk}`, for a diagonal posterior
+  :math:`\sum_i (\partial f_k / \partial\theta_i)^2 \sigma_i^2`.
   The sampled form is exact for the linearised model up to Monte Carlo error;
   the probit form is a deterministic approximation (no key needed).
 
@@ -277,8 +314,8 @@ def linearized_log_probs(
       are also ``ValueError``).
     ValueError: an unknown ``method``, counts below 1, a ``chunk_size`` that
       does not divide ``num_samples``, params that do not match the
-      posterior, logits with fewer than 2 classes, or ``"probit"`` with a
-      non-diagonal posterior.
+      posterior, logits with fewer than 2 classes, or ``"probit"`` with an
+      eigenbasis (EVON) posterior.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -359,9 +396,10 @@ def linearized_mean_variance(
 ) -> tuple[jax.Array, jax.Array]:
   r"""Mean and variance of the linearised predictive of a regression output.
 
-  ``method="closed_form"`` (diagonal posteriors): mean :math:`f(x, m)`,
-  variance :math:`\mathrm{diag}(J\Sigma J^\top) + \sigma^2_{\text{noise}}`,
-  i.e. :math:`\sum_i (\partial f / \partial\theta_i)^2\sigma_i^2 +
+  ``method="closed_form"`` (diagonal or full posteriors): mean
+  :math:`f(x, m)`, variance :math:`\mathrm{diag}(J\Sigma J^\top) +
+  \sigma^2_{\text{noise}}`, for a diagonal posterior
+  :math:`\sum_i (\partial f / \partial\theta_i)^2\sigma_i^2 +
   \sigma^2_{\text{noise}}` per output. ``method="sampled"``: the mean and
   variance (divided by :math:`S`) of :math:`f(x, m) + J(x)(\theta_s - m)` over
   the draws of :func:`blrax.predictive.predictive_mean_variance` for the same
@@ -396,7 +434,7 @@ def linearized_mean_variance(
     TypeError: as :func:`blrax.predictive.predictive_mean_variance`.
     ValueError: an unknown ``method``, the errors of
       :func:`blrax.predictive.predictive_mean_variance`, or
-      ``"closed_form"`` with a non-diagonal posterior.
+      ``"closed_form"`` with an eigenbasis (EVON) posterior.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -458,8 +496,8 @@ def linearized_predictor(apply_fn: Callable[[Any, Any], jax.Array],
   :func:`blrax.uncertainty.posterior_predictor` for the same key (the same
   :math:`S` networks for every batch); their BMA is
   :func:`blrax.predictive.linearized_log_probs`. ``method="probit"``
-  (diagonal posteriors): one member, ``(1, n, k)``, the probit approximation
-  (so the report's mutual information is 0).
+  (diagonal or full posteriors): one member, ``(1, n, k)``, the probit
+  approximation (so the report's mutual information is 0).
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> logits``; for an NNX model
@@ -497,7 +535,7 @@ def linearized_predictor(apply_fn: Callable[[Any, Any], jax.Array],
       method == "sampled")
 
   if method == "probit":
-    _diagonal_stddev(params, opt_state)  # Raises now if not diagonal.
+    _quadratic_forms(params, opt_state)  # Raises now for EVON, bad params.
 
     def probit(args, inputs):
       logits, variance = _output_variance(apply_fn, *args, inputs)
