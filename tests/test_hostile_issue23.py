@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import blrax
+import blrax.flax
 from blrax import uncertainty as U
 
 PROBS = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6],
@@ -311,3 +313,94 @@ def test_optax_multisteps_with_mc_samples_points_to_blrax_multisteps():
   with pytest.raises(ValueError, match="blrax.MultiSteps") as info:
     opt.update({"w": jnp.ones((2, 3))}, opt.init(params), params)
   assert "optax.MultiSteps" in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# 14-17, 19, 26: gradients and the NNX helpers.
+
+
+def test_value_grads_and_squares_refuses_an_empty_batch():
+  """#14: an empty batch raised ZeroDivisionError."""
+  loss = lambda w, x: jnp.mean((x @ w) ** 2)  # noqa: E731
+  with pytest.raises(ValueError, match="`batch` is empty"):
+    blrax.value_grads_and_squares(loss, jnp.ones(2), jnp.zeros((0, 2)))
+
+
+def test_value_and_grad_accepts_allow_int():
+  """#15: an int leaf failed, and JAX's advice (allow_int) was refused."""
+  params = {"w": jnp.ones(2), "n": jnp.array(3, jnp.int32)}
+  loss = lambda p, x: jnp.sum(p["w"] * x)  # noqa: E731
+  for samples in (1, 2):
+    opt = blrax.ivon(0.1, ess=10.0, mc_samples=samples)
+    state = opt.init(params)
+    _, grads = blrax.value_and_grad(loss, allow_int=True)(params, state, 2.0)
+    assert grads["n"].dtype == jax.dtypes.float0
+    updates, _ = opt.update(grads, state, params)
+    assert float(updates["n"]) == 0.0
+    new = optax.apply_updates(params, updates)
+    assert int(new["n"]) == 3 and new["n"].dtype == jnp.int32
+
+
+def test_value_and_grad_passes_a_plain_optax_state_through():
+  """#26: a non-blrax state (optax.adamw's) was refused; it is now the
+  gradient at the params, so one script can A/B AdamW and IVON."""
+  params = jnp.array([1.0, -2.0])
+  loss = lambda p, x: jnp.sum((p - x) ** 2)  # noqa: E731
+  state = optax.adamw(0.1).init(params)
+  value, grads = blrax.value_and_grad(loss)(params, state, 0.5)
+  want_value, want = jax.value_and_grad(loss)(params, 0.5)
+  np.testing.assert_array_equal(grads, want)
+  assert value == want_value
+
+
+class _BatchNormNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(3, 2, rngs=rngs)
+    self.norm = nnx.BatchNorm(2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(self.linear(x))
+
+
+def _nnx_setup():
+  model = _BatchNormNet(nnx.Rngs(0))
+  return model, nnx.Optimizer(model, blrax.ivon(0.1, ess=10.0), wrt=nnx.Param)
+
+
+def test_nnx_value_and_grad_has_aux_with_a_scalar_loss_is_clear():
+  """#16: has_aux=True with a scalar loss failed with "iteration over a 0-d
+  array"."""
+  model, optimizer = _nnx_setup()
+  with pytest.raises(ValueError, match=r"has_aux=True.*\(loss, aux\)"):
+    blrax.flax.nnx_value_and_grad(lambda m, x: jnp.mean(m(x)), model,
+                                  optimizer, jnp.ones((4, 3)), has_aux=True)
+
+
+def test_nnx_value_and_grad_accepts_the_opt_state():
+  """#17: optimizer.opt_state raised "'tuple' object has no attribute 'wrt'"."""
+  model, optimizer = _nnx_setup()
+  loss = lambda m, x: jnp.mean(m(x) ** 2)  # noqa: E731
+  x = jnp.ones((4, 3))
+  want_value, want = blrax.flax.nnx_value_and_grad(loss, model, optimizer, x)
+  value, grads = blrax.flax.nnx_value_and_grad(loss, model,
+                                               optimizer.opt_state, x)
+  assert value == want_value
+  jax.tree.map(np.testing.assert_array_equal, grads, want)
+  _, grads, squares = blrax.flax.nnx_value_grads_and_squares(
+      lambda m, x: jnp.mean(m.linear(x) ** 2), model, optimizer.opt_state, x)
+  assert squares["linear"]["kernel"].shape == (3, 2)
+
+
+def test_nnx_prediction_in_train_mode_says_call_eval():
+  """#19: prediction with BatchNorm in train mode failed deep in Flax
+  ("Cannot mutate BatchStat from a different trace level")."""
+  model, optimizer = _nnx_setup()
+  x = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+    blrax.predictive.predictive_log_probs(None, 0, model, optimizer, x,
+                                          num_samples=2)
+  model.eval()
+  out = blrax.predictive.predictive_log_probs(None, 0, model, optimizer, x,
+                                              num_samples=2)
+  assert np.all(np.isfinite(out))

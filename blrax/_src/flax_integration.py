@@ -18,10 +18,12 @@ extra keywords as field replacements) and which can draw its own sample.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import errors as flax_errors
 from flax import nnx
 from flax.training import train_state
 
@@ -122,7 +124,8 @@ def nnx_value_and_grad(
       (``(loss, aux)`` with ``has_aux``).
     model: the model; its params are the posterior mean.
     optimizer: an ``nnx.Optimizer`` holding a blrax optimizer (possibly
-      wrapped in optax transformations).
+      wrapped in optax transformations), or its ``opt_state`` (then the
+      trained variables are ``nnx.Param``).
     *args: passed to ``loss_fn``.
     has_aux: as in ``nnx.value_and_grad``; with ``S > 1`` the aux outputs are
       stacked along a leading axis ``S``.
@@ -131,6 +134,10 @@ def nnx_value_and_grad(
   Returns:
     ``(value, grads)`` (``((value, aux), grads)`` with ``has_aux``), as
     ``nnx.value_and_grad`` returns them.
+
+  Raises:
+    ValueError: ``has_aux=True`` and ``loss_fn`` returns no ``(loss, aux)``
+      pair; a state without a blrax posterior.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -145,16 +152,22 @@ def nnx_value_and_grad(
     (2, 3, 1)
     >>> _ = optimizer.update(model, grads)
   """
-  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  wrt, opt_state = _unwrap_optimizer(optimizer)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
   # Pure arrays: Variables of the caller's trace cannot be mutated inside ours.
   rest = nnx.as_pure(rest)
-  theta = lookup.sample_params(nnx.as_pure(params), optimizer.opt_state)
-  draws = gradients.num_draws(optimizer.opt_state)
+  theta = lookup.sample_params(nnx.as_pure(params), opt_state)
+  draws = gradients.num_draws(opt_state)
 
   def loss_at(draw_params, rest):
     sample = nnx.merge(graphdef, draw_params, rest)
     out = loss_fn(sample, *args, **kwargs)
-    new_rest = nnx.state(sample, nnx.Not(optimizer.wrt))
+    new_rest = nnx.state(sample, nnx.Not(wrt))
+    if has_aux and not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise ValueError(
+          "`has_aux=True` needs loss_fn to return a pair (loss, aux), got "
+          f"{type(out).__name__} of shape {jnp.shape(out)}: return "
+          "(loss, aux), or pass has_aux=False for a loss alone.")
     value, aux = out if has_aux else (out, None)
     return value, (aux, new_rest)
 
@@ -199,7 +212,8 @@ def nnx_value_grads_and_squares(
     loss_fn: ``loss_fn(model, *batch)``, the mean (or sum) of the examples'
       losses.
     model: the model; its params are the posterior mean.
-    optimizer: an ``nnx.Optimizer`` holding a blrax optimizer.
+    optimizer: an ``nnx.Optimizer`` holding a blrax optimizer, or its
+      ``opt_state`` (then the trained variables are ``nnx.Param``).
     *batch: arrays whose leading axis is the batch.
     reduction: ``"mean"`` if ``loss_fn`` averages over the batch, ``"sum"``
       if it sums.
@@ -224,20 +238,21 @@ def nnx_value_grads_and_squares(
     (3, 1)
     >>> _ = optimizer.update(model, grads, hessian=squares)
   """
-  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  wrt, opt_state = _unwrap_optimizer(optimizer)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
   rest = nnx.as_pure(rest)
-  theta = lookup.sample_params(nnx.as_pure(params), optimizer.opt_state)
+  theta = lookup.sample_params(nnx.as_pure(params), opt_state)
 
   def loss_at(draw_params, rest, *examples):
     sample = nnx.merge(graphdef, draw_params, rest)
     value = loss_fn(sample, *examples)
-    return value, nnx.as_pure(nnx.state(sample, nnx.Not(optimizer.wrt)))
+    return value, nnx.as_pure(nnx.state(sample, nnx.Not(wrt)))
 
   def at(draw):
     return squared_grads.value_grads_squares_aux(
         loss_at, _with_values(params, draw), rest, batch, reduction)
 
-  if gradients.num_draws(optimizer.opt_state) == 1:
+  if gradients.num_draws(opt_state) == 1:
     value, new_rest, grads, squares = at(theta)
   else:
     value, new_rest, grads, squares = jax.vmap(at)(theta)
@@ -269,6 +284,23 @@ def trained_arrays(params: Any, opt_state: Any) -> tuple[Any, Any]:
   return params, opt_state
 
 
+def _eval_hint(apply: Callable[..., Any]) -> Callable[..., Any]:
+  """``apply``, re-raising Flax's trace-level error with what to do."""
+
+  @functools.wraps(apply)
+  def wrapped(pure, inputs):
+    try:
+      return apply(pure, inputs)
+    except flax_errors.TraceContextError as error:
+      raise ValueError(
+          "the model changed its own state while predicting (BatchNorm or "
+          "Dropout in train mode), which the posterior draws cannot do: call "
+          "model.eval() before predicting (and model.train() before training "
+          f"again). Flax said: {error}") from error
+
+  return wrapped
+
+
 def functional(apply_fn: Callable[..., Any] | None, params: Any,
                opt_state: Any) -> tuple[Callable[[Any, Any], Any], Any, Any]:
   """``(apply_fn(params, inputs), params, opt_state)`` for an NNX model.
@@ -287,6 +319,7 @@ def functional(apply_fn: Callable[..., Any] | None, params: Any,
     graphdef, trained, rest = nnx.split(params, wrt, ...)
     call = apply_fn if apply_fn is not None else (lambda m, x: m(x))
 
+    @_eval_hint
     def apply_model(pure, inputs):
       return call(nnx.merge(graphdef, _with_values(trained, pure), rest), inputs)
 
@@ -297,6 +330,7 @@ def functional(apply_fn: Callable[..., Any] | None, params: Any,
       raise TypeError("`apply_fn` is required with an nnx.State: "
                       "apply_fn(state, inputs) -> outputs.")
 
+    @_eval_hint
     def apply_state(pure, inputs):
       return apply_fn(nnx.merge_state(_with_values(trained, pure), rest), inputs)
 

@@ -25,8 +25,16 @@ def num_draws(opt_state: Any) -> int:
   return lookup._mc_samples(lookup.find_posteriors(opt_state))
 
 
+def has_posterior(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds a blrax posterior (else: a plain optax one)."""
+  opt_state = lookup._unwrap_nnx(opt_state)  # noqa: SLF001
+  return any(isinstance(x, lookup.POSTERIOR_TYPES) for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, lookup.POSTERIOR_TYPES)))
+
+
 def value_and_grad(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False
+    loss_fn: Callable[..., Any], *, has_aux: bool = False,
+    allow_int: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
   r"""``jax.value_and_grad(loss_fn)`` evaluated at the optimizer's draw(s).
 
@@ -50,17 +58,24 @@ def value_and_grad(
   and ``optax.MultiSteps`` accumulates params-shaped gradients, so it cannot
   carry ``S > 1`` (its ``update`` then refuses the grads).
 
+  A state without a blrax posterior (e.g. ``optax.adamw``'s) has no draw:
+  the gradient is then ``jax.value_and_grad(loss_fn)`` at ``params``
+  itself, so one training script can swap AdamW and IVON.
+
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)``, a scalar (the mean loss
       over a batch); differentiated with respect to its first argument.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``, as in
       ``jax.value_and_grad``.
+    allow_int: as in ``jax.value_and_grad``: whether int params (counters)
+      are allowed; their gradients are ``float0`` zeros, which the blrax
+      optimizers accept (an int leaf is never updated).
 
   Returns:
     A function ``(params, opt_state, *args, **kwargs) -> (value, grads)``
     (``((value, aux), grads)`` with ``has_aux``); ``params`` is the posterior
     mean and ``opt_state`` the state of a blrax optimizer, possibly nested in
-    optax wrappers.
+    optax wrappers (or any other optax state: then at ``params``).
 
   Raises:
     TypeError: if ``loss_fn`` is not callable.
@@ -82,10 +97,12 @@ def value_and_grad(
   """
   if not callable(loss_fn):
     raise TypeError(f"`loss_fn` must be callable, got loss_fn={loss_fn!r}.")
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux, allow_int=allow_int)
 
   @functools.wraps(loss_fn)
   def at_draw(params: Any, opt_state: Any, *args: Any, **kwargs: Any):
+    if not has_posterior(opt_state):  # e.g. optax.adamw: no draw to take
+      return grad_fn(params, *args, **kwargs)
     theta = lookup.sample_params(params, opt_state)
     if num_draws(opt_state) == 1:
       return grad_fn(theta, *args, **kwargs)

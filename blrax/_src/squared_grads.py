@@ -359,7 +359,13 @@ def _batch_size(batch: tuple) -> int:
     raise ValueError(
         "every batch array needs the same leading (example) axis, got "
         f"shapes {[jnp.shape(x) for x in leaves]}.")
-  return sizes.pop()
+  size = sizes.pop()
+  if size == 0:
+    raise ValueError(
+        "`batch` is empty: value_grads_and_squares needs at least one "
+        "example (the mean squared gradient of no examples is undefined), "
+        f"got batch shapes {[jnp.shape(x) for x in leaves]}.")
+  return size
 
 
 def _check_reduction(reduction: str) -> str:
@@ -496,8 +502,9 @@ def value_grads_and_squares(
     :math:`\hat h`, the last two pytrees like ``params``.
 
   Raises:
-    ValueError: for an unknown ``reduction``, no batch, batch arrays whose
-      leading axes differ, or a non-scalar loss.
+    ValueError: for an unknown ``reduction``, no batch, an empty batch (0
+      examples), batch arrays whose leading axes differ, or a non-scalar
+      loss.
 
   Examples:
     >>> import jax, jax.numpy as jnp, blrax
