@@ -404,3 +404,24 @@ def test_nnx_prediction_in_train_mode_says_call_eval():
   out = blrax.predictive.predictive_log_probs(None, 0, model, optimizer, x,
                                               num_samples=2)
   assert np.all(np.isfinite(out))
+
+
+# --------------------------------------------------------------------------
+# 20, 24, 25, 27: optimizer frictions.
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_inject_hyperparams_von_needs_no_max_dim_static_arg(covariance):
+  """#24: inject_hyperparams(blrax.von) failed under jit unless
+  static_args=("max_dim",) (its int default was injected and traced)."""
+  opt = optax.inject_hyperparams(blrax.von, static_args=("mc_samples",))(
+      learning_rate=0.1, ess=100.0, covariance=covariance)
+  params = {"w": jnp.ones(3)}
+  state = jax.jit(opt.init)(params)
+  updates, state = jax.jit(opt.update)(params, state, params)
+  assert np.all(np.isfinite(updates["w"]))
+  # An explicit max_dim is still checked eagerly where it matters.
+  with pytest.raises(ValueError, match="max_dim"):
+    blrax.von(0.1, ess=10.0, covariance="full", max_dim=2).init(params)
+  with pytest.raises(ValueError, match="max_dim"):
+    blrax.von(0.1, ess=10.0, max_dim=0)

@@ -40,6 +40,24 @@ class ScaleByFullVONState(NamedTuple):
 ScaleByVONState = engine.ScaleByBLRState
 
 
+DEFAULT_MAX_DIM = 16384
+"""The ``max_dim`` of ``covariance="full"`` when it is left out (None)."""
+
+
+def _max_dim(max_dim: Any, covariance: str) -> int | None:
+  """``max_dim`` as a Python int (None: the default).
+
+  Left out (None) it is not a hyperparameter of ``optax.inject_hyperparams``
+  (which injects numbers only), so it needs no ``static_args``. A diagonal
+  posterior never uses it: a traced one is then ignored.
+  """
+  if max_dim is None:
+    return DEFAULT_MAX_DIM
+  if covariance == "diag" and validation.is_traced(max_dim):
+    return None
+  return validation.check_integer("max_dim", max_dim, low=1)
+
+
 def _check_dim(dim: int, max_dim: int) -> None:
   # dim == 0 is allowed here: optax.tree.map_params inits with a leafless
   # placeholder. update refuses it.
@@ -84,7 +102,7 @@ def scale_by_von(
     weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    max_dim: int = 16384,
+    max_dim: int | None = None,
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
@@ -121,7 +139,9 @@ def scale_by_von(
       a scalar, or a pytree like the params (per-leaf precisions).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
-    max_dim: largest parameter count accepted with ``covariance="full"``.
+    max_dim: largest parameter count accepted with ``covariance="full"``
+      (None: 16384). A Python int, not a hyperparameter: leave it out under
+      ``optax.inject_hyperparams`` (or pass ``static_args=("max_dim",)``).
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
     weight_decay_mask: None, or a pytree of bools like the params (or a
@@ -153,7 +173,7 @@ def scale_by_von(
   if not isinstance(covariance, str) or covariance not in COVARIANCES:
     raise ValueError(f"`covariance` must be one of {COVARIANCES}, got "
                      f"covariance={covariance!r}.")
-  validation.check_integer("max_dim", max_dim, low=1)
+  max_dim = _max_dim(max_dim, covariance)
   validation.check_state_scale("hess_init", hess_init, positive=True)
   if covariance == "full":
     if weight_decay_mask is not None:
@@ -181,7 +201,7 @@ def scale_by_full_von(
     weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    max_dim: int = 16384,
+    max_dim: int | None = None,
     noise: str = "normal",
     prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -204,7 +224,7 @@ def scale_by_full_von(
       scalar: the prior precision is :math:`\lambda\delta I`).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
-    max_dim: largest parameter count :math:`D` accepted.
+    max_dim: largest parameter count :math:`D` accepted (None: 16384).
     noise: ``"normal"`` (or a :class:`blrax.noise.NormalNoise`), the only
       generator for a full covariance.
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
@@ -237,7 +257,7 @@ def scale_by_full_von(
   validation.check_state_scale("weight_decay", weight_decay)
   prior_lib.check(weight_decay, None, prior_mean)
   mc_samples = validation.check_mc_samples(mc_samples)
-  max_dim = validation.check_integer("max_dim", max_dim, low=1)
+  max_dim = _max_dim(max_dim, "full")
   if not validation.is_traced(key):
     noise_lib.canonicalize_key(key)
   rho = 1.0 - b2
@@ -344,7 +364,7 @@ def von(
     weight_decay: Any = 1e-4,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
-    max_dim: int = 16384,
+    max_dim: int | None = None,
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
@@ -373,9 +393,11 @@ def von(
     weight_decay: :math:`\delta`, prior precision divided by ``ess``:
       a scalar, or a pytree like the params (per-leaf precisions).
     mc_samples: samples per step. Under ``optax.inject_hyperparams`` pass
-      ``static_args=("mc_samples", "max_dim")``.
+      ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
-    max_dim: largest parameter count accepted with ``covariance="full"``.
+    max_dim: largest parameter count accepted with ``covariance="full"``
+      (None: 16384). A Python int, not a hyperparameter: leave it out under
+      ``optax.inject_hyperparams`` (or pass ``static_args=("max_dim",)``).
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
       ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
     weight_decay_mask: None, or a pytree of bools like the params (or a
