@@ -425,3 +425,33 @@ def test_inject_hyperparams_von_needs_no_max_dim_static_arg(covariance):
     blrax.von(0.1, ess=10.0, covariance="full", max_dim=2).init(params)
   with pytest.raises(ValueError, match="max_dim"):
     blrax.von(0.1, ess=10.0, max_dim=0)
+
+
+def test_vogn_with_mean_gradients_points_to_value_grads_and_squares_first():
+  """#20: VOGN fed mean gradients pointed to per_example_grads (227x Adam's
+  cost), not to value_grads_and_squares + hessian= (2.2x)."""
+  opt = blrax.vogn(0.1, ess=10.0)
+  params = {"w": jnp.zeros(3)}
+  with pytest.raises(ValueError) as info:
+    opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+  message = str(info.value)
+  first = message.index("blrax.value_grads_and_squares")
+  assert "hessian=" in message[first:]
+  assert first < message.index("blrax.per_example_grads")
+
+
+def test_a_params_dict_missing_a_key_is_named():
+  """#25: a params dict missing a key got a raw JAX pytree error."""
+  params = {"w": jnp.zeros(3), "bias": jnp.zeros(2)}
+  opt = blrax.ivon(0.1, ess=10.0)
+  state = opt.init(params)
+  short = {"w": jnp.zeros(3)}
+  with pytest.raises(ValueError, match=r"`params`.*lacks \['bias'\]"):
+    blrax.sample_params(short, state)
+  with pytest.raises(ValueError, match=r"`params`.*lacks \['bias'\]"):
+    opt.update(short, state, short)
+  with pytest.raises(ValueError, match=r"`grads`.*lacks \['bias'\]"):
+    opt.update(short, state, params)
+  extra = dict(params, scale=jnp.ones(()))
+  with pytest.raises(ValueError, match=r"has \['scale'\], which the state"):
+    blrax.sample_params(extra, state)

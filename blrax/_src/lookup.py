@@ -110,6 +110,12 @@ def _check_params(params: Any, posteriors: list[Any]) -> None:
   """Each posterior's leaves must have the shapes of the params they cover."""
   for posterior in posteriors:
     shapes = jax.eval_shape(posterior.stddev)
+    if jax.tree.structure(params, is_leaf=_hole) != jax.tree.structure(
+        shapes, is_leaf=_hole):
+      raise ValueError(
+          "`params` must have the structure the optimizer was initialised "
+          f"with: {gaussian.structure_difference(params, shapes, 'the state')}"
+          " (the posterior in `opt_state` does not belong to these `params`)")
     try:
       covered = jax.tree.map(
           lambda p, s: optax.MaskedNode() if _hole(s) else p, params, shapes,
