@@ -455,3 +455,18 @@ def test_a_params_dict_missing_a_key_is_named():
   extra = dict(params, scale=jnp.ones(()))
   with pytest.raises(ValueError, match=r"has \['scale'\], which the state"):
     blrax.sample_params(extra, state)
+
+
+def test_vadam_warns_when_batch_size_is_left_out():
+  """#27: Vadam's batch_size defaulted to 1 with no warning (a curvature
+  about M-fold too small, a posterior about sqrt(M) too wide)."""
+  with pytest.warns(UserWarning, match="batch_size not given") as record:
+    blrax.vadam(0.1, ess=100.0)
+  assert len(record) == 1 and record[0].filename == __file__
+  with pytest.warns(UserWarning, match="batch_size not given"):
+    blrax.scale_by_vadam(100.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    blrax.vadam(0.1, ess=100.0, batch_size=32)
+    blrax.vadam(0.1, ess=1.0, batch_size=1)
+    blrax.vadam(0.1, ess=jnp.inf, hess_init=0.0)  # Adam's limit: M = 1 is Adam

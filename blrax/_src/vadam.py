@@ -2,6 +2,7 @@ r"""Vadam: Adam with weight perturbation (Khan et al., 2018)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -36,10 +37,29 @@ def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
         f"weight_decay={weight_decay!r}.")
 
 
+def resolve_batch_size(batch_size: Any, ess: Any, stacklevel: int = 3) -> Any:
+  r"""``batch_size``, or 1 with a ``UserWarning`` when it was left out (None)
+  and there is a posterior (a finite or traced ``ess``): then
+  :math:`\bar g^2` underestimates the curvature about ``M``-fold near a
+  minimum and the posterior comes out about :math:`\sqrt M` too wide.
+  With ``ess = inf`` (no noise, the Adam limit) 1 is Adam exactly."""
+  if batch_size is not None:
+    return batch_size
+  if validation.concrete_float(ess) != float("inf"):
+    warnings.warn(
+        "vadam: batch_size not given, so it is 1: Vadam's curvature "
+        "batch_size * g_bar^2 then estimates the per-example Gauss-Newton "
+        "diagonal about M-fold too small for a minibatch of M examples, and "
+        "the posterior is about sqrt(M) too wide. Pass batch_size=M (the "
+        "examples each gradient averages over), or batch_size=1 to mean it.",
+        UserWarning, stacklevel=stacklevel)
+  return 1
+
+
 def scale_by_vadam(
     ess: jax.typing.ArrayLike,
     *,
-    batch_size: jax.typing.ArrayLike = 1,
+    batch_size: Any = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: Any = 1e-4,
@@ -72,6 +92,8 @@ def scale_by_vadam(
   Args:
     ess: effective sample size :math:`\lambda`.
     batch_size: :math:`M`, the minibatch size the gradients average over.
+      Left out it is 1, with a ``UserWarning`` unless ``ess = inf`` (the
+      curvature would be about :math:`M` times too small).
       :math:`E[M\bar g^2] = E_i[g_i^2] + (M-1)(E_i g_i)^2`, so
       :math:`M\bar g^2` estimates the per-example Gauss-Newton diagonal (what
       VOGN uses) where the full gradient vanishes; :math:`\bar g^2` alone is
@@ -106,6 +128,7 @@ def scale_by_vadam(
     Khan et al., `Fast and Scalable Bayesian Deep Learning by
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
+  batch_size = resolve_batch_size(batch_size, ess)
   validation.check_state_scale("batch_size", batch_size, positive=True)
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2, include_one=False)
@@ -123,7 +146,7 @@ def vadam(
     learning_rate: optax.ScalarOrSchedule,
     *,
     ess: jax.typing.ArrayLike,
-    batch_size: jax.typing.ArrayLike = 1,
+    batch_size: Any = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.99999,
     weight_decay: Any = 1e-4,
@@ -160,7 +183,9 @@ def vadam(
       momentum while :math:`h \approx h_0 = 1`).
     ess: effective sample size :math:`\lambda`.
     batch_size: :math:`M`, scales :math:`\bar g^2` into an estimate of the
-      per-example Gauss-Newton diagonal (see :func:`scale_by_vadam`).
+      per-example Gauss-Newton diagonal (see :func:`scale_by_vadam`). Pass
+      the batch size: left out it is 1, with a ``UserWarning`` unless
+      ``ess = inf`` (Adam's limit, where 1 is Adam's own second moment).
     b1: momentum decay.
     b2: curvature decay.
     weight_decay: :math:`\delta`, prior precision divided by ``ess``; also
@@ -199,7 +224,8 @@ def vadam(
     Weight-Perturbation in Adam <https://arxiv.org/abs/1806.04854>`_, ICML 2018.
   """
   return engine.with_learning_rate(
-      scale_by_vadam(ess, batch_size=batch_size, b1=b1, b2=b2,
+      scale_by_vadam(ess, batch_size=resolve_batch_size(batch_size, ess),
+                     b1=b1, b2=b2,
                      weight_decay=weight_decay, hess_init=hess_init,
                      mc_samples=mc_samples, key=key, noise=noise,
                      weight_decay_mask=weight_decay_mask,
