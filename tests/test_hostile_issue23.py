@@ -470,3 +470,17 @@ def test_vadam_warns_when_batch_size_is_left_out():
     blrax.vadam(0.1, ess=100.0, batch_size=32)
     blrax.vadam(0.1, ess=1.0, batch_size=1)
     blrax.vadam(0.1, ess=jnp.inf, hess_init=0.0)  # Adam's limit: M = 1 is Adam
+
+
+def test_inject_hyperparams_takes_a_large_ess_as_a_float():
+  """#23 (documented, README Caveats): optax.inject_hyperparams stores an int
+  hyperparameter as int32 before blrax sees it, so ess=5_000_000_000
+  overflows inside optax; the documented ess=5e9 works end to end. (A guard
+  of the documented workaround: optax's overflow cannot be fixed here.)"""
+  opt = optax.inject_hyperparams(blrax.ivon, static_args=("mc_samples",))(
+      learning_rate=0.1, ess=5e9)
+  params = jnp.ones(2)
+  state = jax.jit(opt.init)(params)
+  _, state = jax.jit(opt.update)(params, state, params)
+  ess = blrax.find_posteriors(state)[0].ess
+  np.testing.assert_allclose(ess, 5e9, rtol=1e-7)
