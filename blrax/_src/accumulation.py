@@ -86,14 +86,16 @@ def _holds_posterior(x: Any) -> bool:
                                              lookup.POSTERIOR_TYPES)
 
 
-def _check_inner(inner_state: Any) -> None:
+def _check_inner(inner_state: Any, every_k_schedule: Any) -> None:
   """Raises ``ValueError`` unless every posterior is one MultiSteps sums."""
   if any(isinstance(x, MultiStepsState) for x in jax.tree.leaves(
       inner_state, is_leaf=lambda x: isinstance(x, MultiStepsState))):
+    outer = ("this schedule's" if callable(every_k_schedule)
+             else f"{every_k_schedule}")
     raise ValueError(
         "`opt` is already a blrax.MultiSteps: nested accumulation is not "
-        "supported; use one blrax.MultiSteps with every_k_schedule = the "
-        "product of the two (e.g. every_k_schedule=6 for 2 inside 3).")
+        "supported; use one blrax.MultiSteps whose every_k_schedule is the "
+        f"product of the two (here {outer} times the inner one's).")
   found = lookup.find_posteriors(inner_state)  # none: the usual error
   blr = _blr_states(inner_state)
   if len(found) == len(blr):
@@ -238,7 +240,7 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
 
     def init_fn(params):
       inner_state = inner.init(params)
-      _check_inner(inner_state)
+      _check_inner(inner_state, every_k_schedule)
       inner_state = jax.tree.map(
           lambda x: engine.with_accumulator(x) if _is_blr(x) else x,
           inner_state, is_leaf=_is_blr)
