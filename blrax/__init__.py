@@ -25,6 +25,7 @@ from blrax._src.bsam import (
   bsam_adversarial_params,
   scale_by_bsam,
 )
+from blrax._src.calibration import Calibration, calibrate_posterior, tempered
 from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
 from blrax._src.evon import EigenbasisGaussian, ScaleByEVONState, evon, scale_by_evon
@@ -70,7 +71,9 @@ __all__ = (
     "ScaleByVOGNState",
     "ScaleByVONState",
     "ScaleByVadamState",
+    "Calibration",
     "apply_if_finite",
+    "calibrate_posterior",
     "evon",
     "bsam",
     "bsam_adversarial_params",
@@ -90,6 +93,7 @@ __all__ = (
     "predictive",
     "sample_params",
     "sample_posterior",
+    "tempered",
     "scale_by_blr",
     "scale_by_evon",
     "scale_by_bsam",
@@ -115,7 +119,9 @@ _METRICS_01 = ("accuracy", "brier_score", "calibration_bins",
 # level for now, with a DeprecationWarning naming the new home.
 _MOVED = {
     **dict.fromkeys(_METRICS_01, "blrax.metrics"),
-    **dict.fromkeys(predictive.__all__, "blrax.predictive"),
+    # The predictive functions of 0.1 (later ones never lived here).
+    **dict.fromkeys(("predictive_log_probs", "predictive_mean_variance",
+                     "predictive_probs"), "blrax.predictive"),
     **dict.fromkeys(("nnx_sample", "nnx_value_and_grad",
                      "VariationalTrainState"), "blrax.flax"),
     **dict.fromkeys(("save_checkpoint", "restore_checkpoint"),

@@ -118,20 +118,26 @@ def corrected_ema(h, h_hat, rho, delta):
           + 0.5 * rho**2 * (h - h_hat) ** 2 / (h + delta))
 
 
+def precision_step(hp, t):
+  """rho_t: 1 - b2, or max(1 - b2, 1/(n0 + t)) with hess_init_steps = n0."""
+  n0 = hp["hess_init_steps"]
+  return 1 - hp["b2"] if n0 is None else max(1 - hp["b2"], 1.0 / (n0 + t))
+
+
 def ivon_init(hp):
   return dict(g=np.zeros(D), h=np.full(D, float(hp["hess_init"])), t=0)
 
 
 def ivon_step(st, m, th, inp, hp):
-  lam, delta, b1, b2 = hp["ess"], hp["weight_decay"], hp["b1"], hp["b2"]
+  lam, delta, b1 = hp["ess"], hp["weight_decay"], hp["b1"]
   g_bar = inp["g"].mean(0)
   if "H" in inp:
     h_hat = inp["H"].mean(0)
   else:
     h_hat = price_diag(inp["g"], th, m, lam, st["h"], delta)
   g = b1 * st["g"] + (1 - b1) * g_bar
-  h = corrected_ema(st["h"], h_hat, 1 - b2, delta)
   t = st["t"] + 1
+  h = corrected_ema(st["h"], h_hat, precision_step(hp, t), delta)
   g_c = g / (1 - b1**t) if hp["debias"] else g
   step = np.clip((g_c + delta * m) / (h + delta), -hp["clip_radius"],
                  hp["clip_radius"])
@@ -141,11 +147,12 @@ def ivon_step(st, m, th, inp, hp):
 
 
 def von_diag_init(hp):
-  return dict(h=np.full(D, float(hp["hess_init"])))
+  return dict(h=np.full(D, float(hp["hess_init"])), t=0)
 
 
 def von_diag_step(st, m, th, inp, hp):
-  lam, delta, rho = hp["ess"], hp["weight_decay"], 1 - hp["b2"]
+  t = st["t"] + 1
+  lam, delta, rho = hp["ess"], hp["weight_decay"], precision_step(hp, t)
   g_bar = inp["g"].mean(0)
   if "H" in inp:
     h = (1 - rho) * st["h"] + rho * inp["H"].mean(0)
@@ -153,7 +160,7 @@ def von_diag_step(st, m, th, inp, hp):
     h_hat = price_diag(inp["g"], th, m, lam, st["h"], delta)
     h = corrected_ema(st["h"], h_hat, rho, delta)
   m = m - hp["lr"] * (g_bar + delta * m) / (h + delta)
-  return dict(h=h), m, diag_sigma(lam, h, delta)
+  return dict(h=h, t=t), m, diag_sigma(lam, h, delta)
 
 
 def von_full_init(hp):
@@ -202,18 +209,20 @@ def vadam_step(st, m, th, inp, hp):
 
 
 def vogn_init(hp):
-  return dict(g=np.zeros(D), s=np.full(D, float(hp["hess_init"])))
+  return dict(g=np.zeros(D), s=np.full(D, float(hp["hess_init"])), t=0)
 
 
 def vogn_step(st, m, th, inp, hp):
-  lam, delta, b1, b2 = hp["ess"], hp["weight_decay"], hp["b1"], hp["b2"]
+  lam, delta, b1 = hp["ess"], hp["weight_decay"], hp["b1"]
+  t = st["t"] + 1
+  rho = precision_step(hp, t)
   gi = inp["gi"]                                      # (S, B, D)
   g_bar = gi.mean((0, 1))
   h_hat = (gi**2).mean((0, 1))
   g = b1 * st["g"] + (1 - b1) * (g_bar + delta * m)
-  s = b2 * st["s"] + (1 - b2) * h_hat
+  s = (1 - rho) * st["s"] + rho * h_hat
   m = m - hp["lr"] * g / (s + delta)
-  return dict(g=g, s=s), m, diag_sigma(lam, s, delta)
+  return dict(g=g, s=s, t=t), m, diag_sigma(lam, s, delta)
 
 
 ORACLES = {
@@ -232,13 +241,13 @@ ORACLES = {
 DELTA = 2.0**-4
 IVON_KW = dict(ess=64.0, hess_init=0.7, b1=0.8, b2=0.9, weight_decay=DELTA,
                clip_radius=math.inf, rescale_lr=True, debias=True,
-               mc_samples=1, key=3)
+               mc_samples=1, key=3, hess_init_steps=None)
 VON_KW = dict(ess=64.0, hess_init=0.7, b2=0.9, weight_decay=DELTA,
-              mc_samples=1, key=5)
+              mc_samples=1, key=5, hess_init_steps=None)
 VADAM_KW = dict(ess=64.0, b1=0.8, b2=0.9, weight_decay=DELTA, hess_init=0.0,
                 mc_samples=1, key=11)
 VOGN_KW = dict(ess=64.0, b1=0.8, b2=0.9, weight_decay=DELTA, hess_init=0.7,
-               mc_samples=1, key=13)
+               mc_samples=1, key=13, hess_init_steps=None)
 
 
 def _kw(base, **over):
@@ -255,6 +264,13 @@ ROWS = [
      _kw(IVON_KW, rescale_lr=False, debias=False, clip_radius=0.5,
          mc_samples=2), "ivon", "grad"),
     ("ivon_hessian_mc1", blrax.ivon, 0.05, IVON_KW, "ivon", "hessian"),
+    # hess_init as a pseudo-count: rho_t = max(1 - b2, 1/(n0 + t)); with
+    # b2 = 0.99 the running mean hands over to the EMA at t = 97 < STEPS.
+    ("ivon_init_steps", blrax.ivon, 0.05,
+     _kw(IVON_KW, b2=0.99, hess_init_steps=3.0), "ivon", "grad"),
+    ("ivon_init_steps_hessian_mc2", blrax.ivon, 0.05,
+     _kw(IVON_KW, b2=0.99, hess_init_steps=0.0, mc_samples=2), "ivon",
+     "hessian"),
     ("ivon_hessian_mc2", blrax.ivon, 0.05, _kw(IVON_KW, mc_samples=2), "ivon",
      "hessian"),
     ("von_diag_mc1", blrax.von, 0.1, _kw(VON_KW, covariance="diag"),
@@ -263,6 +279,9 @@ ROWS = [
      _kw(VON_KW, covariance="diag", mc_samples=2), "von_diag", "grad"),
     ("von_diag_hessian_mc1", blrax.von, 0.1, _kw(VON_KW, covariance="diag"),
      "von_diag", "hessian"),
+    ("von_diag_init_steps", blrax.von, 0.1,
+     _kw(VON_KW, covariance="diag", b2=0.99, hess_init_steps=5.0),
+     "von_diag", "grad"),
     ("von_diag_hessian_mc2", blrax.von, 0.1,
      _kw(VON_KW, covariance="diag", mc_samples=2), "von_diag", "hessian"),
     ("von_full_mc1", blrax.von, 0.1, _kw(VON_KW, covariance="full"),
@@ -280,6 +299,8 @@ ROWS = [
     ("vogn_mc1", blrax.vogn, 0.05, VOGN_KW, "vogn", "per_example"),
     ("vogn_mc2", blrax.vogn, 0.05, _kw(VOGN_KW, mc_samples=2), "vogn",
      "per_example"),
+    ("vogn_init_steps", blrax.vogn, 0.05,
+     _kw(VOGN_KW, b2=0.95, hess_init_steps=2.0), "vogn", "per_example"),
 ]
 ROW_BY_NAME = {r[0]: r for r in ROWS}
 

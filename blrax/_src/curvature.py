@@ -213,6 +213,44 @@ def hessian_statistic(hessian, curvature):
   return finite(mc_mean(finite(hessian), curvature))
 
 
+def step_size(b2, count, init_steps=None):
+  r"""The precision step :math:`\rho_t` of update ``count`` (1 for the first).
+
+  With ``init_steps`` None: :math:`\rho = 1-\beta_2` (the reference IVON).
+  Otherwise ``hess_init`` is a prior pseudo-count of :math:`n_0` updates and
+
+  .. math::
+
+    \rho_t = \max\big(1-\beta_2,\ 1/(n_0 + t)\big),
+
+  so until :math:`t \approx 1/(1-\beta_2) - n_0` the curvature is the
+  running mean :math:`h_t = (n_0 h_0 + \sum_{s\le t}\hat h_s)/(n_0+t)`
+  (up to the positivity correction) and ``hess_init`` keeps the weight
+  :math:`n_0/(n_0+t)`; afterwards it is the usual EMA. This is the Adam-style
+  debiasing of the EMA, with :math:`h_0` as its prior instead of 0.
+  """
+  rho = 1.0 - b2
+  if init_steps is None:
+    return rho
+  t = jnp.asarray(count).astype(jnp.result_type(float))
+  return jnp.maximum(rho, 1.0 / (init_steps + t))
+
+
+def init_share(b2, count, init_steps=None):
+  r"""The weight that ``hess_init`` still has in :math:`h` after ``count``
+  updates: :math:`\prod_{s\le t}(1-\rho_s)` (host-side, float)."""
+  count = int(count)
+  if init_steps is None:
+    return float(b2) ** count
+  n0, rho = float(init_steps), 1.0 - float(b2)
+  if rho <= 0.0:
+    return n0 / (n0 + count) if n0 + count > 0 else 1.0
+  # Running mean while 1/(n0+t) > rho, i.e. t < 1/rho - n0; then the EMA.
+  switch = max(0, min(count, math.ceil(1.0 / rho - n0) - 1))
+  share = n0 / (n0 + switch) if switch > 0 else 1.0
+  return share * float(b2) ** (count - switch)
+
+
 def ema(curvature, estimate, rho, weight_decay):
   r"""Plain EMA :math:`h \leftarrow (1-\rho) h + \rho \hat h`.
 

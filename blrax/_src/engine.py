@@ -160,6 +160,7 @@ def scale_by_blr(
     accepts_hessian: bool = False,
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""A diagonal-Gaussian BLR transform from its parts (before the learning rate).
 
@@ -185,6 +186,10 @@ def scale_by_blr(
     prior_mean: None (a zero-mean prior) or the prior mean :math:`m_0`, a
       pytree like the params; the step pulls towards it with
       :math:`\delta(m - m_0)`.
+    hess_init_steps: None (a constant precision step :math:`\rho = 1-\beta_2`,
+      the reference algorithm), or the number of updates' worth of evidence
+      that ``hess_init`` counts as, :math:`n_0`: then
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -212,7 +217,8 @@ def scale_by_blr(
     noise_lib.canonicalize_key(key)
   generator = noise_lib.generator(noise)
   hessian_precision = hessian_precision or precision
-  rho = 1.0 - b2
+  if hess_init_steps is not None:
+    validation.check_state_scale("hess_init_steps", hess_init_steps)
   # Per-leaf decays are fixed at init and read from the state; a scalar one
   # is re-read from the closure each update (inject_hyperparams may vary it).
   decay_in_state = (prior_lib.is_per_leaf(weight_decay)
@@ -278,6 +284,7 @@ def scale_by_blr(
       return done
 
     count = optax.safe_increment(state.count)
+    rho = curvature_lib.step_size(b2, count, hess_init_steps)
     scalars = step.scalars(count)
     old_decays = posterior.decays()  # the draw's sigma used these
     decays = (old_decays if decay_in_state else

@@ -5,12 +5,17 @@ Every blrax posterior has precision :math:`\lambda(h_t + \delta)`, and after
 
 .. math::
 
-  h_t = \underbrace{h_0 \beta_2^t}_{\text{initialisation}}
-        + \underbrace{(h_t - h_0\beta_2^t)}_{\text{data}},
+  h_t = \underbrace{h_0 w_t}_{\text{initialisation}}
+        + \underbrace{(h_t - h_0 w_t)}_{\text{data}}, \qquad
+  w_t = \prod_{s \le t} (1 - \rho_s),
 
-(the data part includes IVON's positivity correction). With ``b2`` close to 1
-and a run shorter than :math:`1/(1-\beta_2)` steps the first term dominates and
-:math:`\sigma \approx 1/\sqrt{\lambda h_0 \beta_2^t}` measures ``hess_init``,
+with :math:`w_t = \beta_2^t` for a constant step :math:`\rho = 1-\beta_2`
+and :math:`w_t = n_0/(n_0+t)` while ``hess_init_steps`` :math:`= n_0` makes
+the curvature a running mean
+(the data part includes IVON's positivity correction). With a constant step,
+``b2`` close to 1 and a run shorter than :math:`1/(1-\beta_2)` steps the first
+term dominates and :math:`\sigma \approx 1/\sqrt{\lambda h_0 \beta_2^t}`
+measures ``hess_init``,
 not the data; with a large ``weight_decay`` :math:`\delta` dominates and
 :math:`\sigma \approx 1/\sqrt{\lambda\delta}` is the prior. :func:`posterior_health`
 measures both shares per leaf and says in words what to change.
@@ -28,12 +33,21 @@ import jax
 import numpy as np
 import optax
 
-from blrax._src import bsam, engine, evon, gaussian, lookup, validation, von
+from blrax._src import (
+  bsam,
+  curvature,
+  engine,
+  evon,
+  gaussian,
+  lookup,
+  validation,
+  von,
+)
 
 _STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState,
                 bsam.ScaleByBSAMState, evon.ScaleByEVONState)
-_FIELDS = ("init_share", "prior_share", "data_curvature", "stddev",
-           "relative_stddev")
+_FIELDS = ("init_share", "data_share", "prior_share", "data_curvature",
+           "stddev", "relative_stddev")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +57,10 @@ class PosteriorHealth:
   Attributes:
     steps: updates so far, :math:`t`.
     leaves: per params leaf (``"path/to/leaf"``), medians over its entries:
-      ``init_share`` (:math:`\\min(1, h_0\\beta_2^t / h)`), ``prior_share``
+      ``init_share`` (:math:`\\min(1, h_0 w_t / h)`), ``data_share``
+      (:math:`1 -` ``init_share`` where :math:`h > 0`), ``prior_share``
       (:math:`\\delta/(h+\\delta)`), ``data_curvature``
-      (:math:`\\max(0, h - h_0\\beta_2^t)`), ``stddev`` (:math:`\\sigma`) and
+      (:math:`\\max(0, h - h_0 w_t)`), ``stddev`` (:math:`\\sigma`) and
       ``relative_stddev`` (:math:`\\sigma/|m|`).
     overall: the same medians over every entry of every leaf.
     warnings: plain-language findings, each with what to change; empty when
@@ -113,7 +128,8 @@ def _median(x: np.ndarray) -> float:
 
 
 def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
-                     b2: float, warn: bool = True,
+                     b2: float, hess_init_steps: float | None = None,
+                     warn: bool = True,
                      share_threshold: float = 0.5) -> PosteriorHealth:
   r"""How much of the posterior is data, prior and initialisation, per leaf.
 
@@ -121,11 +137,14 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   count, :math:`h` the curvature, :math:`\delta` the weight decay and
   :math:`m` the mean:
 
-  - ``init_share`` :math:`= \min(1, h_0\beta_2^t/h)`, the part of the
-    curvature that is the decayed ``hess_init``;
+  - ``init_share`` :math:`= \min(1, h_0 w_t/h)`, the part of the
+    curvature that is the decayed ``hess_init``, with :math:`w_t =
+    \beta_2^t` (``hess_init_steps=None``) or :math:`\prod_{s\le t}
+    (1-\rho_s)`, :math:`\rho_s = \max(1-\beta_2, 1/(n_0+s))`;
+  - ``data_share`` :math:`= 1 -` ``init_share``, the data's part;
   - ``prior_share`` :math:`= \delta/(h+\delta)`, the prior's part of the
     precision;
-  - ``data_curvature`` :math:`= \max(0, h - h_0\beta_2^t)`;
+  - ``data_curvature`` :math:`= \max(0, h - h_0 w_t)`;
   - ``stddev`` :math:`\sigma` and ``relative_stddev`` :math:`\sigma/|m|`.
 
   It warns (and lists in ``.warnings``) when, over all entries, the median
@@ -133,8 +152,9 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   posterior is still the initialisation, or the prior), or the median
   ``relative_stddev`` exceeds 1 (draws are mostly noise), each with what to
   change (``b2``, ``hess_init``, ``weight_decay``, ``ess``). Pass the
-  ``hess_init`` and ``b2`` the optimizer was built with (the state keeps
-  neither); for a full covariance the diagonal of :math:`S` is used.
+  ``hess_init``, ``b2`` and ``hess_init_steps`` the optimizer was built with
+  (the state keeps none of them); for a full covariance the diagonal of
+  :math:`S` is used.
 
   Args:
     params: the posterior mean (the params being trained).
@@ -143,6 +163,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
       state).
     hess_init: the optimizer's ``hess_init`` (:math:`h_0 \ge 0`).
     b2: the optimizer's ``b2`` (in ``(0, 1]``).
+    hess_init_steps: the optimizer's ``hess_init_steps`` (None: a constant
+      curvature step, as the reference IVON).
     warn: also emit each finding as a ``UserWarning``.
     share_threshold: in ``(0, 1)``; a median share above it is reported.
 
@@ -173,6 +195,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   validation.check_range("b2", b2, low=0.0, high=1.0, low_open=True)
   validation.check_range("share_threshold", share_threshold, low=0.0,
                          high=1.0, low_open=True, high_open=True)
+  if hess_init_steps is not None:
+    validation.check_nonnegative("hess_init_steps", hess_init_steps)
   h0, beta = float(hess_init), float(b2)
   params, opt_state = _pure(params, opt_state)
   owners = _owners(opt_state)
@@ -183,14 +207,14 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   ess_values, decay_values = [], []
   for index, (t, posterior) in enumerate(owners):
     prefix = "" if index == 0 else f"posterior{index}/"
-    decayed = h0 * beta ** t
+    decayed = h0 * curvature.init_share(beta, t, hess_init_steps)
     ess_values.append(float(posterior.ess))
-    curvature = posterior.curvature_diagonal()
+    diagonal = posterior.curvature_diagonal()
     # Per-leaf prior precisions (weight_decay as a pytree or a mask).
     decays = (posterior.decays() if hasattr(posterior, "decays") else
-              jax.tree.map(lambda _: posterior.weight_decay, curvature))
+              jax.tree.map(lambda _: posterior.weight_decay, diagonal))
     flat = jax.tree_util.tree_flatten_with_path(
-        (curvature, posterior.stddev(), params, decays),
+        (diagonal, posterior.stddev(), params, decays),
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
     count = len(flat) // 4
     for (path, h), (_, sigma), (_, mean), (_, delta) in zip(
@@ -209,6 +233,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
         stats = {
             "init_share": np.where(h > 0, np.minimum(1.0, decayed / h),
                                    1.0 if decayed > 0 else 0.0),
+            "data_share": np.where(h > 0, 1.0 - np.minimum(1.0, decayed / h),
+                                   0.0),
             "prior_share": np.where(h + delta > 0, delta / (h + delta), 0.0),
             "data_curvature": np.maximum(h - decayed, 0.0),
             "stddev": sigma,
@@ -231,16 +257,24 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
                  "(sigma = 1/sqrt(ess*(hess_init+weight_decay)) = "
                  f"{width(ess * (h0 + delta)):.3g}).")
   elif overall["init_share"] > share_threshold:
-    suggested = max(1.0 - 10.0 / steps, 0.9)  # b2^t = e^-10 where t allows
+    weight = curvature.init_share(beta, steps, hess_init_steps)
+    if hess_init_steps is None:
+      suggested = max(1.0 - 10.0 / steps, 0.9)  # b2^t = e^-10 where t allows
+      remedy = (f"Lower b2 so that 1/(1-b2) is well below the number of steps "
+                f"(e.g. b2 = {suggested:.4g} for {steps} steps), or pass "
+                "hess_init_steps (hess_init then weighs as that many steps of "
+                "data), or train longer")
+    else:
+      remedy = (f"Lower hess_init_steps (now {float(hess_init_steps):g}) "
+                "well below the number of steps, or train longer")
     found.append(
         f"The posterior is still its initialisation: after {steps} steps "
-        f"hess_init*b2^t = {h0 * beta ** steps:.3g} is {overall['init_share']:.0%}"
+        f"hess_init*w_t = {h0 * weight:.3g} is {overall['init_share']:.0%}"
         " of the curvature (median over all weights), so sigma ~ "
-        "1/sqrt(ess*hess_init*b2^t) measures hess_init, not the data. Lower "
-        f"b2 so that 1/(1-b2) is well below the number of steps (e.g. b2 = "
-        f"{suggested:.4g} for {steps} steps), or train longer; a smaller "
-        "hess_init also lets the data show sooner. The data's curvature alone "
-        f"(median {overall['data_curvature']:.3g}) would give sigma ~ "
+        "1/sqrt(ess*hess_init*w_t) measures hess_init, not the data. "
+        f"{remedy}; a smaller hess_init also lets the data show sooner. The "
+        f"data's curvature alone (median {overall['data_curvature']:.3g}) "
+        "would give sigma ~ "
         f"{width(ess * (overall['data_curvature'] + delta)):.3g}.")
   if steps and overall["prior_share"] > share_threshold:
     found.append(

@@ -50,6 +50,7 @@ def scale_by_ivon(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""IVON's preconditioned direction, before the learning rate.
 
@@ -102,6 +103,10 @@ def scale_by_ivon(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -130,7 +135,8 @@ def scale_by_ivon(
                                      rescale_lr)),
       ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
       mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True,
-      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      hess_init_steps=hess_init_steps)
 
 
 def ivon(
@@ -149,6 +155,7 @@ def ivon(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The IVON optimizer: variational learning at Adam's cost.
 
@@ -196,6 +203,10 @@ def ivon(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` accepts
@@ -227,5 +238,5 @@ def ivon(
           weight_decay=weight_decay, clip_radius=clip_radius,
           rescale_lr=rescale_lr, debias=debias, mc_samples=mc_samples,
           key=key, noise=noise, weight_decay_mask=weight_decay_mask,
-          prior_mean=prior_mean),
+          prior_mean=prior_mean, hess_init_steps=hess_init_steps),
       learning_rate)

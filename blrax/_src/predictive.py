@@ -65,6 +65,10 @@ def _functional(apply_fn, params, opt_state):
   return apply_fn, params, opt_state
 
 
+# The NNX conversion, for the other posterior functions (calibration).
+functional = _functional
+
+
 def _common(apply_fn, key, mean_only):
   """Checks the arguments every predictive function shares."""
   if not callable(apply_fn):

@@ -59,6 +59,7 @@ def scale_by_vogn(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN's direction, before the learning rate.
 
@@ -92,6 +93,10 @@ def scale_by_vogn(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -115,7 +120,8 @@ def scale_by_vogn(
       step=steps.vogn(b1), ess=ess, hess_init=hess_init, b2=b2,
       weight_decay=weight_decay, mc_samples=mc_samples, key=key, noise=noise,
       accepts_hessian=True,
-      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      hess_init_steps=hess_init_steps)
 
 
 def vogn(
@@ -131,6 +137,7 @@ def vogn(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VOGN: the BLR with a per-example Gauss-Newton curvature.
 
@@ -167,6 +174,10 @@ def vogn(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -193,5 +204,5 @@ def vogn(
       scale_by_vogn(ess, b1=b1, b2=b2, weight_decay=weight_decay,
                     hess_init=hess_init, mc_samples=mc_samples, key=key,
                     noise=noise, weight_decay_mask=weight_decay_mask,
-                    prior_mean=prior_mean),
+                    prior_mean=prior_mean, hess_init_steps=hess_init_steps),
       learning_rate)

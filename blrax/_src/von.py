@@ -106,6 +106,7 @@ def scale_by_von(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VON's Newton-like direction, before the learning rate.
 
@@ -150,6 +151,11 @@ def scale_by_von(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`), or
+      the number of updates' worth of data that ``hess_init`` counts as,
+      :math:`n_0`: the step is :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`,
+      so the curvature is the running mean of the estimates (and
+      ``hess_init``) until the EMA takes over.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` (with
@@ -184,13 +190,15 @@ def scale_by_von(
     return scale_by_full_von(ess, hess_init=hess_init, b2=b2,
                              weight_decay=weight_decay, mc_samples=mc_samples,
                              key=key, max_dim=max_dim, noise=noise,
-                             prior_mean=prior_mean)
+                             prior_mean=prior_mean,
+                             hess_init_steps=hess_init_steps)
   return engine.scale_by_blr(
       estimator=curvature.PRICE, precision=curvature.positive_ema,
       hessian_precision=curvature.ema, step=steps.newton(), ess=ess,
       hess_init=hess_init, b2=b2, weight_decay=weight_decay,
       mc_samples=mc_samples, key=key, noise=noise, accepts_hessian=True,
-      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean)
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      hess_init_steps=hess_init_steps)
 
 
 def scale_by_full_von(
@@ -204,6 +212,7 @@ def scale_by_full_von(
     max_dim: int | None = None,
     noise: str = "normal",
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Full-covariance VON (see :func:`scale_by_von`), its own transform.
 
@@ -230,6 +239,11 @@ def scale_by_full_von(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the Newton step solves for
       :math:`\bar g + \delta(m - m_0)`.
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`), or
+      the number of updates' worth of data that ``hess_init`` counts as,
+      :math:`n_0`: the step is :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`,
+      so the curvature is the running mean of the estimates (and
+      ``hess_init``) until the EMA takes over.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -260,7 +274,8 @@ def scale_by_full_von(
   max_dim = _max_dim(max_dim, "full")
   if not validation.is_traced(key):
     noise_lib.canonicalize_key(key)
-  rho = 1.0 - b2
+  if hess_init_steps is not None:
+    validation.check_state_scale("hess_init_steps", hess_init_steps)
 
   def init_fn(params):
     params = _full_params(params)
@@ -294,6 +309,8 @@ def scale_by_full_von(
           "ess=inf means no weight noise, so the Price curvature estimate is "
           "undefined: pass the curvature as `update(..., hessian=...)`.")
     posterior = state.posterior
+    rho = curvature.step_size(b2, optax.safe_increment(state.count),
+                              hess_init_steps)
     s_old = posterior.curvature
     dim = s_old.shape[0]
     if dim == 0:
@@ -368,6 +385,7 @@ def von(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
@@ -406,6 +424,10 @@ def von(
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`
       (a previous task's posterior mean, for continual learning).
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` accepts
@@ -433,5 +455,6 @@ def von(
       scale_by_von(ess, covariance=covariance, hess_init=hess_init, b2=b2,
                    weight_decay=weight_decay, mc_samples=mc_samples, key=key,
                    max_dim=max_dim, noise=noise,
-                   weight_decay_mask=weight_decay_mask, prior_mean=prior_mean),
+                   weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+                   hess_init_steps=hess_init_steps),
       learning_rate)
