@@ -49,6 +49,14 @@ def test_regression_1d(tmp_path):
   assert 0.1 <= on_data < 0.3
 
 
+def test_equinox_mlp():
+  pytest.importorskip("equinox")
+  out = run("equinox_mlp.py", "--epochs", "2", "--samples", "4")
+  acc = float(re.search(r"\| IVON \(BMA, 4\) \| acc ([\d.]+)", out).group(1))
+  assert acc > 0.5  # 10 classes: chance is 0.1 (measured 0.90 after 2 epochs)
+  assert "model 'mlp', activation relu" in out
+
+
 def test_partial_posterior():
   out = run("partial_posterior.py", "--epochs", "1", "--samples", "4")
   # the frozen layers get no noise at all; the last layer does

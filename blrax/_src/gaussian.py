@@ -249,7 +249,7 @@ def real_dtype(param: Any, path: str = "(root)"):
   if dtype is None:
     raise validation.ArgumentTypeError(
         f"`params` leaf{_at(path)} must be an array or a number, got "
-        f"{type(param).__name__}.")
+        f"{type(param).__name__}{EQUINOX_HINT}.")
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise ValueError(
         f"`params` leaf{_at(path)} is complex ({dtype}): blrax posteriors are "
@@ -291,9 +291,32 @@ def structure_difference(tree: Any, like: Any, like_name: str) -> str:
            else []) + ([f"it has {show(extra)}, which {like_name} lacks"]
                        if extra else [])
   if not parts:
-    return (f"got {jax.tree.structure(tree, is_leaf=_hole)}, {like_name} has "
-            f"{jax.tree.structure(like, is_leaf=_hole)}")
-  return "; ".join(parts)
+    return (f"the same leaf paths but different containers or static fields: "
+            f"got {_short(jax.tree.structure(tree, is_leaf=_hole))}, "
+            f"{like_name} has {_short(jax.tree.structure(like, is_leaf=_hole))}"
+            f"{non_array_hint(tree) or non_array_hint(like)}")
+  return "; ".join(parts) + (non_array_hint(tree) or non_array_hint(like))
+
+
+EQUINOX_HINT = (
+    " (an Equinox module holds non-array fields: train only its arrays, "
+    "`params, static = eqx.partition(model, eqx.is_inexact_array)`, "
+    "`opt.init(params)`, and rebuild the model at the draw with "
+    "`eqx.combine(params, static)`)")
+
+
+def non_array_hint(tree: Any) -> str:
+  """:data:`EQUINOX_HINT` if ``tree`` has a leaf that is no array or number
+  (a function, a string: an unpartitioned Equinox module), else ``""``."""
+  leaves = jax.tree.leaves(tree, is_leaf=_hole)
+  if any(not _hole(x) and _dtype(x) is None for x in leaves):
+    return EQUINOX_HINT
+  return ""
+
+
+def _short(treedef: Any, limit: int = 120) -> str:
+  text = str(treedef)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_params(params: Any, curvature: Any) -> None:
