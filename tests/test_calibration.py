@@ -8,6 +8,7 @@ model-averaged NLL in float64 NumPy.
 
 import cases
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -255,3 +256,30 @@ def test_bad_state_and_batches(ivon_state):
                               [(x, y)])
   with pytest.raises(ValueError, match="temperature=-2"):
     blrax.tempered(ivon_state, -2)
+
+
+def test_linearized_matches_explicit_jacobian(ivon_state):
+  """linearized=True: f(m) + sqrt(tau) J (theta - m), J from jax.jacfwd of
+  the flattened params, reduced in float64 NumPy, for the same draws."""
+  x, y = _data(5)
+  taus = [0.0, 0.05, 0.5, 1.0, 4.0]
+  result = blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [(x, y)],
+                                     key=KEY, num_samples=SAMPLES,
+                                     temperatures=taus, refine=False,
+                                     linearized=True)
+  flat, unravel = jax.flatten_util.ravel_pytree(PARAMS)
+  jac = np.asarray(jax.jacfwd(lambda v: apply_fn(unravel(v), x))(flat),
+                   np.float64)                                # (n, 2, D)
+  f0 = np.asarray(apply_fn(PARAMS, x), np.float64)
+  draws = blrax.sample_posterior(jax.random.key(KEY), PARAMS, ivon_state,
+                                 SAMPLES)
+  offsets = np.stack([np.asarray(jax.flatten_util.ravel_pytree(
+      jax.tree.map(lambda a: a[s], draws))[0], np.float64) - np.asarray(flat)
+                      for s in range(SAMPLES)])              # (S, D)
+  for tau, nll in zip(result.temperatures, result.nlls):
+    logits = f0[None] + np.sqrt(tau) * np.einsum("ncd,sd->snc", jac, offsets)
+    log_probs = logits - np.logaddexp.reduce(logits, -1, keepdims=True)
+    picked = log_probs[:, np.arange(len(y)), np.asarray(y)]
+    expected = -np.mean(np.logaddexp.reduce(picked, 0) - np.log(SAMPLES))
+    np.testing.assert_allclose(nll, expected, rtol=1e-5)
+  assert result.nll <= result.mean_nll

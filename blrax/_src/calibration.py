@@ -188,16 +188,36 @@ def _gaussian_log_p(outputs, targets, noise_variance):
 _LIKELIHOODS = {"categorical": _categorical_log_p, "gaussian": _gaussian_log_p}
 
 
+def _is_float(x: Any) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "log_p",
-                                             "num_samples"))
+                                             "num_samples", "linearized"))
 def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
                           noise_variance, key, *, apply_fn, log_p,
-                          num_samples):
+                          num_samples, linearized):
   """Sum over the batch of the log model average, for each tau; (taus,)."""
   # One set of draws at tau = 1; tau scales their offsets (exactly the
   # draws of the tempered posterior with the same key).
   draws = lookup.sample_posterior(key, params, tempered(opt_state, 1.0, kappa),
                                   num_samples)
+  if linearized:
+    # f(m) + sqrt(tau) J (theta - m): one linearisation, one JVP per draw.
+    at_mean, jvp = jax.linearize(lambda p: apply_fn(p, inputs), params)
+
+    def one_linear_draw(draw):
+      tangent = jax.tree.map(
+          lambda p, d: (d - p).astype(p.dtype) if _is_float(p) else np.zeros(
+              jnp.shape(p), jax.dtypes.float0), params, draw)
+      change = jvp(tangent)
+      return jax.vmap(lambda tau: log_p(
+          at_mean + jnp.sqrt(tau).astype(change.dtype) * change, targets,
+          noise_variance))(taus)
+
+    per_draw = jax.lax.map(one_linear_draw, draws)
+    total = jax.nn.logsumexp(per_draw, axis=0) - jnp.log(num_samples)
+    return jnp.sum(total, axis=-1), total.shape[-1]
 
   def one_draw(draw):
     def at(tau):
@@ -226,6 +246,7 @@ def calibrate_posterior(
     likelihood: str = "categorical",
     noise_variance: Any = None,
     refine: bool = True,
+    linearized: bool = False,
 ) -> Calibration:
   r"""Fits the posterior's temperature (and prior precision) on held-out data.
 
@@ -255,6 +276,11 @@ def calibrate_posterior(
     noise_variance: the observation noise variance for ``"gaussian"``.
     refine: after the grid, evaluate 8 more :math:`\tau` log-spaced between
       the best grid point's neighbours.
+    linearized: fit the temperature of the linearised predictive
+      (:func:`blrax.predictive.linearized_log_probs`) instead: each draw's
+      outputs are :math:`f(x; m) + \sqrt\tau J(\theta - m)`, with one
+      linearisation per batch and one JVP per draw (``apply_fn`` must return
+      an array).
 
   Returns:
     A :class:`Calibration` with the calibrated ``opt_state``.
@@ -285,6 +311,7 @@ def calibrate_posterior(
       raise ValueError("likelihood='gaussian' needs the observation noise: "
                        "pass noise_variance=... (> 0).")
     _check_nonnegative("noise_variance", noise_variance, positive=True)
+  validation.check_flag("linearized", linearized)
   if likelihood not in _LIKELIHOODS:
     raise ValueError("`likelihood` must be 'categorical' or 'gaussian', got "
                      f"likelihood={likelihood!r}.")
@@ -313,7 +340,7 @@ def calibrate_posterior(
       value, n = _batch_log_likelihood(
           params, opt_state, jnp.asarray(padded), float(kappa), inputs,
           targets, noise_variance, key, apply_fn=apply_fn, log_p=log_p,
-          num_samples=num_samples)
+          num_samples=num_samples, linearized=bool(linearized))
       totals += np.asarray(value, np.float64)
       count += int(n)
     for t, total in zip(todo, totals):
