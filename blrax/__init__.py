@@ -28,6 +28,7 @@ from blrax._src.bsam import (
 from blrax._src.calibration import Calibration, calibrate_posterior, tempered
 from blrax._src.diagnostics import export_posterior, posterior_summary
 from blrax._src.engine import ScaleByBLRState, scale_by_blr
+from blrax._src.ensembles import ensemble_init, fold_in_keys
 from blrax._src.evon import EigenbasisGaussian, ScaleByEVONState, evon, scale_by_evon
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
@@ -74,12 +75,14 @@ __all__ = (
     "Calibration",
     "apply_if_finite",
     "calibrate_posterior",
+    "ensemble_init",
     "evon",
     "bsam",
     "bsam_adversarial_params",
     "expfam",
     "export_posterior",
     "find_posteriors",
+    "fold_in_keys",
     "flip_noise",
     "ivon",
     "merge_posteriors",

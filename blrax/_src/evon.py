@@ -497,7 +497,7 @@ def scale_by_evon(
     curvature = jax.tree.map(
         lambda p: jnp.full_like(p, hess_init, gaussian.state_dtype(
             _dtype(p))), params)
-    noise_state = generator.init(noise_lib.initial_key(key, mc_samples),
+    noise_state = generator.init(noise_lib.initial_key(key, mc_samples, params),
                                  curvature)
     decay = weight_decay
     if decay_in_state:

@@ -159,7 +159,7 @@ def init_diagonal_gaussian(params: Any, *, key: int | jax.Array,
       lambda path, p: jnp.full_like(p, curvature_init, state_dtype(
           real_dtype(p, jax.tree_util.keystr(path) or "(root)"))), params)
   return DiagonalGaussian(
-      noise_state=generator.init(noise_lib.initial_key(key, mc_samples),
+      noise_state=generator.init(noise_lib.initial_key(key, mc_samples, params),
                                  curvature),
       curvature=curvature, ess=scalar(ess),
       weight_decay=(weight_decay if prior_lib.is_per_leaf(weight_decay)

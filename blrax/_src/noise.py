@@ -27,6 +27,7 @@ See ``fast_noise.py`` for the hash and flip primitives and their costs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -79,14 +80,50 @@ def canonicalize_key(key: int | jax.Array, name: str = "key") -> jax.Array:
   return jax.random.key(array)
 
 
-def initial_key(key: int | jax.Array, mc_samples: int) -> jax.Array:
+def initial_key(key: int | jax.Array, mc_samples: int,
+                params: Any = None) -> jax.Array:
   """A scalar key for one sample per step, or ``mc_samples`` keys.
 
   The shape of the key array is how the state records ``mc_samples``: the
   state then holds arrays only, and ``sample_params`` needs no hyperparameter.
+  Given the ``params`` being initialised, warns when they are batched by
+  ``jax.vmap`` and the key is not (every member would share the noise).
   """
+  if params is not None:
+    warn_if_shared_noise(key, params)
   key = canonicalize_key(key)
   return key if mc_samples == 1 else jax.random.split(key, mc_samples)
+
+
+# Set by blrax.ensemble_init while it traces its vmapped init: its keys are
+# made distinct after init, by folding in the member index.
+_FOLDING_IN = [False]
+
+SHARED_NOISE_WARNING = (
+    "`init` is vmapped over the params (an ensemble?) but the optimizer's "
+    "`key` is not: every member gets the same weight noise. Use "
+    "`blrax.ensemble_init(opt, stacked_params)` (member m's keys get m folded "
+    "in), or build the optimizer inside the vmap with a batched key, "
+    "`jax.vmap(lambda p, k: blrax.ivon(..., key=k).init(p))(params, keys)`. "
+    "Shared noise on purpose: filter this warning.")
+
+
+def _is_vmapped(x: Any) -> bool:
+  """Whether ``x`` is batched by ``jax.vmap`` (False if JAX hides it)."""
+  try:
+    from jax._src.interpreters import batching  # noqa: PLC0415
+  except ImportError:  # pragma: no cover - a JAX without the module
+    return False
+  return isinstance(x, getattr(batching, "BatchTracer", ()))
+
+
+def warn_if_shared_noise(key: Any, params: Any) -> None:
+  """Warns (at trace time, once per trace) when ``params`` are vmapped and
+  ``key`` is not; nothing at run time."""
+  if _FOLDING_IN[0] or _is_vmapped(key):
+    return
+  if any(_is_vmapped(x) for x in jax.tree.leaves(params)):
+    warnings.warn(SHARED_NOISE_WARNING, UserWarning, stacklevel=4)
 
 
 def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
