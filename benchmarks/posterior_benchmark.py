@@ -35,7 +35,8 @@ overfits. Methods, all selected on the same validation split:
   posterior as trained (``ivon/bma``), calibrated
   (:func:`blrax.calibrate_posterior` on the validation split:
   ``ivon/cal``) and with the linearised predictive of the calibrated
-  posterior (``ivon/lin``).
+  posterior (``ivon/lin``, its temperature fitted for the linearised
+  predictive: ``calibrate_posterior(..., linearized=True)``).
 - ``von``, ``vogn``, ``evon``: documented defaults and starting learning
   rates, calibrated (classification only).
 
@@ -48,7 +49,15 @@ cost of one run relative to one AdamW run (execution time of the compiled
 training program, this machine, same process; an ensemble costs 5 runs).
 
     python benchmarks/posterior_benchmark.py [--tasks ...] [--seeds 0 1 2]
-        [--steps 3000] [--out benchmarks/results/posterior_benchmark]
+        [--steps 2000] [--out benchmarks/results/posterior_benchmark]
+
+or, on 2 cores, two halves side by side and then the table from both:
+
+    python benchmarks/posterior_benchmark.py --tasks digits digits25 \
+        digits10 moons --out /tmp/a &
+    python benchmarks/posterior_benchmark.py --tasks cancer wine diabetes \
+        gap1d --out /tmp/b; wait
+    python benchmarks/posterior_benchmark.py --merge /tmp/a.json /tmp/b.json
 
 writes ``<out>.md`` (the table), ``<out>.json`` (every number) and
 ``<out>.png`` (NLL per task and method). ``--smoke`` runs a tiny version
@@ -410,8 +419,11 @@ def evaluate_posterior(task, name, params, state):
         likelihood="gaussian", noise_variance=noise, num_samples=NUM_SAMPLES)
     out[f"{name}/cal"] = regression_metrics(
         *_regression_predictive(params, cal.opt_state, xs, noise), ys)
+    lin = blrax.calibrate_posterior(
+        mlp_scalar, params, state, [(xv, yv)], likelihood="gaussian",
+        noise_variance=noise, num_samples=NUM_SAMPLES, linearized=True)
     out[f"{name}/lin"] = regression_metrics(
-        *_regression_predictive(params, cal.opt_state, xs, noise, True), ys)
+        *_regression_predictive(params, lin.opt_state, xs, noise, True), ys)
     out[f"{name}/cal"]["temperature"] = cal.temperature
     return out
   ood = task["ood"]
@@ -425,12 +437,12 @@ def evaluate_posterior(task, name, params, state):
       bma_log_probs(params, cal.opt_state, xs), ys,
       bma_log_probs(params, cal.opt_state, ood))
   out[f"{name}/cal"]["temperature"] = cal.temperature
-  if hasattr(blrax.predictive, "linearized_log_probs"):
-    lin = blrax.calibrate_posterior(mlp, params, state, [(xv, yv)],
-                                    num_samples=NUM_SAMPLES)
-    out[f"{name}/lin"] = classification_metrics(
-        linearized_log_probs(params, lin.opt_state, xs), ys,
-        linearized_log_probs(params, lin.opt_state, ood))
+  lin = blrax.calibrate_posterior(mlp, params, state, [(xv, yv)],
+                                  num_samples=NUM_SAMPLES, linearized=True)
+  out[f"{name}/lin"] = classification_metrics(
+      linearized_log_probs(params, lin.opt_state, xs), ys,
+      linearized_log_probs(params, lin.opt_state, ood))
+  out[f"{name}/lin"]["temperature"] = lin.temperature
   return out
 
 
@@ -580,12 +592,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", nargs="+", default=list(TASKS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-  parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--family", nargs="*", default=list(FAMILY))
   parser.add_argument("--out", default="benchmarks/results/posterior_benchmark")
   parser.add_argument("--ivon-options", type=json.loads, default={},
                       help='extra blrax.ivon keywords as JSON, e.g. '
                       '\'{"hess_init_steps": null}\'')
+  parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                      help="only combine the .json results of earlier runs "
+                      "(e.g. tasks run in parallel processes) into --out")
   parser.add_argument("--smoke", action="store_true",
                       help="a tiny run (2 tasks, 1 seed, 60 steps) for CI")
   args = parser.parse_args(argv)
@@ -595,7 +610,14 @@ def main(argv=None):
   IVON_OPTIONS.update(args.ivon_options)
   log = lambda msg: print(msg, flush=True)
   results = {}
-  for name in args.tasks:
+  if args.merge:
+    for path in args.merge:
+      with open(path) as f:
+        saved = json.load(f)
+      results.update(saved["results"])
+      args.seeds, args.steps = saved["args"]["seeds"], saved["args"]["steps"]
+    results = {t: results[t] for t in TASKS if t in results}
+  for name in [] if args.merge else args.tasks:
     start = time.perf_counter()
     log(f"{name} ...")
     results[name] = run_task(name, args.seeds, args.steps, args.family, log)

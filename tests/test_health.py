@@ -201,3 +201,49 @@ def test_health_reads_evon_and_bsam_states(make):
                                   b2=0.99999, warn=False)
   assert health.overall["init_share"] == 1.0
   assert health.overall["stddev"] == pytest.approx(0.05, rel=1e-5)
+
+
+def test_shares_follow_the_hess_init_steps_schedule():
+  """hessian = c with the plain EMA and hess_init_steps = n0: after t steps
+  h = (n0 h0 + t c)/(n0 + t) exactly (running mean; b2 = 1 keeps it one), so
+  init_share = n0 h0 / (n0 h0 + t c) and data_share is the rest."""
+  n0, h0, c, t = 3.0, 2.0, 0.5, 5
+  params = {"w": jnp.ones(4)}
+  opt = blrax.von(0.1, ess=100.0, hess_init=h0, b2=1.0, weight_decay=0.0,
+                  hess_init_steps=n0)
+  state = opt.init(params)
+  for _ in range(t):
+    theta = blrax.sample_params(params, state)
+    _, state = opt.update(jax.tree.map(jnp.zeros_like, theta), state, params,
+                          hessian={"w": jnp.full(4, c)})
+  h = (n0 * h0 + t * c) / (n0 + t)
+  np.testing.assert_allclose(state[0].posterior.curvature["w"], h, rtol=1e-6)
+  health = blrax.posterior_health(params, state, hess_init=h0, b2=1.0,
+                                  hess_init_steps=n0, warn=False)
+  share = n0 * h0 / (n0 * h0 + t * c)
+  assert health.overall["init_share"] == pytest.approx(share, rel=1e-6)
+  assert health.overall["data_share"] == pytest.approx(1 - share, rel=1e-5)
+  assert health.overall["data_curvature"] == pytest.approx(
+      t * c / (n0 + t), rel=1e-5)
+  # Without the schedule the report would call it all initialisation.
+  reference = blrax.posterior_health(params, state, hess_init=h0, b2=1.0,
+                                     warn=False)
+  assert reference.overall["init_share"] == 1.0
+  with pytest.raises(ValueError, match="hess_init_steps=-1"):
+    blrax.posterior_health(params, state, hess_init=h0, b2=1.0,
+                           hess_init_steps=-1, warn=False)
+
+
+@pytest.mark.parametrize("b2,n0", [(0.9, 3.0), (0.99, 0.0), (0.5, 10.0),
+                                   (0.999, None), (1.0, 2.0)])
+def test_init_weight_is_the_product_of_the_steps(b2, n0):
+  """The weight of hess_init after t updates, prod_s (1 - rho_s), against the
+  product of the engine's own steps (both sides of the running-mean/EMA
+  switch)."""
+  from blrax._src import curvature
+  for t in (0, 1, 5, 40):
+    product = 1.0
+    for s in range(1, t + 1):
+      product *= 1.0 - float(curvature.step_size(b2, s, n0))
+    assert curvature.init_share(b2, t, n0) == pytest.approx(product, rel=1e-6,
+                                                            abs=1e-12)
