@@ -32,7 +32,7 @@ from blrax._src.ensembles import ensemble_init, fold_in_keys
 from blrax._src.evon import EigenbasisGaussian, ScaleByEVONState, evon, scale_by_evon
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
-from blrax._src.gradients import value_and_grad
+from blrax._src.gradients import check_gradients, value_and_grad
 from blrax._src.health import PosteriorHealth, posterior_health
 from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
 from blrax._src.lookup import (
@@ -75,6 +75,7 @@ __all__ = (
     "Calibration",
     "apply_if_finite",
     "calibrate_posterior",
+    "check_gradients",
     "ensemble_init",
     "evon",
     "bsam",
