@@ -283,3 +283,17 @@ def test_linearized_matches_explicit_jacobian(ivon_state):
     expected = -np.mean(np.logaddexp.reduce(picked, 0) - np.log(SAMPLES))
     np.testing.assert_allclose(nll, expected, rtol=1e-5)
   assert result.nll <= result.mean_nll
+
+
+def test_bad_batches_are_named(ivon_state):
+  x, y = _data(0)
+  with pytest.raises(ValueError, match="outside"):
+    blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [(x, y + 2)])
+  with pytest.raises(ValueError, match="integer labels"):
+    blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state,
+                              [(x, y.astype(jnp.float32))])
+  with pytest.raises(ValueError, match="not finite"):
+    blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state,
+                              [(x.at[0, 0].set(jnp.nan), y)])
+  with pytest.raises(ValueError, match="pair"):
+    blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [x])

@@ -217,7 +217,8 @@ def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
 
     per_draw = jax.lax.map(one_linear_draw, draws)
     total = jax.nn.logsumexp(per_draw, axis=0) - jnp.log(num_samples)
-    return jnp.sum(total, axis=-1), total.shape[-1]
+    return jnp.sum(total, axis=-1), total.shape[-1], _bad_labels(
+        log_p, at_mean, targets)
 
   def one_draw(draw):
     def at(tau):
@@ -230,7 +231,15 @@ def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
 
   per_draw = jax.lax.map(one_draw, draws)  # (S, taus, batch)
   total = jax.nn.logsumexp(per_draw, axis=0) - jnp.log(num_samples)
-  return jnp.sum(total, axis=-1), total.shape[-1]
+  return jnp.sum(total, axis=-1), total.shape[-1], _bad_labels(
+      log_p, apply_fn(params, inputs), targets)
+
+
+def _bad_labels(log_p, outputs, targets):
+  """Whether a categorical label lies outside ``[0, classes)``."""
+  if log_p is not _categorical_log_p:
+    return jnp.zeros([], bool)
+  return jnp.any((targets < 0) | (targets >= outputs.shape[-1]))
 
 
 def calibrate_posterior(
@@ -262,9 +271,8 @@ def calibrate_posterior(
     opt_state: the trained blrax state (possibly wrapped) or the
       ``nnx.Optimizer``.
     batches: an iterable of ``(inputs, targets)`` held out from training
-      (integer labels for ``"categorical"``); iterated once per candidate, so
-      a list or a re-iterable loader. All batches should have one shape (each
-      new shape compiles once).
+      (integer labels for ``"categorical"``); read once and kept as a list.
+      All batches should have one shape (each new shape compiles once).
     key: PRNG key or int seed of the draws, shared by every candidate.
     num_samples: posterior draws :math:`S` per candidate.
     temperatures: the :math:`\tau` grid (values ``>= 0``); default 0 and 25
@@ -287,7 +295,9 @@ def calibrate_posterior(
 
   Raises:
     ValueError: a bad grid value, likelihood, ``num_samples``, no batches,
-      or a state without a blrax posterior.
+      a batch that is not an ``(inputs, targets)`` pair, non-integer or
+      out-of-range labels for ``"categorical"``, a mean whose NLL is not
+      finite, or a state without a blrax posterior.
 
   Examples:
     >>> import jax, jax.numpy as jnp, blrax
@@ -325,6 +335,16 @@ def calibrate_posterior(
   if not batches:
     raise ValueError("`batches` is empty: pass held-out (inputs, targets) "
                      "batches.")
+  for batch in batches:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+      raise ValueError("each batch must be an (inputs, targets) pair, got "
+                       f"a {type(batch).__name__} of length "
+                       f"{len(batch) if hasattr(batch, '__len__') else '?'}.")
+    targets = jnp.asarray(batch[1])
+    if likelihood == "categorical" and not jnp.issubdtype(targets.dtype,
+                                                          jnp.integer):
+      raise ValueError("likelihood='categorical' needs integer labels, got "
+                       f"targets of dtype {targets.dtype}.")
   key = noise.canonicalize_key(key)
 
   cache: dict[tuple[float, float], float] = {}
@@ -337,14 +357,25 @@ def calibrate_posterior(
     padded = np.resize(np.asarray(todo), max(width, len(todo)))
     totals, count = np.zeros(len(padded)), 0
     for inputs, targets in batches:
-      value, n = _batch_log_likelihood(
+      value, n, bad = _batch_log_likelihood(
           params, opt_state, jnp.asarray(padded), float(kappa), inputs,
           targets, noise_variance, key, apply_fn=apply_fn, log_p=log_p,
           num_samples=num_samples, linearized=bool(linearized))
+      if bool(bad):
+        raise ValueError(
+            "`batches` hold labels outside [0, classes) for "
+            f"likelihood='categorical': targets={np.asarray(targets)!r}.")
       totals += np.asarray(value, np.float64)
       count += int(n)
     for t, total in zip(todo, totals):
-      cache[(t, float(kappa))] = float(-total / count)
+      nll = float(-total / count)
+      if not math.isfinite(nll):
+        if t == 0.0:
+          raise ValueError(
+              "the posterior mean's NLL on `batches` is not finite "
+              f"({nll}): NaN or inf outputs of apply_fn, or NaN targets.")
+        nll = math.inf  # a draw overflowed: never the chosen temperature
+      cache[(t, float(kappa))] = nll
 
   def nll(tau: float, kappa: float) -> float:
     evaluate([tau], kappa)
