@@ -46,8 +46,9 @@ def _first_draws(params, states):
 def test_vmapped_init_shares_noise_and_warns():
   opt = blrax.ivon(0.1, ess=10.0, key=0)
   params = _params()
-  with pytest.warns(UserWarning, match="ensemble_init"):
+  with pytest.warns(UserWarning, match="ensemble_init") as record:
     states = jax.vmap(opt.init)(params)
+  assert record[0].filename == __file__  # points at the user's line
   noise = _first_draws(params, states) - params["w"]
   np.testing.assert_allclose(noise[0] / np.std(noise[0]),
                              noise[1] / np.std(noise[1]), rtol=1e-5)

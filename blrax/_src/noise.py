@@ -123,7 +123,21 @@ def warn_if_shared_noise(key: Any, params: Any) -> None:
   if _FOLDING_IN[0] or _is_vmapped(key):
     return
   if any(_is_vmapped(x) for x in jax.tree.leaves(params)):
-    warnings.warn(SHARED_NOISE_WARNING, UserWarning, stacklevel=4)
+    warnings.warn(SHARED_NOISE_WARNING, UserWarning,
+                  stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+  """The ``stacklevel`` of the first caller outside blrax, JAX and optax."""
+  import os  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  inside = tuple(os.path.dirname(m.__file__) + os.sep
+                 for m in (sys.modules["blrax"], jax, optax))
+  frame, level = sys._getframe(1), 1  # noqa: SLF001
+  while frame is not None and frame.f_code.co_filename.startswith(inside):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
