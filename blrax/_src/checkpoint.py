@@ -8,7 +8,8 @@ dependency (``pip install 'blrax[checkpoint]'``), imported on first use.
 Next to orbax's files, ``save_checkpoint`` writes ``blrax_tree.json``: the
 saved tree described node by node (each node's type name, such as
 ``ScaleByBLRState``, ``DiagonalGaussian`` or ``NormalNoiseState``; each
-leaf's shape and dtype, typed PRNG keys as ``key<impl>``), the posteriors it
+leaf's shape and dtype; PRNG keys are kept as uint32 key data, older
+checkpoints' typed keys are recorded as ``key<impl>``), the posteriors it
 holds, and optional user metadata. ``restore_checkpoint`` compares the
 template with it before reading any array, so a checkpoint never restores
 silently into the state of a different optimizer configuration.
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blrax._src import lookup
+from blrax._src import noise as noise_lib
 
 RECORD = "blrax_tree.json"
 _FORMAT = 1
@@ -76,8 +78,75 @@ def _posterior(node: Any, path: str, owner: str) -> dict[str, Any]:
   noise = getattr(node, "noise_state", None)
   return {"path": path, "type": type(node).__name__, "owner": owner,
           "noise": None if noise is None else type(noise).__name__,
-          "mc_samples": None if key is None else (
-              1 if len(key.shape) == 0 else int(key.shape[0]))}
+          # typed keys (older states) or their uint32 data
+          "mc_samples": None if key is None else int(noise_lib.num_keys(key))}
+
+
+# Typed-key dtypes as older blrax saved them, and their implementations.
+_TYPED_KEYS = {"key<fry>": "threefry2x32", "key<rbg>": "rbg",
+               "key<urbg>": "unsafe_rbg"}
+
+
+def _typed_key_entries(record: dict[str, Any], template: dict[str, Any]
+                       ) -> dict[str, str]:
+  """``{path: implementation}`` of the saved typed keys the template holds
+  as uint32 (key data).
+
+  States kept typed PRNG keys before blrax kept their uint32 data
+  (``blrax.noise.key_data``); such a checkpoint restores into today's state,
+  its keys converted to key data.
+  """
+  return {path: _TYPED_KEYS[entry[1]]
+          for path, entry in record["entries"].items()
+          if isinstance(entry, list) and len(entry) == 2
+          and entry[1] in _TYPED_KEYS
+          and isinstance(template["entries"].get(path), list)
+          and template["entries"][path][1] == "uint32"}
+
+
+def _as_key_data(record: dict[str, Any], typed: dict[str, str]
+                 ) -> dict[str, Any]:
+  """``record`` with each typed key's entry that of its key data."""
+  entries = dict(record["entries"])
+  for path, impl in typed.items():
+    shape = entries[path][0]
+    entries[path] = [[*shape, noise_lib.KEY_WIDTHS[impl]], "uint32"]
+  return {**record, "entries": entries}
+
+
+def _stored_shape_differences(ocp: Any, directory: str, target: Any
+                              ) -> list[str]:
+  """``path: saved shape ..., template has ...`` for each leaf whose stored
+  shape (orbax's metadata) is not the target's; [] if that cannot be told."""
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(directory)
+    stored = {getattr(m, "name", None): tuple(m.shape) for m in
+              jax.tree.leaves(getattr(metadata, "item_metadata", metadata))}
+  except Exception:  # noqa: BLE001 - only an error message is at stake
+    return []
+
+  def name(path):
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(
+        k, "name", k)))) for k in path)
+
+  return [f"{path[0].key}{jax.tree_util.keystr(path[1:])}: saved shape "
+          f"{stored[name(path)]}, template has {t.shape}"
+          for path, t in jax.tree_util.tree_flatten_with_path(target)[0]
+          if name(path) in stored and stored[name(path)] != tuple(t.shape)]
+
+
+def _typed_target(target: Any, typed: dict[str, str]) -> Any:
+  """The orbax target with a typed key where the checkpoint holds one."""
+
+  def leaf(path, t):
+    impl = typed.get(f"{path[0].key}{jax.tree_util.keystr(path[1:])}")
+    if impl is None:
+      return t
+    shape = t.shape[:-1] + ((4,) if impl == "unsafe_rbg" else t.shape[-1:])
+    return jax.eval_shape(lambda: jax.random.wrap_key_data(
+        jnp.zeros(shape, jnp.uint32), impl=impl))
+
+  return jax.tree_util.tree_map_with_path(leaf, target)
 
 
 def _describe(trees: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,7 +320,9 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
   """Restores ``(params, opt_state)``; the arguments give structure and dtypes.
 
   Pass e.g. freshly initialised params and ``opt.init(params)`` (or their
-  ``jax.eval_shape``); typed PRNG keys are restored as typed keys.
+  ``jax.eval_shape``). A checkpoint of an older blrax, whose states held
+  typed PRNG keys, restores into today's state (which holds their uint32
+  data, ``blrax.noise.key_data``): its keys become key data.
 
   Before reading any array, the template is checked against the checkpoint's
   record (``blrax_tree.json``): the same tree (every node's path and type
@@ -277,8 +348,8 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
 
   Raises:
     ValueError: naming the paths that differ (e.g.
-      ``opt_state[0].posterior.noise_state.key: saved shape () dtype
-      key<fry>, template has shape (2,) dtype key<fry>``), if the template
+      ``opt_state[0].posterior.noise_state.key: saved shape (2,) dtype
+      uint32, template has shape (2, 2) dtype uint32``), if the template
       or ``metadata`` does not match the checkpoint.
 
   Examples:
@@ -294,7 +365,7 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
     ...   params, state = restore_checkpoint(path, template,
     ...                                      opt.init(template))
     >>> print(params["w"], state[0].posterior.noise_state.key.dtype)
-    [1. 1.] key<fry>
+    [1. 1.] uint32
   """
   ocp = _orbax()
   directory = os.path.abspath(directory)
@@ -309,9 +380,12 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
         f"checkpoint {directory} has no {RECORD} (saved by an older blrax): "
         "its tree structure, node types and dtypes are not checked against "
         "the template.", stacklevel=2)
-  else:
+  typed = {}
+  if record is not None:
+    described = _describe({"params": params, "opt_state": opt_state})
+    typed = _typed_key_entries(record, described)
     diffs = _differences(
-        record, _describe({"params": params, "opt_state": opt_state}),
+        _as_key_data(record, typed), described,
         expected_metadata)
     if diffs:
       more = (f"\n  ... and {len(diffs) - _SHOWN} more"
@@ -324,10 +398,22 @@ def restore_checkpoint(directory: str | os.PathLike, params: Any,
           f"({len(diffs)} difference{'s' if len(diffs) > 1 else ''}):\n  - "
           + "\n  - ".join(diffs[:_SHOWN]) + more + hint)
   target = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
-  restored = ocp.StandardCheckpointer().restore(directory, _drop_empty(target))
+  saved = _typed_target(target, typed) if typed else target
+  try:
+    restored = ocp.StandardCheckpointer().restore(directory,
+                                                  _drop_empty(saved))
+  except ValueError as error:
+    wrong = _stored_shape_differences(ocp, directory, saved)
+    if not wrong:
+      raise
+    raise ValueError(f"checkpoint {directory} does not match the template: "
+                     + "; ".join(wrong[:_SHOWN])) from error
   restored = jax.tree.map(
       lambda t, r: jnp.zeros(t.shape, t.dtype) if t.size == 0 else r,
-      target, restored)
+      saved, restored)
+  restored = jax.tree.map(
+      lambda s, t, r: noise_lib.key_data(r) if s is not t else r,
+      saved, target, restored)
   wrong = [
       f"{path[0].key}{jax.tree_util.keystr(path[1:])}: saved shape "
       f"{np.shape(r)}, template has {t.shape}"

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blrax._src import full_gaussian
 from blrax._src import noise as noise_lib
+
+# The states whose ``key`` field holds PRNG key data (blrax.noise.key_data).
+_KEYED = (noise_lib.NormalNoiseState, noise_lib.HashNoiseState,
+          noise_lib.FlipNoiseState, full_gaussian.FullGaussian)
 
 
 def _is_key(x: Any) -> bool:
@@ -23,17 +28,22 @@ def _is_key(x: Any) -> bool:
       x.dtype, jax.dtypes.prng_key)
 
 
+def _holds_key(x: Any) -> bool:
+  return isinstance(x, _KEYED) or _is_key(x)
+
+
 def fold_in_keys(opt_state: Any, data: Any) -> Any:
   r"""``opt_state`` with ``data`` folded into each of its PRNG keys.
 
-  Every typed PRNG key in the (possibly nested) optax state — the weight-noise
-  key of each blrax posterior, each of its ``mc_samples`` keys — becomes
+  Every PRNG key in the (possibly nested) optax state — the weight-noise key
+  of each blrax posterior (kept as key data), each of its ``mc_samples``
+  keys, and any typed PRNG key — becomes
   ``jax.random.fold_in(key, data)``; everything else is returned unchanged.
   States that differ only by ``data`` then draw independent noise, which is
   what an ensemble's members need.
 
   Args:
-    opt_state: an optimizer state holding at least one typed PRNG key (any
+    opt_state: an optimizer state holding at least one PRNG key (any
       blrax optimizer's, possibly inside optax wrappers).
     data: a non-negative int (or int32/uint32 scalar, traced under ``vmap``
       or ``jit``), e.g. the member index.
@@ -63,8 +73,8 @@ def fold_in_keys(opt_state: Any, data: Any) -> Any:
     raise ValueError(
         f"`data` must be an integer scalar (e.g. a member index), got "
         f"data={data!r}.")
-  leaves = jax.tree.leaves(opt_state, is_leaf=_is_key)
-  if not any(_is_key(x) for x in leaves):
+  leaves = jax.tree.leaves(opt_state, is_leaf=_holds_key)
+  if not any(_holds_key(x) for x in leaves):
     raise ValueError(
         "`opt_state` holds no PRNG key to fold `data` into (is it a blrax "
         f"optimizer's state?); got a {type(opt_state).__name__}.")
@@ -74,8 +84,15 @@ def fold_in_keys(opt_state: Any, data: Any) -> Any:
     folded = jax.vmap(lambda k: jax.random.fold_in(k, data))(flat)
     return folded.reshape(key.shape)
 
-  return jax.tree.map(lambda x: fold(x) if _is_key(x) else x, opt_state,
-                      is_leaf=_is_key)
+  def fold_node(x):
+    if _is_key(x):
+      return fold(x)
+    if isinstance(x, _KEYED):
+      return x._replace(key=noise_lib.stored_like(
+          x.key, fold(noise_lib.wrap_key(x.key))))
+    return x
+
+  return jax.tree.map(fold_node, opt_state, is_leaf=_holds_key)
 
 
 def ensemble_init(opt: optax.GradientTransformation, params: Any) -> Any:

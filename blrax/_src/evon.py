@@ -141,8 +141,9 @@ class EigenbasisGaussian(NamedTuple):
   :math:`Q_L^\top X Q_R` (e.g. to pass ``hessian=``), ``unrotate`` back.
 
   Attributes:
-    noise_state: the noise generator's state (the PRNG key of the next draw;
-      ``mc_samples`` keys for several samples per step). The noise is drawn
+    noise_state: the noise generator's state (the uint32 data of the PRNG
+      key of the next draw; of ``mc_samples`` keys for several samples per
+      step). The noise is drawn
       in the rotated basis.
     curvature: :math:`h'`, the curvature in the rotated basis, a pytree like
       the params (float32 or wider).
@@ -179,7 +180,7 @@ class EigenbasisGaussian(NamedTuple):
 
   @property
   def mc_samples(self) -> int:
-    return 1 if self.key.ndim == 0 else self.key.shape[0]
+    return noise_lib.num_keys(self.key)
 
   def noise(self) -> Any:
     """The standard normals :math:`E` (rotated basis) of the next update

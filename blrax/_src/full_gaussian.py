@@ -87,7 +87,8 @@ class FullGaussian(NamedTuple):
   The posterior of ``blrax.von(..., covariance="full")``.
 
   Attributes:
-    key: PRNG key of the next draw (a batch of keys for several samples).
+    key: the uint32 data (``blrax.noise.key_data``) of the PRNG key of the
+      next draw (of a batch of keys for several samples).
     curvature: :math:`S`, a ``(D, D)`` symmetric matrix (float32 or wider).
     ess: :math:`\lambda`, a float scalar.
     weight_decay: :math:`\delta`, a float scalar.
@@ -116,7 +117,7 @@ class FullGaussian(NamedTuple):
 
   @property
   def mc_samples(self) -> int:
-    return 1 if self.key.ndim == 0 else self.key.shape[0]
+    return noise_lib.num_keys(self.key)
 
   def precision(self) -> jax.Array:
     """:math:`P = \\lambda (S + \\delta I)`."""
@@ -134,13 +135,14 @@ class FullGaussian(NamedTuple):
 
   def noise(self) -> jax.Array:
     """Standard-normal :math:`\\epsilon`, shape ``(D,)`` or ``(S, D)``."""
-    noise_key = noise_lib.split_key(self.key)[0]
+    noise_key = noise_lib.split_key(noise_lib.wrap_key(self.key))[0]
     dim = self.curvature.shape[0]
     draw = lambda k: jax.random.normal(k, (dim,), self.curvature.dtype)
     return draw(noise_key) if noise_key.ndim == 0 else jax.vmap(draw)(noise_key)
 
   def next_key(self) -> jax.Array:
-    return noise_lib.split_key(self.key)[1]
+    return noise_lib.stored_like(
+        self.key, noise_lib.split_key(noise_lib.wrap_key(self.key))[1])
 
   def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
     """The posterior after an update: next key, new curvature and

@@ -72,7 +72,8 @@ class DiagonalGaussian(NamedTuple):
 
   Attributes:
     noise_state: the state of the noise generator (``blrax.noise``): the
-      PRNG key of the next draw (``mc_samples`` keys when the optimizer draws
+      uint32 data of the PRNG key of the next draw (``mc_samples`` keys' data
+      when the optimizer draws
       several samples per step), and whatever else the generator keeps.
     curvature: :math:`h`, a pytree like the params (``optax.MaskedNode`` where
       a wrapper masked a param out), float32 or wider.
@@ -105,7 +106,7 @@ class DiagonalGaussian(NamedTuple):
 
   @property
   def mc_samples(self) -> int:
-    return 1 if self.key.ndim == 0 else self.key.shape[0]
+    return noise_lib.num_keys(self.key)
 
   def noise(self) -> Any:
     """The standard-normal :math:`\\epsilon` this state's next update expects

@@ -95,6 +95,78 @@ def initial_key(key: int | jax.Array, mc_samples: int,
   return key if mc_samples == 1 else jax.random.split(key, mc_samples)
 
 
+# How a state's key data records its key implementation: by its trailing
+# width. unsafe_rbg keys (4 words, like rbg) get a fifth word, always 0.
+KEY_WIDTHS = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 5}
+_IMPL_OF_WIDTH = {width: impl for impl, width in KEY_WIDTHS.items()}
+
+
+def key_data(key: jax.Array) -> jax.Array:
+  """The uint32 data a state stores for a typed key (or a batch of keys).
+
+  States hold plain arrays, so generic tools (``flax.serialization``,
+  ``np.asarray``, ``optax.tree.cast``) work on them; :func:`wrap_key` gives
+  the typed key back, of the same implementation, where a draw is made.
+
+  Raises:
+    ValueError: naming ``key`` if its implementation is not one of
+      ``KEY_WIDTHS`` (threefry2x32, rbg, unsafe_rbg).
+  """
+  impl = str(jax.random.key_impl(key))
+  if impl not in KEY_WIDTHS:
+    raise ValueError(
+        f"`key` must be a PRNG key of implementation {tuple(KEY_WIDTHS)}, got "
+        f"key={key!r} of implementation {impl!r}.")
+  data = jax.random.key_data(key)
+  if impl == "unsafe_rbg":
+    data = jnp.concatenate([data, jnp.zeros(data.shape[:-1] + (1,),
+                                            data.dtype)], axis=-1)
+  return data
+
+
+def is_typed_key(key: Any) -> bool:
+  """Whether ``key`` is a typed PRNG key array (``jax.random.key``) or the
+  ``jax.ShapeDtypeStruct`` of one."""
+  dtype = getattr(key, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype,
+                                                     jax.dtypes.prng_key)
+
+
+def wrap_key(data: jax.Array) -> jax.Array:
+  """The typed key (or keys) of a state's key data (see :func:`key_data`).
+
+  Typed keys are returned as they are (a state whose keys a user replaced by
+  typed keys still draws).
+
+  Raises:
+    ValueError: naming ``data`` if its trailing width records no key
+      implementation, or its dtype is not uint32.
+  """
+  if is_typed_key(data):
+    return data
+  width = data.shape[-1] if data.ndim else None
+  if width not in _IMPL_OF_WIDTH or data.dtype != jnp.uint32:
+    raise ValueError(
+        "`data` must be PRNG key data, uint32 with trailing width in "
+        f"{tuple(_IMPL_OF_WIDTH)}, got data of shape {data.shape} dtype "
+        f"{data.dtype}.")
+  impl = _IMPL_OF_WIDTH[width]
+  if impl == "unsafe_rbg":
+    data = data[..., :4]
+  return jax.random.wrap_key_data(data, impl=impl)
+
+
+def num_keys(data: jax.Array) -> int:
+  """How many keys a state's key data (or typed keys) holds: ``mc_samples``."""
+  shape = data.shape if is_typed_key(data) else data.shape[:-1]
+  return 1 if len(shape) == 0 else shape[0]
+
+
+def stored_like(old: jax.Array, key: jax.Array) -> jax.Array:
+  """``key`` as the state stored ``old``: key data, or typed if it was."""
+  return key if is_typed_key(old) else key_data(key)
+
+
 # Set by blrax.ensemble_init while it traces its vmapped init: its keys are
 # made distinct after init, by folding in the member index.
 _FOLDING_IN = [False]
@@ -189,7 +261,8 @@ class NormalNoiseState(NamedTuple):
   """State of :class:`NormalNoise`: the threefry key of the next draw.
 
   Attributes:
-    key: a typed PRNG key, or ``mc_samples`` of them.
+    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+      ``mc_samples`` of them.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -197,15 +270,15 @@ class NormalNoiseState(NamedTuple):
     >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
     >>> isinstance(posterior.noise_state, blrax.noise.NormalNoiseState)
     True
-    >>> posterior.noise_state.key.shape  # one key per sample
-    (4,)
+    >>> posterior.noise_state.key.shape  # one key's data per sample
+    (4, 2)
   """
 
   key: jax.Array
 
   def draw(self, like: Any, active: jax.Array) -> Any:
     """This step's standard normals like ``like`` (zeros if not active)."""
-    return _keyed_draw(self.key, like, active, standard_normal_like)
+    return _keyed_draw(wrap_key(self.key), like, active, standard_normal_like)
 
   def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
     """``num_samples`` independent draws from ``key`` (for model averaging)."""
@@ -216,7 +289,8 @@ class HashNoiseState(NamedTuple):
   """State of :class:`HashNoise`: the key its counter hash is seeded by.
 
   Attributes:
-    key: a typed PRNG key, or ``mc_samples`` of them (advanced every step).
+    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+      ``mc_samples`` of them (advanced every step).
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -230,7 +304,8 @@ class HashNoiseState(NamedTuple):
 
   def draw(self, like: Any, active: jax.Array) -> Any:
     """This step's standard normals like ``like`` (zeros if not active)."""
-    return _keyed_draw(self.key, like, active, fast_noise.hash_normal_like)
+    return _keyed_draw(wrap_key(self.key), like, active,
+                       fast_noise.hash_normal_like)
 
   def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
     """``num_samples`` independent draws from ``key`` (for model averaging)."""
@@ -241,7 +316,8 @@ class FlipNoiseState(NamedTuple):
   r"""State of :class:`FlipNoise`.
 
   Attributes:
-    key: a typed PRNG key, or ``mc_samples`` of them; seeds the signs.
+    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+      ``mc_samples`` of them; seeds the signs.
     base_noise: :math:`z`, a stored standard-normal draw like the params.
     refresh_phase: int32 scalar, which slice of :math:`z` the next update
       redraws.
@@ -269,20 +345,21 @@ class FlipNoiseState(NamedTuple):
     """
     leaves, treedef = jax.tree.flatten(like)
     shapes = [h.shape for h in leaves]
+    key = wrap_key(self.key)
     factors = jax.lax.cond(
         active,
-        lambda: fast_noise.sign_factors(self.key, shapes),
+        lambda: fast_noise.sign_factors(key, shapes),
         lambda: jax.tree.map(
             jnp.zeros_like,
             jax.eval_shape(lambda k: fast_noise.sign_factors(k, shapes),
-                           self.key)))
+                           key)))
     out = []
     for (rows, cols), z, h in zip(factors, jax.tree.leaves(self.base_noise),
                                   leaves):
       # Signs in the draw's dtype: exact sign flips, no float32 detour.
       signs = rows.astype(z.dtype) * cols.astype(z.dtype)
       matrix = signs * z.reshape(fast_noise.matrix_shape(h.shape))
-      out.append(matrix.reshape(self.key.shape + h.shape))
+      out.append(matrix.reshape(key.shape + h.shape))
     return jax.tree.unflatten(treedef, out)
 
   def fresh(self, key: jax.Array, like: Any, num_samples: int) -> Any:
@@ -296,11 +373,12 @@ class _KeyedNoise:
 
   def init(self, key: jax.Array, like: Any):
     del like
-    return self.state_type(key)
+    return self.state_type(key_data(key))
 
   def advance(self, state, after: Any):
     del after
-    return state._replace(key=split_key(state.key)[1])
+    return state._replace(key=stored_like(
+        state.key, split_key(wrap_key(state.key))[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,15 +464,17 @@ class FlipNoise:
   def init(self, key: jax.Array, like: Any) -> FlipNoiseState:
     first = key if key.ndim == 0 else key[0]
     base = standard_normal_like(jax.random.fold_in(first, 1), like)
-    return FlipNoiseState(key=key, base_noise=base,
+    return FlipNoiseState(key=key_data(key), base_noise=base,
                           refresh_phase=jnp.zeros([], jnp.int32))
 
   def advance(self, state: FlipNoiseState, after: Any) -> FlipNoiseState:
-    first = state.key if state.key.ndim == 0 else state.key[0]
+    key = wrap_key(state.key)
+    first = key if key.ndim == 0 else key[0]
     base = fast_noise.refresh_slice(first, state.base_noise,
                                     state.refresh_phase, self.refresh_every,
                                     after=after)
-    return FlipNoiseState(key=split_key(state.key)[1], base_noise=base,
+    return FlipNoiseState(key=stored_like(state.key, split_key(key)[1]),
+                          base_noise=base,
                           refresh_phase=(state.refresh_phase + 1)
                           % self.refresh_every)
 

@@ -286,7 +286,8 @@ def scale_by_full_von(
         jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params)
         else jnp.float32)
     posterior = full_gaussian.FullGaussian(
-        key=noise_lib.initial_key(key, mc_samples, params),
+        key=noise_lib.key_data(
+            noise_lib.initial_key(key, mc_samples, params)),
         curvature=hess_init * jnp.eye(dim, dtype=dtype),
         ess=gaussian.scalar(ess),
         weight_decay=gaussian.scalar(weight_decay),
