@@ -105,7 +105,7 @@ def key_data(key: jax.Array) -> jax.Array:
   """The uint32 data a state stores for a typed key (or a batch of keys).
 
   States hold plain arrays, so generic tools (``flax.serialization``,
-  ``np.asarray``, ``optax.tree.cast``) work on them; :func:`wrap_key` gives
+  ``np.asarray``, ``optax.tree.cast``) work on them; ``wrap_key`` gives
   the typed key back, of the same implementation, where a draw is made.
 
   Raises:
@@ -133,7 +133,7 @@ def is_typed_key(key: Any) -> bool:
 
 
 def wrap_key(data: jax.Array) -> jax.Array:
-  """The typed key (or keys) of a state's key data (see :func:`key_data`).
+  """The typed key (or keys) of a state's key data (see ``key_data``).
 
   Typed keys are returned as they are (a state whose keys a user replaced by
   typed keys still draws).
@@ -261,7 +261,7 @@ class NormalNoiseState(NamedTuple):
   """State of :class:`NormalNoise`: the threefry key of the next draw.
 
   Attributes:
-    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+    key: the data (uint32, see ``key_data``) of a PRNG key, or of
       ``mc_samples`` of them.
 
   Examples:
@@ -289,7 +289,7 @@ class HashNoiseState(NamedTuple):
   """State of :class:`HashNoise`: the key its counter hash is seeded by.
 
   Attributes:
-    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+    key: the data (uint32, see ``key_data``) of a PRNG key, or of
       ``mc_samples`` of them (advanced every step).
 
   Examples:
@@ -316,7 +316,7 @@ class FlipNoiseState(NamedTuple):
   r"""State of :class:`FlipNoise`.
 
   Attributes:
-    key: the data (uint32, see :func:`key_data`) of a PRNG key, or of
+    key: the data (uint32, see ``key_data``) of a PRNG key, or of
       ``mc_samples`` of them; seeds the signs.
     base_noise: :math:`z`, a stored standard-normal draw like the params.
     refresh_phase: int32 scalar, which slice of :math:`z` the next update
