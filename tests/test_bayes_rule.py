@@ -1,4 +1,4 @@
-"""Bayes' rule as addition of natural gradients (DESIGN.md §3).
+"""Bayes' rule as addition of natural gradients (blrax.expfam).
 
 For each conjugate pair, one BLR step with rho = 1 computed by autodiff must
 equal the textbook posterior, and the posterior natural parameter must equal

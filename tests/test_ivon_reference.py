@@ -1,4 +1,4 @@
-"""IVON against an independent NumPy transcription of DESIGN.md §3.
+"""IVON against an independent NumPy transcription of blrax.ivon's update.
 
 The oracle below is written from the equations, not from blrax: it takes the
 sampled weights theta_s (from the public ``sample_params``), gradients computed
@@ -23,7 +23,7 @@ def loss_grad(theta):
 
 
 def oracle_step(state, m, thetas, grads, hp):
-  """One IVON step, DESIGN.md §3, items 1-6. ``thetas``/``grads``: (S, ...)."""
+  """One IVON step (blrax.ivon's docstring). ``thetas``/``grads``: (S, ...)."""
   g, h, t = state
   lam, delta = hp["ess"], hp["weight_decay"]
   g_bar = grads.mean(0)

@@ -1,4 +1,4 @@
-"""Quadratic surrogates as limits of the BLR (DESIGN.md §3).
+"""Quadratic surrogates as limits of the BLR (blrax.von, blrax.vadam).
 
 With ess = inf there is no noise: VON with an exact Hessian and
 alpha = rho = 1 is Newton's method; Vadam is Adam; IVON is a deterministic

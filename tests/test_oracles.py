@@ -1,7 +1,7 @@
-"""Step-level oracles for every BLR variant (DESIGN.md §3), in float64 NumPy.
+"""Step-level oracles for every BLR variant (their docstrings), in float64 NumPy.
 
 Each oracle below is an independent transcription of one variant's equations,
-written from DESIGN.md §3 and not from blrax's code. It is fed the same noise
+written from the documented updates, not from blrax's code. It is fed the same noise
 as blrax: the draw theta_s comes from the public ``blrax.sample_params``, and
 the oracle turns it back into eps_s / sigma = (theta_s - m) * lam * (h + delta)
 with its *own* curvature h. The gradients (and the ``hessian=`` inputs) are a

@@ -1,6 +1,6 @@
 """The prior per parameter: weight_decay as a pytree or a mask, and prior_mean.
 
-Oracles: a NumPy transcription of IVON's step (DESIGN.md §3) with a per-leaf
+Oracles: a NumPy transcription of IVON's step (blrax.ivon) with a per-leaf
 delta and a prior mean; the scalar case; a quadratic whose MAP under the prior
 is known in closed form; full VON's Newton step.
 """

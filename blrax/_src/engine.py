@@ -2,7 +2,7 @@ r"""The diagonal BLR engine: one transform, parametrised by its parts.
 
 Every diagonal variant is the natural-gradient step of the BLR for
 :math:`q = N(m, 1/(\lambda(h+\delta)))`, assembled from three choices and a
-noise generator (DESIGN.md §8):
+noise generator (docs/engine.md):
 
 .. code-block:: text
 

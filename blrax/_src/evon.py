@@ -33,7 +33,7 @@ eigenbasis :math:`Q_L` (on linear regression it converges to the exact
 posterior).
 
 The paper by Minut et al. (2026) names the method; the equations here are
-written from the description of SOAP and of IVON (DESIGN.md §3).
+written from the description of SOAP and of IVON (:func:`blrax.ivon`).
 
 References:
   Minut, Daheim, Miani, Khan, Lin & Möllenhoff, *SOAP-Bubbles: Structured
