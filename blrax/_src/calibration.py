@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import lookup, noise, predictive, validation
+from blrax._src import lookup, noise, prediction_inputs, validation
 
 
 class Calibration(NamedTuple):
@@ -144,7 +144,7 @@ def tempered(opt_state: Any, temperature: Any,
 
 def _pure_state(opt_state: Any) -> Any:
   """The optax state inside an ``nnx.Optimizer`` (else ``opt_state``)."""
-  _, _, pure = predictive.functional(None, None, opt_state)
+  _, _, pure = prediction_inputs.functional(None, None, opt_state)
   return pure
 
 
@@ -309,7 +309,7 @@ def calibrate_posterior(
     >>> result.nll <= result.mean_nll
     True
   """
-  apply_fn, params, opt_state = predictive.functional(apply_fn, params,
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
                                                       opt_state)
   if not callable(apply_fn):
     raise ValueError("`apply_fn` must be a function (params, inputs) -> "

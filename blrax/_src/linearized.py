@@ -83,9 +83,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import full_gaussian, gaussian, lookup, predictive, uncertainty
+from blrax._src import (
+    full_gaussian,
+    gaussian,
+    lookup,
+    prediction_inputs,
+    uncertainty,
+    validation,
+)
 
-_TypeError = predictive._TypeError
+_TypeError = validation.ArgumentTypeError
 
 _CLASSIFICATION = ("sampled", "probit")
 _REGRESSION = ("sampled", "closed_form")
@@ -103,27 +110,17 @@ def _method(method: Any, allowed: tuple[str, ...]) -> str:
   return method
 
 
-def _counts(num_samples: Any, chunk_size: Any) -> None:
-  """The checks of ``predictive``'s draws, for the closed forms too."""
-  num_samples = predictive._count("num_samples", num_samples)
-  if chunk_size is not None:
-    chunk_size = predictive._count("chunk_size", chunk_size)
-    if num_samples % chunk_size:
-      raise ValueError(
-          "`chunk_size` must be a positive divisor of num_samples="
-          f"{num_samples}, got chunk_size={chunk_size!r}.")
-
-
 def _prepare(apply_fn, key, params, opt_state, num_samples, chunk_size,
              sampled):
   """Checked ``(apply_fn, key, params, opt_state)``; key is None unless
   ``sampled``."""
-  apply_fn, params, opt_state = predictive._functional(apply_fn, params,
-                                                       opt_state)
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
+                                                             opt_state)
   if sampled and key is None:
     raise _TypeError("`key` is required with method='sampled', got key=None.")
-  key = predictive._common(apply_fn, key, not sampled)
-  _counts(num_samples, chunk_size)
+  key = prediction_inputs.check_apply_fn_and_key(apply_fn, key, not sampled)
+  # The checks of the draws, for the closed forms too.
+  prediction_inputs.check_draw_counts(num_samples, chunk_size)
   lookup.find_posteriors(opt_state)  # Raises now if there is none.
   return apply_fn, key, params, opt_state
 
@@ -144,11 +141,6 @@ class _Trainable:
     return jax.tree.unflatten(
         self.treedef, [next(it) if t else x for x, t in zip(self.leaves,
                                                               self.mask)])
-
-
-def _draw_keys(key, num_samples, chunk_size):
-  keys = jax.random.split(key, num_samples)
-  return keys.reshape(-1, num_samples if chunk_size is None else chunk_size)
 
 
 def _map_draws(apply_fn, keys, params, opt_state, inputs, reduce):
@@ -336,16 +328,17 @@ def linearized_log_probs(
       method == "sampled")
   if method == "probit":
     logits, variance = _output_variance(apply_fn, params, opt_state, inputs)
-    predictive._check_logits(logits)
+    prediction_inputs.check_logits(logits)
     return _probit_log_softmax(logits, variance)
-  keys = _draw_keys(key, num_samples, chunk_size)
+  keys, num_samples = prediction_inputs.draw_keys(key, num_samples,
+                                                  chunk_size)
 
   def reduce(logits):
     return jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1), axis=0)
 
   logits, chunks = _map_draws(apply_fn, keys, params, opt_state, inputs,
                               reduce)
-  predictive._check_logits(logits)
+  prediction_inputs.check_logits(logits)
   return jax.nn.logsumexp(chunks, axis=0) - jnp.log(num_samples)
 
 
@@ -451,25 +444,18 @@ def linearized_mean_variance(
   apply_fn, key, params, opt_state = _prepare(
       apply_fn, key, params, opt_state, num_samples, chunk_size,
       method == "sampled")
-  noise_variance, noise_ok = predictive._noise_variance(
-      predictive.default_noise_variance(noise_variance,
-                                        "linearized_mean_variance"))
+  noise_variance, noise_ok = prediction_inputs.check_noise_variance(
+      prediction_inputs.default_noise_variance(noise_variance,
+                                               "linearized_mean_variance"))
 
   def finish(mean, variance):
-    shape = jnp.shape(mean)
-    try:
-      ok_shape = jnp.broadcast_shapes(noise_variance.shape, shape) == shape
-    except ValueError:
-      ok_shape = False
-    if not ok_shape:
-      raise ValueError(
-          "`noise_variance` must broadcast to the output shape "
-          f"{shape}, got noise_variance.shape={noise_variance.shape}.")
-    return mean, (variance + noise_variance) * jnp.where(noise_ok, 1.0, jnp.nan)
+    return prediction_inputs.add_noise_variance(mean, variance, noise_variance,
+                                                noise_ok)
 
   if method == "closed_form":
     return finish(*_output_variance(apply_fn, params, opt_state, inputs))
-  keys = _draw_keys(key, num_samples, chunk_size)
+  keys, num_samples = prediction_inputs.draw_keys(key, num_samples,
+                                                  chunk_size)
 
   def reduce(out):
     mean = jnp.mean(out, axis=0)
@@ -539,17 +525,18 @@ def linearized_predictor(apply_fn: Callable[[Any, Any], jax.Array],
 
     def probit(args, inputs):
       logits, variance = _output_variance(apply_fn, *args, inputs)
-      predictive._check_logits(logits)
+      prediction_inputs.check_logits(logits)
       return _probit_log_softmax(logits, variance)[None]
 
     return uncertainty.Predictor(probit, (params, opt_state))
-  keys = _draw_keys(key, num_samples, chunk_size)
+  keys, num_samples = prediction_inputs.draw_keys(key, num_samples,
+                                                  chunk_size)
 
   def sampled(args, inputs):
     keys, params, opt_state = args
     logits, out = _map_draws(apply_fn, keys, params, opt_state, inputs,
                              lambda z: jax.nn.log_softmax(z, axis=-1))
-    predictive._check_logits(logits)
+    prediction_inputs.check_logits(logits)
     return out.reshape((-1,) + out.shape[2:])
 
   return uncertainty.Predictor(sampled, (keys, params, opt_state))

@@ -31,122 +31,20 @@ gives a NaN variance under ``jit``.
 
 from __future__ import annotations
 
-import sys
-import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from blrax._src import lookup, noise, validation
-
-# A TypeError that is also a ValueError, as blrax raises for wrong types.
-_TypeError = validation.ArgumentTypeError
-
-
-def _traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
-def _count(name: str, value: Any) -> int:
-  """``value`` as an int >= 1: Python or NumPy ints only (not bools, floats)."""
-  return validation.check_integer(name, value, low=1)
-
-
-def _functional(apply_fn, params, opt_state):
-  """An NNX model (or its state) and ``nnx.Optimizer`` as a pure
-  ``(apply_fn, params, opt_state)``; anything else unchanged."""
-  nnx = sys.modules.get("flax.nnx")  # Only loaded if the caller uses flax.
-  if nnx is not None and (isinstance(params, (nnx.Module, nnx.State))
-                          or isinstance(opt_state, nnx.Optimizer)):
-    from blrax._src import flax_integration
-    return flax_integration.functional(apply_fn, params, opt_state)
-  return apply_fn, params, opt_state
-
-
-# The NNX conversion, for the other posterior functions (calibration).
-functional = _functional
-
-
-def _common(apply_fn, key, mean_only):
-  """Checks the arguments every predictive function shares."""
-  if not callable(apply_fn):
-    raise _TypeError(
-        "`apply_fn` must be a function (params, inputs) -> outputs, got "
-        f"apply_fn={apply_fn!r}.")
-  if not isinstance(mean_only, (bool, np.bool_)):
-    raise _TypeError(f"`mean_only` must be a bool, got mean_only={mean_only!r}.")
-  if mean_only:
-    return None
-  if key is None:
-    raise _TypeError("`key` is required unless mean_only=True, got key=None.")
-  try:
-    key = noise.canonicalize_key(key)
-  except TypeError as e:
-    raise _TypeError(
-        "`key` must be an int seed, a legacy uint32 key of shape (2,) or a "
-        f"typed PRNG key, got key={key!r}.") from e
-  if key.shape != ():
-    raise ValueError(
-        f"`key` must be a single PRNG key, got key.shape={key.shape}.")
-  return key
+from blrax._src import lookup, prediction_inputs
 
 
 def _draws(key, params, opt_state, num_samples, chunk_size):
   """(keys reshaped to (chunks, chunk), a function key -> one draw, S)."""
-  num_samples = _count("num_samples", num_samples)
-  chunk_size = num_samples if chunk_size is None else _count("chunk_size",
-                                                             chunk_size)
-  if num_samples % chunk_size:
-    raise ValueError(
-        "`chunk_size` must be a positive divisor of num_samples="
-        f"{num_samples}, got chunk_size={chunk_size!r}.")
-  keys = jax.random.split(key, num_samples).reshape(-1, chunk_size)
+  keys, num_samples = prediction_inputs.draw_keys(key, num_samples, chunk_size)
   draw = lambda k: jax.tree.map(
       lambda x: x[0], lookup.sample_posterior(k, params, opt_state, 1))
   return keys, draw, num_samples
-
-
-def default_noise_variance(value: Any, caller: str, stacklevel: int = 3):
-  """``value``, or 0.0 with a ``UserWarning`` when it was left out (None)."""
-  if value is not None:
-    return value
-  warnings.warn(
-      f"{caller}: noise_variance not given, so the predictive variance is the "
-      "posterior's (epistemic) alone, with no observation noise: intervals "
-      "of noisy targets come out far too narrow. Pass noise_variance= (e.g. "
-      "the mean squared residual on held-out data), or noise_variance=0.0 "
-      "for the epistemic variance on purpose.", UserWarning,
-      stacklevel=stacklevel)
-  return 0.0
-
-
-def _noise_variance(value: Any) -> tuple[jax.Array, jax.Array]:
-  """(``value`` as an array, whether it is >= 0); concrete negatives raise."""
-  try:
-    array = jnp.asarray(value)
-  except (TypeError, ValueError) as e:
-    raise _TypeError("`noise_variance` must be a number or an array of numbers,"
-                    f" got noise_variance={value!r}.") from e
-  if array.dtype == jnp.bool_ or not (jnp.issubdtype(array.dtype, jnp.floating)
-                                      or jnp.issubdtype(array.dtype,
-                                                        jnp.integer)):
-    raise _TypeError("`noise_variance` must be real, got noise_variance="
-                    f"{value!r} of dtype {array.dtype}.")
-  ok = jnp.all(array >= 0)  # False for NaN.
-  if not _traced(array) and not bool(ok):
-    raise ValueError(
-        f"`noise_variance` must be >= 0, got noise_variance={value!r}.")
-  return array, ok
-
-
-def _check_logits(logits: jax.Array) -> None:
-  if jnp.ndim(logits) < 1 or jnp.shape(logits)[-1] < 2:
-    raise ValueError(
-        "`apply_fn` must return logits with a last axis of >= 2 classes, got "
-        f"shape {jnp.shape(logits)}; for a binary model with one logit z, "
-        "return jnp.stack([jnp.zeros_like(z), z], -1).")
 
 
 def predictive_log_probs(
@@ -200,18 +98,19 @@ def predictive_log_probs(
     >>> log_probs.shape
     (4, 2)
   """
-  apply_fn, params, opt_state = _functional(apply_fn, params, opt_state)
-  key = _common(apply_fn, key, mean_only)
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
+                                                             opt_state)
+  key = prediction_inputs.check_apply_fn_and_key(apply_fn, key, mean_only)
   if mean_only:
     logits = apply_fn(params, inputs)
-    _check_logits(logits)
+    prediction_inputs.check_logits(logits)
     return jax.nn.log_softmax(logits, axis=-1)
   keys, draw, num_samples = _draws(key, params, opt_state, num_samples,
                                    chunk_size)
 
   def log_softmax(k):
     logits = apply_fn(draw(k), inputs)
-    _check_logits(logits)
+    prediction_inputs.check_logits(logits)
     return jax.nn.log_softmax(logits, axis=-1)
 
   def chunk(chunk_keys):
@@ -309,22 +208,16 @@ def predictive_mean_variance(
     >>> mean.shape, bool((var > 0.1).all())
     ((4,), True)
   """
-  apply_fn, params, opt_state = _functional(apply_fn, params, opt_state)
-  key = _common(apply_fn, key, mean_only)
-  noise_variance, noise_ok = _noise_variance(
-      default_noise_variance(noise_variance, "predictive_mean_variance"))
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
+                                                             opt_state)
+  key = prediction_inputs.check_apply_fn_and_key(apply_fn, key, mean_only)
+  noise_variance, noise_ok = prediction_inputs.check_noise_variance(
+      prediction_inputs.default_noise_variance(noise_variance,
+                                               "predictive_mean_variance"))
 
   def finish(mean, variance):
-    shape = jnp.shape(mean)
-    try:
-      ok_shape = jnp.broadcast_shapes(noise_variance.shape, shape) == shape
-    except ValueError:
-      ok_shape = False
-    if not ok_shape:
-      raise ValueError(
-          "`noise_variance` must broadcast to the output shape "
-          f"{shape}, got noise_variance.shape={noise_variance.shape}.")
-    return mean, (variance + noise_variance) * jnp.where(noise_ok, 1.0, jnp.nan)
+    return prediction_inputs.add_noise_variance(mean, variance, noise_variance,
+                                                noise_ok)
 
   if mean_only:
     out = apply_fn(params, inputs)

@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import lookup, predictive, validation
+from blrax._src import lookup, prediction_inputs, predictive, validation
 from blrax._src.metrics import ROW_SUM_TOLERANCE
 
 _TypeError = validation.ArgumentTypeError
@@ -171,7 +171,7 @@ def _check_apply_fn(apply_fn: Any) -> None:
 
 def _log_softmax(apply_fn, params, inputs):
   logits = apply_fn(params, inputs)
-  predictive._check_logits(logits)
+  prediction_inputs.check_logits(logits)
   return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -201,7 +201,7 @@ def point_predictor(apply_fn: Callable[[Any, Any], jax.Array],
     >>> predictor(jnp.ones((2, 3))).shape
     (1, 2, 3)
   """
-  apply_fn, params, _ = predictive._functional(apply_fn, params, None)
+  apply_fn, params, _ = prediction_inputs.functional(apply_fn, params, None)
   _check_apply_fn(apply_fn)
   return Predictor(
       lambda p, inputs: _log_softmax(apply_fn, p, inputs)[None], params)
@@ -307,11 +307,10 @@ def posterior_predictor(apply_fn: Callable[[Any, Any], jax.Array],
     >>> predictor(jnp.ones((5, 3))).shape
     (4, 5, 3)
   """
-  apply_fn, params, opt_state = predictive._functional(apply_fn, params,
-                                                       opt_state)
-  key = predictive._common(apply_fn, key, False)
-  keys, _, _ = predictive._draws(key, params, opt_state, num_samples,
-                                 chunk_size)
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
+                                                             opt_state)
+  key = prediction_inputs.check_apply_fn_and_key(apply_fn, key, False)
+  keys, _ = prediction_inputs.draw_keys(key, num_samples, chunk_size)
   lookup.find_posteriors(opt_state)  # Raises now if there is none.
 
   def fn(args, inputs):
@@ -1259,13 +1258,14 @@ def regression_predictor(apply_fn: Callable[[Any, Any], jax.Array], key: Any,
     >>> mean.shape, bool((var > 0.1).all())
     ((5,), True)
   """
-  apply_fn, params, opt_state = predictive._functional(apply_fn, params,
-                                                       opt_state)
-  key = predictive._common(apply_fn, key, mean_only)
-  noise, _ = predictive._noise_variance(predictive.default_noise_variance(
-      noise_variance, "regression_predictor"))
+  apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
+                                                             opt_state)
+  key = prediction_inputs.check_apply_fn_and_key(apply_fn, key, mean_only)
+  noise, _ = prediction_inputs.check_noise_variance(
+      prediction_inputs.default_noise_variance(noise_variance,
+                                               "regression_predictor"))
   if not mean_only:
-    predictive._draws(key, params, opt_state, num_samples, chunk_size)
+    prediction_inputs.check_draw_counts(num_samples, chunk_size)
 
   def fn(args, inputs):
     key, params, opt_state, noise = args
