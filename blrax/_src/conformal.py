@@ -71,7 +71,7 @@ METHODS = ("aps", "raps")
 
 
 def _logits(logits: Any) -> jax.Array:
-  logits = metrics._as_array("logits", logits)
+  logits = metrics.as_array("logits", logits)
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     if jnp.issubdtype(logits.dtype, jnp.integer):
       logits = logits.astype(jnp.float32)
@@ -88,12 +88,12 @@ def _logits(logits: Any) -> jax.Array:
       i = int(jnp.argmax(jnp.any(bad, axis=1)))
       raise ValueError(
           "`logits` must not hold NaN or +inf (-inf, a zero probability, is "
-          f"fine); got logits[{i}]={metrics._show(logits[i])}.")
+          f"fine); got logits[{i}]={metrics.show(logits[i])}.")
   return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def _labels_for(labels: Any, n: int, k: int) -> jax.Array:
-  labels = metrics._as_array("labels", labels)
+  labels = metrics.as_array("labels", labels)
   if labels.dtype == jnp.bool_:
     labels = labels.astype(jnp.int32)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -225,7 +225,7 @@ def _fit(logits, labels, lo, hi, num_iterations):
   # Under jit the checks of fit_temperature cannot raise: NaN, not a bound.
   valid = (jnp.all(~jnp.isnan(logits) & (logits != jnp.inf))
            & _valid_labels(labels, logits.shape[1]))
-  return metrics._nan_unless(valid, jnp.exp(-0.5 * (lo + hi)))
+  return metrics.nan_unless(valid, jnp.exp(-0.5 * (lo + hi)))
 
 
 def temperature_predictor(predictor: Any, temperature: Any) -> Predictor:
@@ -279,7 +279,7 @@ def _probs(probs: Any) -> tuple[jax.Array, jax.Array]:
   shape = np.shape(probs)
   if len(shape) != 2:
     raise ValueError(f"`probs` must be (n, k), got probs.shape={shape}.")
-  probs, _, valid = metrics._inputs(probs, np.zeros(shape[0], np.int32))
+  probs, _, valid = metrics.check_probs_labels(probs, np.zeros(shape[0], np.int32))
   return probs, valid
 
 
@@ -388,7 +388,7 @@ def conformal_threshold(probs: Any, labels: Any, alpha: float, *,
     q = jnp.asarray(jnp.inf, probs.dtype)
   else:
     q = jnp.sort(picked)[rank - 1]
-  return metrics._nan_unless(valid & _valid_labels(labels, k), q)
+  return metrics.nan_unless(valid & _valid_labels(labels, k), q)
 
 
 def conformal_sets(probs: Any, threshold: Any, *, method: str = "aps",

@@ -183,35 +183,12 @@ class ExponentialFamily:
       raw = getattr(getattr(self, field), "unchecked", getattr(self, field))
 
       def checked(eta, raw=raw):
-        eta, ok = self._checked(eta)
+        eta, ok = _checked(self, eta)
         return _nan_unless(ok, raw(eta))
 
       checked.unchecked = raw
       checked.__doc__ = raw.__doc__
       object.__setattr__(self, field, checked)
-
-  def _check_shape(self, eta: Any, name: str) -> jax.Array:
-    eta = _as_float(name, eta)
-    want = self.natural_shape
-    if want is not None and (
-        eta.ndim != len(want) or eta.size == 0
-        or any(w is not None and s != w for s, w in zip(eta.shape, want))):
-      text = "(" + ", ".join("k" if w is None else str(w) for w in want) + (
-          ",)" if len(want) == 1 else ")")
-      raise ValueError(
-          f"`{name}` of {self.name} must have shape {text}, got "
-          f"{name}.shape={eta.shape}.")
-    return eta
-
-  def _checked(self, eta: Any, name: str = "eta"):
-    """(``eta`` with NaN if invalid, validity); concrete invalid raises."""
-    eta = self._check_shape(eta, name)
-    ok = jnp.all(jnp.isfinite(eta))
-    if self.natural_domain is not None:
-      ok &= self.natural_domain(eta)
-    ok = _require(name, eta, ok,
-                  f"a natural parameter of {self.name} ({self.domain_text})")
-    return _nan_unless(ok, eta), ok
 
   def check_natural(self, eta: Any, name: str = "eta") -> jax.Array:
     """Checks a natural parameter; returns it as a float array.
@@ -228,7 +205,7 @@ class ExponentialFamily:
       ValueError: ``eta`` has the wrong shape, or is concrete and outside the
         domain (or not finite).
     """
-    return self._checked(eta, name)[0]
+    return _checked(self, eta, name)[0]
 
   def mean_params(self, eta: jax.Array) -> jax.Array:
     """:math:`\\mu = \\nabla A(\\eta) = E_q[T(\\theta)]`.
@@ -240,7 +217,7 @@ class ExponentialFamily:
       The mean parameters, shaped like ``eta``; NaN if ``eta`` is invalid
       (traced).
     """
-    eta, ok = self._checked(eta)
+    eta, ok = _checked(self, eta)
     return _nan_unless(ok, jax.grad(self.log_partition.unchecked)(eta))
 
   def fisher(self, eta: jax.Array) -> jax.Array:
@@ -253,7 +230,7 @@ class ExponentialFamily:
       A ``(k, k)`` matrix for ``eta`` of shape ``(k,)``; NaN if ``eta`` is
       invalid (traced).
     """
-    eta, ok = self._checked(eta)
+    eta, ok = _checked(self, eta)
     return _nan_unless(ok, jax.hessian(self.log_partition.unchecked)(eta))
 
   def kl(self, eta_q: jax.Array, eta_p: jax.Array) -> jax.Array:
@@ -267,8 +244,8 @@ class ExponentialFamily:
       A scalar; NaN if either parameter is invalid (traced). Concrete invalid
       ones raise ``ValueError``.
     """
-    eta_q, ok_q = self._checked(eta_q, "eta_q")
-    eta_p, ok_p = self._checked(eta_p, "eta_p")
+    eta_q, ok_q = _checked(self, eta_q, "eta_q")
+    eta_p, ok_p = _checked(self, eta_p, "eta_p")
     raw = self.log_partition.unchecked
     value = (raw(eta_p) - raw(eta_q)
              - jnp.dot(eta_p - eta_q, jax.grad(raw)(eta_q)))
@@ -285,10 +262,36 @@ class ExponentialFamily:
     Returns:
       Samples with leading axes ``shape``; NaN if ``eta`` is invalid (traced).
     """
-    eta, ok = self._checked(eta)
+    eta, ok = _checked(self, eta)
     samples = self.sampler(noise.canonicalize_key(key), eta,
                            _sample_shape(shape))
     return _nan_unless(ok, samples)
+
+
+def _check_shape(family: ExponentialFamily, eta: Any, name: str) -> jax.Array:
+  """``eta`` as a float array of ``family.natural_shape``; raises if not."""
+  eta = _as_float(name, eta)
+  want = family.natural_shape
+  if want is not None and (
+      eta.ndim != len(want) or eta.size == 0
+      or any(w is not None and s != w for s, w in zip(eta.shape, want))):
+    text = "(" + ", ".join("k" if w is None else str(w) for w in want) + (
+        ",)" if len(want) == 1 else ")")
+    raise ValueError(
+        f"`{name}` of {family.name} must have shape {text}, got "
+        f"{name}.shape={eta.shape}.")
+  return eta
+
+
+def _checked(family: ExponentialFamily, eta: Any, name: str = "eta"):
+  """(``eta`` with NaN if invalid, validity); concrete invalid raises."""
+  eta = _check_shape(family, eta, name)
+  ok = jnp.all(jnp.isfinite(eta))
+  if family.natural_domain is not None:
+    ok &= family.natural_domain(eta)
+  ok = _require(name, eta, ok,
+                f"a natural parameter of {family.name} ({family.domain_text})")
+  return _nan_unless(ok, eta), ok
 
 
 def natural_gradient(family: ExponentialFamily, eta: jax.Array,
@@ -328,7 +331,7 @@ def natural_gradient(family: ExponentialFamily, eta: jax.Array,
         f"`family` must be an ExponentialFamily, got family={family!r}.")
   if not callable(objective):
     raise _TypeError(f"`objective` must be a function of mu, got {objective!r}.")
-  eta, ok = family._checked(eta)  # pylint: disable=protected-access
+  eta, ok = _checked(family, eta)
   grad_eta = jax.grad(lambda e: objective(family.mean_params(e)))(eta)
   return _nan_unless(
       ok, jnp.linalg.pinv(family.fisher(eta), hermitian=True) @ grad_eta)
@@ -376,8 +379,8 @@ def blr_step(family: ExponentialFamily, eta: jax.Array, prior_eta: jax.Array,
   if not isinstance(family, ExponentialFamily):
     raise _TypeError(
         f"`family` must be an ExponentialFamily, got family={family!r}.")
-  eta, ok = family._checked(eta)  # pylint: disable=protected-access
-  prior_eta = family._check_shape(prior_eta, "prior_eta")  # pylint: disable=protected-access
+  eta, ok = _checked(family, eta)
+  prior_eta = _check_shape(family, prior_eta, "prior_eta")
   if prior_eta.shape != eta.shape:
     raise ValueError(
         f"`prior_eta` must have the shape of eta {eta.shape}, got "

@@ -49,11 +49,32 @@ def _traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def _show(x: Any) -> str:
+def show(x: Any) -> str:
+  """``x`` printed briefly (at most 12 entries, 4 digits), for error messages.
+
+  Args:
+    x: an array or anything ``np.asarray`` takes.
+
+  Returns:
+    The text.
+  """
   return np.array2string(np.asarray(x), threshold=12, precision=4)
 
 
-def _as_array(name: str, value: Any) -> jax.Array:
+def as_array(name: str, value: Any) -> jax.Array:
+  """``value`` as a JAX array; integers that JAX would wrap to int32 raise.
+
+  Args:
+    name: the argument's name, for error messages.
+    value: an array, NumPy array, nested list or number.
+
+  Returns:
+    ``jnp.asarray(value)``.
+
+  Raises:
+    ArgumentTypeError: ``value`` is not numeric.
+    ValueError: integers outside int32 while x64 is off.
+  """
   if not isinstance(value, jax.Array):  # NumPy int64 would wrap to int32.
     try:
       host = np.asarray(value)
@@ -64,7 +85,7 @@ def _as_array(name: str, value: Any) -> jax.Array:
       info = np.iinfo(np.int32)
       if host.min() < info.min or host.max() > info.max:
         raise ValueError(f"`{name}` holds values outside int32, which JAX "
-                         f"would wrap: got {name}={_show(host)}.")
+                         f"would wrap: got {name}={show(host)}.")
   try:
     return jnp.asarray(value)
   except (TypeError, ValueError) as e:
@@ -73,14 +94,23 @@ def _as_array(name: str, value: Any) -> jax.Array:
     ) from e
 
 
-def _inputs(probs: Any, labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+def check_probs_labels(probs: Any,
+                       labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Checks and converts; returns ``(probs, labels, valid)``.
 
   ``valid`` is a boolean scalar: True when concrete (bad concrete values
-  raise), the value check itself when traced.
+  raise), the value check itself when traced. The checks are those of the
+  module docstring.
+
+  Args:
+    probs: class probabilities ``(n, k)``.
+    labels: integer labels ``(n,)`` in ``[0, k)``.
+
+  Returns:
+    ``(probs, labels, valid)``: float probabilities, integer labels.
   """
-  probs = _as_array("probs", probs)
-  labels = _as_array("labels", labels)
+  probs = as_array("probs", probs)
+  labels = as_array("labels", labels)
   if probs.dtype == jnp.bool_ or jnp.issubdtype(probs.dtype, jnp.integer):
     probs = probs.astype(jnp.result_type(float))
   elif not jnp.issubdtype(probs.dtype, jnp.floating):
@@ -117,7 +147,7 @@ def _inputs(probs: Any, labels: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     i = int(jnp.argmin(rows_ok))
     raise ValueError(
         "`probs` must hold probabilities (entries >= 0, rows summing to 1 "
-        f"within {tol:g}); got probs[{i}]={_show(probs[i])} with sum "
+        f"within {tol:g}); got probs[{i}]={show(probs[i])} with sum "
         f"{float(sums[i]):g}. Logits need jax.nn.softmax first.")
   if _traced(labels):
     valid &= jnp.all(labels_ok)
@@ -133,9 +163,17 @@ def _num_bins(num_bins: Any) -> int:
   return validation.check_integer("num_bins", num_bins, low=1)
 
 
-def _nan_unless(valid: jax.Array, x: jax.Array) -> jax.Array:
+def nan_unless(valid: jax.Array, x: jax.Array) -> jax.Array:
   """NaN where ``valid`` is false. A product, not ``jnp.where``: so gradients
-  are NaN too (``where`` would give them a plausible 0)."""
+  are NaN too (``where`` would give them a plausible 0).
+
+  Args:
+    valid: a boolean array broadcasting with ``x``.
+    x: the result.
+
+  Returns:
+    ``x``, NaN where ``valid`` is false.
+  """
   return x * jnp.where(valid, 1.0, jnp.nan)
 
 
@@ -161,8 +199,8 @@ def negative_log_likelihood(probs: jax.Array, labels: jax.Array,
     >>> round(float(negative_log_likelihood(probs, jnp.array([0, 1]))), 4)
     0.4904
   """
-  probs, labels, valid = _inputs(probs, labels)
-  eps = _as_array("eps", eps)
+  probs, labels, valid = check_probs_labels(probs, labels)
+  eps = as_array("eps", eps)
   if eps.shape != () or not (jnp.issubdtype(eps.dtype, jnp.floating)
                              or jnp.issubdtype(eps.dtype, jnp.integer)):
     raise _TypeError(f"`eps` must be a real scalar, got eps={eps!r}.")
@@ -172,7 +210,7 @@ def negative_log_likelihood(probs: jax.Array, labels: jax.Array,
   elif not bool(eps_ok):
     raise ValueError(f"`eps` must be in [0, 1), got eps={float(eps)!r}.")
   picked = jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
-  return _nan_unless(
+  return nan_unless(
       valid, -jnp.mean(jnp.log(jnp.maximum(picked, eps.astype(probs.dtype)))))
 
 
@@ -196,8 +234,8 @@ def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
     >>> float(accuracy(probs, jnp.array([0, 1])))
     0.5
   """
-  probs, labels, valid = _inputs(probs, labels)
-  return _nan_unless(valid, jnp.mean(jnp.argmax(probs, axis=1) == labels))
+  probs, labels, valid = check_probs_labels(probs, labels)
+  return nan_unless(valid, jnp.mean(jnp.argmax(probs, axis=1) == labels))
 
 
 def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -217,9 +255,9 @@ def brier_score(probs: jax.Array, labels: jax.Array) -> jax.Array:
     >>> round(float(brier_score(jnp.array([[0.75, 0.25]]), jnp.array([0]))), 4)
     0.125
   """
-  probs, labels, valid = _inputs(probs, labels)
+  probs, labels, valid = check_probs_labels(probs, labels)
   onehot = jax.nn.one_hot(labels, probs.shape[1], dtype=probs.dtype)
-  return _nan_unless(valid,
+  return nan_unless(valid,
                      jnp.mean(jnp.sum(jnp.square(probs - onehot), axis=1)))
 
 
@@ -238,7 +276,7 @@ def _bins(probs, labels, num_bins, binning):
   """(count, confidence sum, correct sum, valid); the sums are not NaN'd."""
   num_bins = _num_bins(num_bins)
   binning = _binning(binning)
-  probs, labels, valid = _inputs(probs, labels)
+  probs, labels, valid = check_probs_labels(probs, labels)
   confidence = jnp.max(probs, axis=1)
   correct = (jnp.argmax(probs, axis=1) == labels).astype(probs.dtype)
   if binning == "equal_width":
@@ -297,8 +335,8 @@ def calibration_bins(probs: jax.Array, labels: jax.Array, num_bins: int = 15,
   """
   count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
   safe = jnp.maximum(count, 1.0)
-  return (_nan_unless(valid, count), _nan_unless(valid, conf_sum / safe),
-          _nan_unless(valid, correct_sum / safe))
+  return (nan_unless(valid, count), nan_unless(valid, conf_sum / safe),
+          nan_unless(valid, correct_sum / safe))
 
 
 def expected_calibration_error(probs: jax.Array, labels: jax.Array,
@@ -339,7 +377,7 @@ def expected_calibration_error(probs: jax.Array, labels: jax.Array,
     0.0667
   """
   count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
-  return _nan_unless(valid,
+  return nan_unless(valid,
                      jnp.sum(jnp.abs(correct_sum - conf_sum)) / np.shape(probs)[0])
 
 
@@ -379,7 +417,7 @@ def maximum_calibration_error(probs: jax.Array, labels: jax.Array,
   """
   count, conf_sum, correct_sum, valid = _bins(probs, labels, num_bins, binning)
   gaps = jnp.abs(correct_sum - conf_sum) / jnp.maximum(count, 1.0)
-  return _nan_unless(valid, jnp.max(jnp.where(count > 0, gaps, 0.0)))
+  return nan_unless(valid, jnp.max(jnp.where(count > 0, gaps, 0.0)))
 
 
 def classwise_calibration_error(probs: jax.Array, labels: jax.Array,
@@ -429,13 +467,13 @@ def classwise_calibration_error(probs: jax.Array, labels: jax.Array,
     0.2667
   """
   num_bins = _num_bins(num_bins)
-  probs, labels, valid = _inputs(probs, labels)
+  probs, labels, valid = check_probs_labels(probs, labels)
   k = probs.shape[1]
   index = jnp.clip(jnp.ceil(probs * num_bins).astype(jnp.int32) - 1, 0,
                    num_bins - 1) + num_bins * jnp.arange(k, dtype=jnp.int32)
   hits = jax.nn.one_hot(labels, k, dtype=probs.dtype)
   gap = jnp.zeros(k * num_bins).at[index.ravel()].add((hits - probs).ravel())
-  return _nan_unless(valid, jnp.sum(jnp.abs(gap)) / (probs.shape[0] * k))
+  return nan_unless(valid, jnp.sum(jnp.abs(gap)) / (probs.shape[0] * k))
 
 
 def reliability_diagram(probs, labels, num_bins: int = 15, ax=None,
