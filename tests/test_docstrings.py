@@ -10,7 +10,7 @@ import blrax
 import blrax._src
 
 MODULES = sorted(
-    [f"blrax._src.{m.name}" for m in pkgutil.iter_modules(blrax._src.__path__)]
+    [m.name for m in pkgutil.walk_packages(blrax._src.__path__, "blrax._src.")]
     + [f"blrax.{m.name}" for m in pkgutil.iter_modules(blrax.__path__)
        if m.name != "_src"])
 

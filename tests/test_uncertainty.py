@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 
 import blrax
 from blrax import uncertainty as U
-from blrax._src import uncertainty as U_src
+from blrax._src.uncertainty import batch_stats, host_metrics
 
 M = blrax.metrics
 IDENT = lambda x: x  # noqa: E731  (one function: the jit cache is shared)
@@ -290,7 +290,7 @@ def _binary_rows(gaps):
 
 def _cell_centres(cells, num=G):
   """Scores at the centres of msp grid cells (u_max = 1)."""
-  span = U_src._LOG_SPAN
+  span = batch_stats._LOG_SPAN
   return np.exp(-span + (np.asarray(cells) + 0.5) * span / num)
 
 
@@ -353,15 +353,15 @@ def test_score_grid_cells():
   # Cells are uniform in log u over [u_max / 1e12, u_max]: the centre of
   # cell j maps to j, the edges to the first and last cells.
   cells = np.array([0, 1, 7, 4095, 40000, G - 2, G - 1])
-  got = U_src._cells(jnp.log(_cell_centres(cells)), 0.0, G)
+  got = batch_stats._cells(jnp.log(_cell_centres(cells)), 0.0, G)
   np.testing.assert_array_equal(got, cells)
   edges = jnp.log(jnp.array([1.0, 2.0, 1e-12, 1e-13, 0.0]))
-  np.testing.assert_array_equal(U_src._cells(edges, 0.0, G),
+  np.testing.assert_array_equal(batch_stats._cells(edges, 0.0, G),
                                 [G - 1, G - 1, 0, 0, 0])
   # Entropy and mutual information: u_max = log k.
   top = math.log(math.log(5))
   np.testing.assert_array_equal(
-      U_src._cells(jnp.log(_cell_centres(cells) * math.log(5)), top, G),
+      batch_stats._cells(jnp.log(_cell_centres(cells) * math.log(5)), top, G),
       cells)
 
 
@@ -369,7 +369,7 @@ def test_harmonic_numbers():
   m = np.array([0, 1, 2, 10, 63, 64, 65, 1000, 10**6])
   exact = [math.fsum(1 / i for i in range(1, int(x) + 1)) for x in m[:-1]]
   exact.append(float(special.digamma(10**6 + 1) + np.euler_gamma))
-  np.testing.assert_allclose(U_src._harmonic(m), exact, rtol=1e-14)
+  np.testing.assert_allclose(host_metrics._harmonic(m), exact, rtol=1e-14)
 
 
 # --------------------------------------------------------------------------
@@ -494,11 +494,11 @@ def test_point_and_ensemble_predictors():
 def test_short_batches_are_padded_and_share_one_compilation():
   apply_fn, w, _, x, y = _linear_model()
   predictor = U.point_predictor(apply_fn, w)  # a new fn: nothing cached
-  before = U_src._batch._cache_size()
+  before = batch_stats.jit_statistics._cache_size()
   ragged = U.report(predictor, [(x[:8], y[:8]), (x[8:16], y[8:16]),
                                 (x[16:], y[16:])],
                     ood_batches=[2 * x[:8], 2 * x[8:11]])
-  assert U_src._batch._cache_size() == before + 1
+  assert batch_stats.jit_statistics._cache_size() == before + 1
   whole = U.report(predictor, [(x, y)], ood_batches=[2 * x[:11]])
   _close(ragged, whole)
   for key in ("msp_count", "entropy_count", "bin_count", "msp_correct"):

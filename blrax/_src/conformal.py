@@ -62,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blrax._src import metrics, noise, validation
-from blrax._src.uncertainty import Predictor, _as_predictor, _members
+from blrax._src.uncertainty import predictors
+from blrax._src.uncertainty.predictors import Predictor
 
 _TypeError = validation.ArgumentTypeError
 
@@ -257,13 +258,13 @@ def temperature_predictor(predictor: Any, temperature: Any) -> Predictor:
     >>> [round(float(p), 3) for p in jnp.exp(hot(jnp.array([[3.0, 0.0]])))[0, 0]]
     [0.507, 0.493]
   """
-  inner = _as_predictor(predictor)
+  inner = predictors.as_predictor(predictor)
   _temperature(temperature)
   fn = inner.fn
 
   def scaled(args, inputs):
     inner_args, t = args
-    members = _members(fn(inner_args, inputs))
+    members = predictors.check_members(fn(inner_args, inputs))
     log_bma = (jax.nn.logsumexp(members, axis=0)
                - jnp.log(members.shape[0]))
     return jax.nn.log_softmax(log_bma / t, axis=-1)[None]
