@@ -49,6 +49,12 @@ scikit-learn's binary ``brier_score_loss``); NLL is not floored. OOD
 detection takes OOD as the positive class (AUPR is the average precision of
 detecting OOD inputs, "AUPR-Out").
 
+The package, one concept a module, each importing only those listed before
+it: ``predictors`` (:class:`Predictor` and the predictors), ``batch_stats``
+(the jit-compiled statistics of a batch), ``host_metrics`` (their float64 sum
+on the host and the metrics from it), ``reports`` (the report classes, the
+table and the plots), ``classification`` (:func:`report`) and ``regression``.
+
 References:
   Guo et al., `On Calibration of Modern Neural Networks
   <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
