@@ -279,7 +279,7 @@ def test_inside_chain_and_inject_hyperparams(step_fns):
   The chain takes the explicit path, inject_hyperparams grad_fn."""
   chained = optax.chain(optax.clip_by_global_norm(1e6), make_bsam(**HYPER))
   check_against_hand(run(step_fns[1](chained), chained, 2), chained)
-  injected = optax.inject_hyperparams(blrax.bsam)(
+  injected = optax.inject_hyperparams(blrax.bsam, static_args=("mc_samples",))(
       learning_rate=HYPER["lr"], ess=HYPER["ess"], rho=HYPER["rho"],
       b1=HYPER["b1"], b2=HYPER["b2"], damping=HYPER["damping"],
       weight_decay=HYPER["delta"], hess_init=HYPER["h0"], key=3)
@@ -324,3 +324,259 @@ def test_example_smoke():
                                              "bSAM (BMA)"}
   for row in rows:
     assert 0.0 <= row["acc"] <= 1.0 and np.isfinite(row["nll"])
+
+
+# --- The engine's features, each against a float64 NumPy transcription. ---
+
+DECAY = {"a": np.array([0.05, 0.2, 0.1]), "b": 0.3}
+MASK = {"a": True, "b": np.array([[True, False], [False, True]])}
+PRIOR = {"a": np.array([0.2, -0.1, 0.4]), "b": np.array([[0.5, 0.0],
+                                                         [0.0, -0.5]])}
+FEATURES = dict(lr=0.2, ess=50.0, rho=0.3, b1=0.8, b2=0.9, damping=0.1,
+                h0=0.7)
+
+
+def np_decays(decay, mask):
+  """delta per leaf, full-shaped, with the mask's zeros."""
+  return {k: np.where(np.broadcast_to(np.asarray(mask[k]), M0[k].shape),
+                      np.broadcast_to(np.asarray(decay[k], np.float64),
+                                      M0[k].shape), 0.0) for k in M0}
+
+
+def np_bsam_step(m, h, gm, draws, grad_fn, *, lr, rho, b1, b2, damping,
+                 delta, m0, grads_at=None):
+  """One bSAM update from the docstring's math, in float64: ``draws`` are
+  the S points theta_s; ``grads_at`` (default ``np_grad``) their gradient."""
+  grads_at = grads_at or np_grad
+  gs = [grads_at(theta) for theta in draws]
+  g_bar = {k: np.mean([g[k] for g in gs], axis=0) for k in m}
+  c = {k: np.mean([np.abs(g[k]) for g in gs], axis=0) for k in m}
+  s = {k: h[k] + delta[k] for k in m}
+  g_eps = grad_fn({k: m[k] + rho * g_bar[k] / s[k] for k in m})
+  gm = {k: b1 * gm[k] + (1 - b1) * (g_eps[k] + delta[k] * (m[k] - m0[k]))
+        for k in m}
+  h = {k: b2 * h[k] + (1 - b2) * (np.sqrt(s[k]) * c[k] + damping) for k in m}
+  m = {k: m[k] - lr * gm[k] / (h[k] + delta[k]) for k in m}
+  return m, h, gm
+
+
+def _close(got, want, rtol=2e-5, atol=2e-6):
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k], np.float64), want[k],
+                               rtol=rtol, atol=atol, err_msg=k)
+
+
+def _mc_step(opt, explicit):
+  @jax.jit
+  def step(params, state):
+    theta = blrax.sample_params(params, state)  # (2, ...) per leaf
+    g = jax.vmap(grad)(theta)
+    if explicit:
+      point = blrax.bsam_adversarial_params(params, state, g)
+      kwargs = dict(adversarial_grads=grad(point))
+    else:
+      kwargs = dict(grad_fn=grad)
+    updates, state = opt.update(g, state, params, **kwargs)
+    return optax.apply_updates(params, updates), state, theta
+  return step
+
+
+@pytest.mark.parametrize("explicit", [False, True],
+                         ids=["grad_fn", "adversarial_grads"])
+def test_mc_samples_per_leaf_decay_mask_prior_mean_match_numpy(explicit):
+  """mc_samples=2, a per-leaf (broadcast) weight_decay, an elementwise mask
+  and a prior mean, four steps: the draws' spread, h, momentum and mean."""
+  hp = FEATURES
+  opt = blrax.bsam(hp["lr"], ess=hp["ess"], rho=hp["rho"], b1=hp["b1"],
+                   b2=hp["b2"], damping=hp["damping"], hess_init=hp["h0"],
+                   weight_decay=DECAY, weight_decay_mask=MASK,
+                   prior_mean=PRIOR, mc_samples=2, key=5)
+  step = _mc_step(opt, explicit)
+  delta = np_decays(DECAY, MASK)
+  m, gm = as_np(M0), {k: np.zeros_like(v) for k, v in M0.items()}
+  h = {k: np.full_like(v, hp["h0"]) for k, v in M0.items()}
+  params, state = params0(), opt.init(params0())
+  for _ in range(4):
+    noise = blrax.find_posteriors(state)[0].noise()
+    params, state, theta = step(params, state)
+    draws = [{k: as_np(theta[k])[i] for k in m} for i in range(2)]
+    # The draws: m + eps / sqrt(ess (h + delta)), eps the state's normals.
+    for i in range(2):
+      _close({k: draws[i][k] - m[k] for k in m},
+             {k: np.asarray(noise[k][i], np.float64)
+              / np.sqrt(hp["ess"] * (h[k] + delta[k])) for k in m})
+    m, h, gm = np_bsam_step(m, h, gm, draws, np_grad, lr=hp["lr"],
+                            rho=hp["rho"], b1=hp["b1"], b2=hp["b2"],
+                            damping=hp["damping"], delta=delta, m0=PRIOR)
+    st = bsam_state(state)
+    _close(params, m)
+    _close(st.posterior.curvature, h)
+    _close(st.momentum, gm)
+  np.testing.assert_array_equal(
+      np.broadcast_to(st.posterior.weight_decay["b"], (2, 2)),
+      np.float32(delta["b"]))
+
+
+def test_multisteps_each_micro_batch_has_its_own_adversary():
+  """blrax.MultiSteps(bsam, k=3): zero updates for two micro-batches, then
+  one step with g_eps and |g| averaged over the three, each micro-batch's
+  adversary at m + rho g_i / s with its own loss (m-sharpness)."""
+  hp, k = FEATURES, 3
+  shifts = [{key: (i + 1) * 0.3 * np.ones_like(v) for key, v in M0.items()}
+            for i in range(2 * k)]
+  grads_i = [lambda w, t=t: {key: C[key] * w[key] ** 3 + B[key] + t[key]
+                             for key in w} for t in shifts]
+  jgrads_i = [lambda w, t=t: jax.tree.map(jnp.add, grad(w), t)
+              for t in shifts]
+  opt = blrax.MultiSteps(
+      blrax.bsam(hp["lr"], ess=hp["ess"], rho=hp["rho"], b1=hp["b1"],
+                 b2=hp["b2"], damping=hp["damping"], hess_init=hp["h0"],
+                 weight_decay=0.05, key=2), every_k_schedule=k)
+  delta = {key: 0.05 for key in M0}
+  m, gm = as_np(M0), {key: np.zeros_like(v) for key, v in M0.items()}
+  h = {key: np.full_like(v, hp["h0"]) for key, v in M0.items()}
+  params, state = params0(), opt.init(params0())
+  for step in range(2):
+    draws, adversaries = [], []
+    for i in range(step * k, (step + 1) * k):
+      theta = blrax.sample_params(params, state)
+      updates, state = opt.update(jgrads_i[i](theta), state, params,
+                                  grad_fn=jgrads_i[i])
+      draw = as_np(theta)
+      draws.append(draw)
+      g = grads_i[i](draw)
+      s = {key: h[key] + delta[key] for key in m}
+      adversaries.append(grads_i[i](
+          {key: m[key] + hp["rho"] * g[key] / s[key] for key in m}))
+      if i < (step + 1) * k - 1:
+        assert all(np.all(np.asarray(u) == 0)
+                   for u in jax.tree.leaves(updates))
+      params = optax.apply_updates(params, updates)
+    # The accumulated step: means over the k micro-batches.
+    gs = [grads_i[i](d) for i, d in zip(range(step * k, (step + 1) * k),
+                                        draws)]
+    g_eps = {key: np.mean([a[key] for a in adversaries], axis=0) for key in m}
+    c = {key: np.mean([np.abs(g[key]) for g in gs], axis=0) for key in m}
+    s = {key: h[key] + delta[key] for key in m}
+    gm = {key: hp["b1"] * gm[key] + (1 - hp["b1"]) * (
+        g_eps[key] + delta[key] * m[key]) for key in m}
+    h = {key: hp["b2"] * h[key] + (1 - hp["b2"]) * (
+        np.sqrt(s[key]) * c[key] + hp["damping"]) for key in m}
+    m = {key: m[key] - hp["lr"] * gm[key] / (h[key] + delta[key])
+         for key in m}
+    st = bsam_state(state)
+    _close(params, m)
+    _close(st.posterior.curvature, h)
+    _close(st.momentum, gm)
+    assert int(st.count) == step + 1
+  # The draws of one step differ: each micro-batch has its own.
+  assert not np.allclose(draws[0]["a"], draws[1]["a"])
+
+
+def test_apply_if_finite_with_grad_fn_steps_and_skips():
+  """blrax.apply_if_finite(bsam) takes grad_fn: finite steps are bsam's;
+  NaN grads, and a NaN gradient at the adversarial point, are skipped."""
+  make = lambda: blrax.bsam(0.1, ess=50.0, rho=0.3, key=1)  # noqa: E731
+  plain, wrapped = make(), blrax.apply_if_finite(make(), 3)
+  params = params0()
+  state, wstate = plain.init(params), wrapped.init(params)
+  g = grad(params)
+  nan_grad = lambda p: jax.tree.map(lambda x: x * jnp.nan, grad(p))  # noqa: E731
+
+  @jax.jit
+  def skipped(wstate):
+    out = [wrapped.update(jax.tree.map(lambda x: x * jnp.nan, g), wstate,
+                          params, grad_fn=grad)]
+    out.append(wrapped.update(g, out[0][1], params, grad_fn=nan_grad))
+    return out
+
+  for bad_updates, bad_state in skipped(wstate):
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(bad_updates))
+    for x, y in zip(jax.tree.leaves(bad_state.inner_state),
+                    jax.tree.leaves(wstate.inner_state)):
+      np.testing.assert_array_equal(x, y)
+  assert int(bad_state.notfinite_count) == 2
+  assert int(bad_state.total_notfinite) == 2
+  for _ in range(2):
+    updates, state = plain.update(g, state, params, grad_fn=grad)
+    wupdates, wstate = wrapped.update(g, wstate, params, grad_fn=grad)
+    for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(wupdates)):
+      np.testing.assert_array_equal(x, y)
+    assert bool(wstate.last_finite) and int(wstate.notfinite_count) == 0
+
+
+def _masked_loss_grad_a(w):
+  """The gradient of the (separable) loss for leaf "a" only."""
+  return {"a": C["a"] * w["a"] ** 3 + B["a"]}
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "partition"])
+def test_masked_and_partition(wrapper):
+  """Inside optax.masked/partition bSAM cannot call grad_fn at a complete
+  point: a ValueError naming the fix. The fix (adversarial_grads with
+  mask_compatible_extra_args=True) steps the covered leaf as the NumPy
+  transcription and the others as their own transform."""
+  hp = FEATURES
+  make = lambda: blrax.bsam(  # noqa: E731
+      hp["lr"], ess=hp["ess"], rho=hp["rho"], b1=hp["b1"], b2=hp["b2"],
+      damping=hp["damping"], hess_init=hp["h0"], weight_decay=0.05, key=4)
+
+  def build(compatible):
+    if wrapper == "masked":
+      return optax.masked(make(), {"a": True, "b": False},
+                          mask_compatible_extra_args=compatible)
+    return optax.partition({"bsam": make(), "sgd": optax.sgd(0.1)},
+                           {"a": "bsam", "b": "sgd"},
+                           mask_compatible_extra_args=compatible)
+
+  params = params0()
+  opt = build(False)
+  with pytest.raises(ValueError, match="adversarial_grads=.*"
+                     "mask_compatible_extra_args=True"):
+    opt.update(grad(params), opt.init(params), params, grad_fn=grad)
+  opt = build(True)
+  state = opt.init(params)
+  m = as_np(M0)
+  h, gm = {"a": np.full(3, hp["h0"])}, {"a": np.zeros(3)}
+  for _ in range(3):
+    theta = blrax.sample_params(params, state)
+    np.testing.assert_array_equal(theta["b"], params["b"])  # not covered
+    g = grad(theta)
+    point = blrax.bsam_adversarial_params(params, state, g)
+    np.testing.assert_array_equal(point["b"], params["b"])
+    updates, state = opt.update(g, state, params,
+                                adversarial_grads=grad(point))
+    new = optax.apply_updates(params, updates)
+    a, h, gm = np_bsam_step(
+        {"a": m["a"]}, h, gm, [{"a": as_np(theta["a"])}], _masked_loss_grad_a,
+        lr=hp["lr"], rho=hp["rho"], b1=hp["b1"], b2=hp["b2"],
+        damping=hp["damping"], delta={"a": 0.05}, m0={"a": 0.0},
+        grads_at=_masked_loss_grad_a)
+    # "b": masked passes the gradient (at m: no noise there) through as the
+    # update; partition gives it to sgd.
+    g_b = np_grad(m)["b"]
+    m = {"a": a["a"], "b": m["b"] + g_b if wrapper == "masked"
+         else m["b"] - 0.1 * g_b}
+    _close(new, m)
+    params = new
+
+
+def test_initial_s_must_be_positive_per_leaf():
+  with pytest.raises(ValueError, match="`hess_init`.*hess_init=0.0"):
+    blrax.bsam(0.1, ess=10.0, rho=0.1, hess_init=0.0,
+               weight_decay={"a": 0.1, "b": 0.0})
+  opt = blrax.bsam(0.1, ess=10.0, rho=0.1, hess_init=0.0, weight_decay=0.1,
+                   weight_decay_mask={"a": True, "b": False})
+  with pytest.raises(ValueError, match="`hess_init`.*weight_decay_mask"):
+    opt.init(params0())
+  # All decayed: s0 = delta > 0 is fine.
+  blrax.bsam(0.1, ess=10.0, rho=0.1, hess_init=0.0,
+             weight_decay={"a": 0.1, "b": 0.2}).init(params0())
+
+
+def test_hessian_is_refused():
+  opt = blrax.bsam(0.1, ess=100.0, rho=0.01)
+  params = jnp.zeros(3)
+  with pytest.raises(ValueError, match="does not take `hessian=`"):
+    opt.update(jnp.ones(3), opt.init(params), params, grad_fn=lambda p: p,
+               hessian=jnp.ones(3))

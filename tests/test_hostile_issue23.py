@@ -272,11 +272,11 @@ def test_multisteps_refuses_mixing_hessian_and_no_hessian():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: blrax.bsam(0.1, ess=10.0, rho=0.01),
     lambda: blrax.von(0.1, ess=10.0, covariance="full"),
 ])
 def test_multisteps_refusal_names_the_posterior_it_cannot_accumulate(make):
-  """#11: bSAM / full VON were refused as holding "no posterior"."""
+  """#11: bSAM / full VON were refused as holding "no posterior" (bSAM now
+  accumulates: tests/test_bsam.py)."""
   with pytest.raises(ValueError) as info:
     blrax.MultiSteps(make(), every_k_schedule=2).init(jnp.zeros(2))
   message = str(info.value)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import engine, evon, gaussian, lookup, validation
+from blrax._src import bsam, engine, evon, gaussian, lookup, validation
 
 
 class MultiStepsState(NamedTuple):
@@ -66,7 +66,8 @@ class MultiStepsState(NamedTuple):
 
 
 # The states that can sum micro-batches (an ``accumulator`` field).
-_ACCUMULATING = (engine.ScaleByBLRState, evon.ScaleByEVONState)
+_ACCUMULATING = (engine.ScaleByBLRState, evon.ScaleByEVONState,
+                 bsam.ScaleByBSAMState)
 
 
 def _is_blr(x: Any) -> bool:
@@ -108,8 +109,8 @@ def _check_inner(inner_state: Any, every_k_schedule: Any) -> None:
   raise ValueError(
       f"blrax.MultiSteps cannot accumulate {names}: it sums per-micro-batch "
       "statistics, which only the diagonal optimizers (ivon, von, vadam, "
-      "vogn) and evon define; bsam's adversarial step and the full "
-      "covariance's outer products do not split into micro-batch sums. Use "
+      "vogn, bsam) and evon define; the full covariance's outer products "
+      "do not split into micro-batch sums. Use "
       "optax.MultiSteps (it averages the gradients; the k micro-batches "
       "share one weight draw) or a larger batch per step.")
 
@@ -174,10 +175,11 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
   Transforms chained before the blrax one (e.g. gradient clipping) see each
   micro-batch; those after it (the learning rate and its schedule) run once
   per step. Memory: two params-sized sums, one more than
-  ``optax.MultiSteps``. The diagonal optimizers (IVON, VON, Vadam, VOGN)
+  ``optax.MultiSteps``. The diagonal optimizers (IVON, VON, Vadam, VOGN,
+  bSAM: each micro-batch gets its own adversary, the paper's m-sharpness)
   and EVON (its statistic is the Price product in the rotated basis, which
   stays fixed between updates; the Kronecker factors see the averaged
-  gradient) are supported; others (bSAM, full-covariance VON) are refused
+  gradient) are supported; full-covariance VON is refused
   at ``init``, with the advice to use ``optax.MultiSteps``, as is a
   ``MultiSteps`` nested in another (use one with the product of the two
   ``every_k_schedule``).

@@ -19,6 +19,9 @@ that accepts it)              (exact or Gauss-Newton diagonal)
                               :math:`E_i[g_i^2]` where the full gradient is 0
 :data:`PER_EXAMPLE_SQUARED`   :math:`\mathrm{mean}_{s,i}\,g_{s,i}^2`
                               (Gauss-Newton / empirical Fisher)
+:func:`gradient_magnitude`    :math:`\sqrt{h+\delta}\,\mathrm{mean}_s|\hat g_s|
+                              + \gamma` (bSAM's target; not a Hessian
+                              estimate)
 ============================  ==============================================
 
 A **precision update** moves :math:`h` towards :math:`\hat h` with step
@@ -205,6 +208,33 @@ def _statistic_is_estimate(g_bar, statistic, curvature, ess, weight_decay):
 
 PER_EXAMPLE_SQUARED = Estimator("per_example_squared", _per_example_statistic,
                                 _statistic_is_estimate, per_example=True)
+
+
+def gradient_magnitude(damping=0.0) -> Estimator:
+  r"""bSAM's curvature target: :math:`\sqrt{h+\delta}\,\mathrm{mean}_s|\hat g_s|
+  + \gamma`.
+
+  The precision target of Möllenhoff & Khan (2023), Algorithm 1, in
+  blrax's normalised form :math:`s = h + \delta` (the :math:`\delta` of the
+  draw, i.e. before this update): :math:`s \leftarrow \beta_2 s +
+  (1-\beta_2)(\sqrt{s}|g| + \delta + \gamma)` is :func:`ema` of :math:`h`
+  towards this target. Its statistic :math:`c = \mathrm{mean}_s|\hat g_s|`
+  is linear in the samples (micro-batches average); with ``mc_samples > 1``
+  it is the mean magnitude, not the magnitude of the mean. Not an estimate
+  of the Hessian: :math:`\sqrt{s}|g|` is the natural-gradient target of
+  SAM's relaxed objective, and ``damping`` :math:`\gamma \ge 0` keeps it
+  away from 0.
+  """
+
+  def statistic(grads, noise, curvature):
+    del noise
+    return finite(mc_mean(jnp.abs(finite(grads)), curvature))
+
+  def estimate_curvature(g_bar, statistic, curvature, ess, weight_decay):
+    del g_bar, ess
+    return finite(jnp.sqrt(curvature + weight_decay) * statistic) + damping
+
+  return Estimator("gradient_magnitude", statistic, estimate_curvature)
 
 
 def hessian_statistic(hessian, curvature):

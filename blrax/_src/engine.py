@@ -20,7 +20,9 @@ Per update, with :math:`\rho = 1-\beta_2`:
   \Delta = \mathrm{step}(\bar g, h, g, m, t).
 
 A user-given ``hessian=`` (where the variant accepts one) replaces the
-estimator's :math:`\hat h` by :math:`\mathrm{mean}_s H_s`. The whole update
+estimator's :math:`\hat h` by :math:`\mathrm{mean}_s H_s`. A
+``step_gradient`` (bSAM's) replaces :math:`\bar g` by a gradient taken from
+another tree, e.g. at an adversarial point. The whole update
 is one function per leaf, which XLA fuses into one elementwise pass. The
 configuration lives in the closure; the state is plain data:
 :class:`ScaleByBLRState` of arrays, with the posterior
@@ -161,8 +163,14 @@ def scale_by_blr(
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
     hess_init_steps: float | None = None,
+    step_gradient: Callable | None = None,
+    step_gradient_args: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
   r"""A diagonal-Gaussian BLR transform from its parts (before the learning rate).
+
+  ``update(grads, state, params, *, hessian=None, **extra_args)``: the
+  extra arguments named in ``step_gradient_args`` go to ``step_gradient``;
+  others are ignored (as in an ``optax.chain``).
 
   Args:
     estimator: the curvature estimator (``curvature.PRICE``, ...).
@@ -190,10 +198,25 @@ def scale_by_blr(
       the reference algorithm), or the number of updates' worth of evidence
       that ``hess_init`` counts as, :math:`n_0`: then
       :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`.
+    step_gradient: None (the step uses :math:`\bar g`), or a function
+      ``(params, g_bar, state, args) -> tree`` returning the gradient the
+      step uses instead: ``g_bar`` is the batch's :math:`\bar g` (a tree
+      like the params, in the state's dtypes; zeros at int params),
+      ``state`` the state before the update and ``args`` a dict of the
+      extra arguments named in ``step_gradient_args`` (None where not
+      passed). The result (a tree like the params) is cast to the state's
+      dtypes and saturated; the estimator's curvature sees it as its
+      :math:`\bar g`. Under :class:`blrax.MultiSteps` it is called on each
+      micro-batch and the results are averaged (bSAM: an adversary per
+      micro-batch).
+    step_gradient_args: the names of the extra ``update`` arguments that
+      ``step_gradient`` takes (bSAM: ``("grad_fn", "adversarial_grads")``).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`ScaleByBLRState`.
+    :class:`ScaleByBLRState` (an ``init`` wrapped by the caller may return
+    another ``NamedTuple`` with its fields, such as
+    :class:`blrax.ScaleByBSAMState`: ``update`` keeps its other fields).
 
   Examples:
     Diagonal VON (:func:`scale_by_von`) from its parts:
@@ -241,6 +264,7 @@ def scale_by_blr(
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     accumulate = bool(extra_args.pop(ACCUMULATE, False))
+    step_args = {name: extra_args.get(name) for name in step_gradient_args}
     del extra_args
     gaussian.check_grads(updates, params, mc_samples,
                          batch_axis=estimator.per_example and hessian is None)
@@ -277,6 +301,12 @@ def scale_by_blr(
                          posterior.curvature, hessian_tree)
     g_tree, c_tree = (jax.tree.map(lambda _, t, i=i: t[i], params, stats)
                       for i in range(2))
+    if step_gradient is not None:  # e.g. bSAM's gradient at the adversary
+      g_tree = jax.tree.map(
+          lambda p, g, h: (curvature_lib.finite(jnp.asarray(g).astype(h.dtype))
+                           if gaussian.is_trainable(p) else jnp.zeros_like(h)),
+          params, step_gradient(params, g_tree, state, step_args),
+          posterior.curvature)
 
     done, g_tree, c_tree, accumulator = add_micro_batch(
         state, params, g_tree, c_tree, generator, accumulate)
@@ -324,7 +354,7 @@ def scale_by_blr(
         curvature=curvature, ess=jnp.asarray(ess, posterior.ess.dtype),
         weight_decay=(posterior.weight_decay if decay_in_state else
                       jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
-    return direction, ScaleByBLRState(
+    return direction, state._replace(
         count=count, momentum=momentum if step.uses_momentum else (),
         posterior=new_posterior, accumulator=accumulator)
 

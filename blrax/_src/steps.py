@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from blrax._src import curvature as curvature_lib
 from blrax._src import gaussian
 
 
@@ -114,13 +115,14 @@ def adam(b1, b2, hess_init) -> Step:
 
 
 def vogn(b1) -> Step:
-  """VOGN's step: momentum of the prior-regularised gradient over
-  :math:`h + \\delta` (Newton-like, no debiasing)."""
+  """VOGN's (and bSAM's) step: momentum of the prior-regularised gradient
+  over :math:`h + \\delta` (Newton-like, no debiasing). The momentum is
+  saturated at the dtype's largest finite value."""
 
   def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
     del scalars
-    momentum = b1 * momentum + (1.0 - b1) * (
-        g_bar + weight_decay * mean.astype(curvature.dtype))
+    momentum = curvature_lib.finite(b1 * momentum + (1.0 - b1) * (
+        g_bar + weight_decay * mean.astype(curvature.dtype)))
     return momentum / (curvature + weight_decay), momentum
 
   return Step("vogn", leaf)

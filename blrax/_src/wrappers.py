@@ -10,8 +10,11 @@ update.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blrax._src import validation
@@ -25,7 +28,11 @@ def apply_if_finite(
   Skips an update whose gradients (or extra arrays such as ``hessian=``)
   hold a NaN or an inf (the inner state,
   noise key included, is left as it was), unless more than
-  ``max_consecutive_errors`` such updates came in a row. Unlike
+  ``max_consecutive_errors`` such updates came in a row. Extra arguments
+  that are not arrays pass through unchecked; where one is a function
+  (bSAM's ``grad_fn``, which takes a gradient inside the update), the
+  update is computed first and skipped as well if its result is not
+  finite. Unlike
   ``optax.apply_if_finite``, it also wraps optimizers whose gradients have a
   different shape from their updates: blrax optimizers with
   ``mc_samples > 1`` and VOGN's per-example gradients. The state is an
@@ -57,15 +64,20 @@ def apply_if_finite(
 
   def update_fn(updates, state, params=None, **extra_args):
     # The grads and any array passed alongside them (e.g. ``hessian=``).
-    checked = [x for x in jax.tree.leaves((updates, extra_args))
-               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    isfinite = jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(x)) for x in checked]))
+    isfinite = _all_finite((updates, extra_args))
+    computed = None
+    if any(callable(x) for x in jax.tree.leaves(extra_args)):
+      # A function (bSAM's grad_fn) takes gradients inside the update: their
+      # finiteness shows only in its result.
+      computed = inner.update(updates, state.inner_state, params, **extra_args)
+      isfinite = jnp.logical_and(isfinite, _all_finite(computed[0]))
     notfinite_count = jnp.where(
         isfinite, jnp.zeros([], jnp.int32),
         optax.safe_increment(state.notfinite_count))
 
     def do_update(_):
+      if computed is not None:
+        return computed
       return inner.update(updates, state.inner_state, params, **extra_args)
 
     def reject_update(_):
@@ -84,3 +96,17 @@ def apply_if_finite(
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(base.init, update_fn)
+
+
+def _is_float_array(x: Any) -> bool:
+  """An array or number of a float (or complex) dtype; functions and other
+  objects among the extra arguments are not checked."""
+  if not isinstance(x, (jax.Array, np.ndarray, np.generic, float, complex)):
+    return False
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  checked = [x for x in jax.tree.leaves(tree) if _is_float_array(x)]
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in checked],
+                           dtype=bool))
