@@ -17,7 +17,7 @@ conformal sets),
 import importlib as _importlib
 import warnings as _warnings
 
-from blrax import expfam, metrics, noise, predictive, uncertainty
+from blrax import engine, expfam, metrics, noise, predictive, uncertainty
 from blrax._src.accumulation import MultiSteps, MultiStepsState
 from blrax._src.bsam import (
   ScaleByBSAMState,
@@ -27,14 +27,15 @@ from blrax._src.bsam import (
 )
 from blrax._src.calibration import Calibration, calibrate_posterior, tempered
 from blrax._src.diagnostics import export_posterior, posterior_summary
-from blrax._src.engine import ScaleByBLRState, scale_by_blr
+from blrax._src.eigenbasis import EigenbasisGaussian
+from blrax._src.engine import ScaleByBLRState
 from blrax._src.ensembles import ensemble_init, fold_in_keys
-from blrax._src.evon import EigenbasisGaussian, ScaleByEVONState, evon, scale_by_evon
+from blrax._src.evon import ScaleByEVONState, evon, scale_by_evon
 from blrax._src.full_gaussian import FullGaussian
 from blrax._src.gaussian import DiagonalGaussian
 from blrax._src.gradients import check_gradients, value_and_grad
 from blrax._src.health import PosteriorHealth, posterior_health
-from blrax._src.ivon import ScaleByIVONState, ivon, scale_by_ivon
+from blrax._src.ivon import ivon, scale_by_ivon
 from blrax._src.lookup import (
   find_posteriors,
   posterior_stddev,
@@ -42,13 +43,11 @@ from blrax._src.lookup import (
   sample_posterior,
 )
 from blrax._src.merging import merge_posteriors, posterior_as_prior
-from blrax._src.noise import flip_noise
 from blrax._src.squared_grads import value_grads_and_squares
-from blrax._src.vadam import ScaleByVadamState, scale_by_vadam, vadam
-from blrax._src.vogn import ScaleByVOGNState, per_example_grads, scale_by_vogn, vogn
+from blrax._src.vadam import scale_by_vadam, vadam
+from blrax._src.vogn import per_example_grads, scale_by_vogn, vogn
 from blrax._src.von import (
   ScaleByFullVONState,
-  ScaleByVONState,
   scale_by_full_von,
   scale_by_von,
   von,
@@ -68,15 +67,12 @@ __all__ = (
     "ScaleByEVONState",
     "ScaleByBSAMState",
     "ScaleByFullVONState",
-    "ScaleByIVONState",
-    "ScaleByVOGNState",
-    "ScaleByVONState",
-    "ScaleByVadamState",
     "Calibration",
     "apply_if_finite",
     "calibrate_posterior",
     "check_gradients",
     "ensemble_init",
+    "engine",
     "evon",
     "bsam",
     "bsam_adversarial_params",
@@ -84,7 +80,6 @@ __all__ = (
     "export_posterior",
     "find_posteriors",
     "fold_in_keys",
-    "flip_noise",
     "ivon",
     "merge_posteriors",
     "metrics",
@@ -98,7 +93,6 @@ __all__ = (
     "sample_params",
     "sample_posterior",
     "tempered",
-    "scale_by_blr",
     "scale_by_evon",
     "scale_by_bsam",
     "scale_by_full_von",
@@ -131,6 +125,15 @@ _MOVED = {
     **dict.fromkeys(("save_checkpoint", "restore_checkpoint"),
                     "blrax.checkpoint"),
 }
+# Names that moved in 0.3, so that each public name has one home.
+_MOVED_03 = {"flip_noise": "blrax.noise", "scale_by_blr": "blrax.engine"}
+_MOVED.update(_MOVED_03)
+
+# The diagonal optimizers share one state type; their 0.2 aliases are
+# deprecated in favour of it.
+_RENAMED = dict.fromkeys(("ScaleByIVONState", "ScaleByVONState",
+                          "ScaleByVadamState", "ScaleByVOGNState"),
+                         "ScaleByBLRState")
 
 
 def __getattr__(name):
@@ -140,6 +143,12 @@ def __getattr__(name):
                    "removed in a future release.", DeprecationWarning,
                    stacklevel=2)
     return getattr(_importlib.import_module(home), name)
+  if name in _RENAMED:
+    new = _RENAMED[name]
+    _warnings.warn(f"blrax.{name} is blrax.{new} (every diagonal optimizer's "
+                   "state); the old name will be removed in a future release.",
+                   DeprecationWarning, stacklevel=2)
+    return globals()[new]
   if name in ("flax", "checkpoint"):
     return _importlib.import_module(f"blrax.{name}")
   raise AttributeError(f"module 'blrax' has no attribute {name!r}")

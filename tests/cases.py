@@ -20,7 +20,7 @@ OPTIMIZERS = [
     ("ivon_hash", blrax.ivon, dict(learning_rate=1e-2, ess=1e6, noise="hash")),
     ("ivon_flip", blrax.ivon, dict(learning_rate=1e-2, ess=1e6, noise="flip")),
     ("vadam_flip", blrax.vadam,
-     dict(learning_rate=1e-2, ess=1e8, noise=blrax.flip_noise(4))),
+     dict(learning_rate=1e-2, ess=1e8, noise=blrax.noise.flip_noise(4))),
     ("von_diag", blrax.von, dict(learning_rate=0.1, ess=1e6)),
     ("von_full", blrax.von,
      dict(learning_rate=1e-2, ess=1e6, b2=0.99999, covariance="full")),

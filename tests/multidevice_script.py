@@ -111,7 +111,7 @@ def main():
 
   # 1b. Data parallel with noise="flip" (its stored draw replicated too).
   flip = blrax.ivon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
-                    noise=blrax.flip_noise(4))
+                    noise=blrax.noise.flip_noise(4))
   flip_ref, _ = run(flip, jax.jit(make_step(flip)), params0, flip.init(params0))
   params = jax.device_put(params0, replicated)
   state = jax.jit(flip.init, out_shardings=replicated)(params)

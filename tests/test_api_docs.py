@@ -45,7 +45,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PUBLIC_MODULES = [
-    "blrax", "blrax.noise", "blrax.predictive", "blrax.metrics",
+    "blrax", "blrax.engine", "blrax.noise", "blrax.predictive", "blrax.metrics",
     "blrax.expfam", "blrax.flax", "blrax.checkpoint",
 ] + (["blrax.uncertainty"] if importlib.util.find_spec("blrax.uncertainty")
      else [])

@@ -138,4 +138,4 @@ def test_unknown_noise_generator(factory):
   with pytest.raises(ValueError, match="covariance='full'"):
     blrax.von(0.1, ess=10.0, covariance="full", noise="hash")
   with pytest.raises(ValueError, match="covariance='full'"):
-    blrax.von(0.1, ess=10.0, covariance="full", noise=blrax.flip_noise(8))
+    blrax.von(0.1, ess=10.0, covariance="full", noise=blrax.noise.flip_noise(8))

@@ -211,13 +211,14 @@ def _eigvecs(a):
 
 @pytest.mark.parametrize("source,prior", [
     ("hessian", "scalar"), ("price", "scalar"), ("price", "per_leaf"),
-    ("hessian", "mask")])
+    ("hessian", "mask"), ("price", "prior_mean")])
 def test_steps_match_hand_computation(source, prior):
   """Three steps in float64 against NumPy. ``hessian``: ess = inf, the
   deterministic SOAP-like limit (Newton in the rotated basis with IVON's
   momentum); ``price``: ess finite, two MC samples, the Price estimate in
   the rotated basis with the noise recovered from the draws. ``prior``: one
-  weight decay, one per leaf, or a mask that switches it off for ``v``."""
+  weight decay, one per leaf, a mask that switches it off for ``v``, or a
+  prior mean :math:`M_0` (the pull is :math:`\\delta(M - M_0)`)."""
   lr, b1, b2, beta, h0 = 0.3, 0.8, 0.6, 0.7, 2.0
   decay_args, deltas = {
       "scalar": (dict(weight_decay=0.05), {"w": 0.05, "v": 0.05}),
@@ -225,7 +226,12 @@ def test_steps_match_hand_computation(source, prior):
                    {"w": 0.05, "v": 0.4}),
       "mask": (dict(weight_decay=0.05,
                     weight_decay_mask={"w": True, "v": False}),
-               {"w": 0.05, "v": 0.0})}[prior]
+               {"w": 0.05, "v": 0.0}),
+      "prior_mean": (dict(weight_decay=0.3, prior_mean={
+          "w": np.linspace(-1.0, 1.0, 6).reshape(3, 2),
+          "v": np.array([0.5, -2.0])}), {"w": 0.3, "v": 0.3})}[prior]
+  prior_means = decay_args.get("prior_mean", {"w": np.zeros((3, 2)),
+                                              "v": np.zeros(2)})
   ess, samples = (np.inf, 1) if source == "hessian" else (30.0, 2)
   rng = np.random.default_rng(5)
   with jax.enable_x64(True):
@@ -281,7 +287,8 @@ def test_steps_match_hand_computation(source, prior):
           new = np.kron(new_r, new_l)
           h[k] = np.diag(new.T @ matrix @ new).reshape(mats[k], order="F")
           ql[k], qr[k] = new_l, new_r
-        numerator = g[k] / (1 - b1**t) + delta * m[k]
+        numerator = g[k] / (1 - b1**t) + delta * (
+            m[k] - prior_means[k].reshape(mats[k]))
         step = ql[k].T @ numerator @ qr[k] / (h[k] + delta) * (h0 + delta)
         m[k] = m[k] - lr * ql[k] @ step @ qr[k].T
         np.testing.assert_allclose(

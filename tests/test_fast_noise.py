@@ -88,13 +88,13 @@ def test_hash_posterior_type_is_stable_and_found():
 def flip_sequence(shape, steps, refresh_every, mc_samples=1, key=0):
   """The noise of ``steps`` consecutive updates at fixed curvature."""
   opt = blrax.ivon(0.1, ess=10.0, mc_samples=mc_samples, key=key,
-                   noise=blrax.flip_noise(refresh_every))
+                   noise=blrax.noise.flip_noise(refresh_every))
   (posterior,) = blrax.find_posteriors(opt.init(jnp.zeros(shape)))
 
   @jax.jit
   def run(posterior):
     def step(post, _):
-      advanced = post._replace(noise_state=blrax.flip_noise(refresh_every)
+      advanced = post._replace(noise_state=blrax.noise.flip_noise(refresh_every)
                                .advance(post.noise_state, post.curvature))
       return advanced, post.noise()
     return jax.lax.scan(step, posterior, None, length=steps)[1]
@@ -178,7 +178,7 @@ def test_flip_noise_is_zero_without_noise_and_type_is_stable():
   assert type(new_state[0].posterior.noise_state) is noise.FlipNoiseState
 
 
-@pytest.mark.parametrize("generator", ["normal", "hash", blrax.flip_noise(7)])
+@pytest.mark.parametrize("generator", ["normal", "hash", blrax.noise.flip_noise(7)])
 def test_state_pickles_and_resumes_identically(generator):
   # Plain data: no classes made at run time, whatever the generator.
   opt = blrax.ivon(0.1, ess=10.0, noise=generator, mc_samples=2)
@@ -195,7 +195,7 @@ def test_state_pickles_and_resumes_identically(generator):
 
 
 def test_flip_checkpoint_resumes_identically(tmp_path):
-  opt = blrax.ivon(0.05, ess=50.0, noise=blrax.flip_noise(4))
+  opt = blrax.ivon(0.05, ess=50.0, noise=blrax.noise.flip_noise(4))
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
   loss = lambda p: jnp.sum(p["w"] ** 4)
   step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
@@ -222,7 +222,7 @@ def raw(x):
 @pytest.mark.parametrize("refresh_every", [0, -3, 2.0, True, "8"])
 def test_flip_noise_rejects_bad_refresh_every(refresh_every):
   with pytest.raises(ValueError, match="refresh_every"):
-    blrax.flip_noise(refresh_every)
+    blrax.noise.flip_noise(refresh_every)
 
 
 def test_flip_noise_keeps_the_stored_draw_exact_in_float64():

@@ -94,10 +94,10 @@ def test_numpy_scalars_and_inf_ess_are_accepted(name):
 
 
 def test_scalar_generators_accept_numpy_ints():
-  assert blrax.flip_noise(np.int64(8)) == blrax.flip_noise(8)
+  assert blrax.noise.flip_noise(np.int64(8)) == blrax.noise.flip_noise(8)
   for bad in (0, 2.0, True, "8", 2**31):
     with pytest.raises(ValueError, match="refresh_every"):
-      blrax.flip_noise(bad)
+      blrax.noise.flip_noise(bad)
 
 
 def test_traced_hyperparameters_are_not_branched_on():

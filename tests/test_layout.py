@@ -10,24 +10,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SRC = ROOT / "blrax" / "_src"
 
-# Private names of one module that others still use: being removed in issue
-# 21. Each entry is (the module using it, "module.name"); the list must shrink
-# to empty, never grow.
-PRIVATE_NAME_ALLOW_LIST = frozenset({
-    # being removed in issue 21 (the lookup side)
-    ("blrax._src.bsam", "blrax._src.lookup._unwrap_nnx"),
-    ("blrax._src.gradients", "blrax._src.lookup._mc_samples"),
-    ("blrax._src.gradients", "blrax._src.lookup._unwrap_nnx"),
-    ("blrax._src.health", "blrax._src.lookup._check_params"),
-    ("blrax._src.health", "blrax._src.lookup._unwrap_nnx"),
-    ("blrax._src.linearized", "blrax._src.lookup._check_params"),
-    ("blrax._src.merging", "blrax._src.lookup._check_params"),
-    ("blrax._src.merging", "blrax._src.lookup._merge"),
-    ("blrax._src.merging", "blrax._src.lookup._unwrap_nnx"),
-    # being removed in issue 21 (the noise side): ensemble_init sets the flag
-    # that silences noise.warn_if_shared_noise while it traces.
-    ("blrax._src.ensembles", "blrax._src.noise._FOLDING_IN"),
-})
+# Private names of one module that others may use: none. Each entry would be
+# (the module using it, "module.name").
+PRIVATE_NAME_ALLOW_LIST = frozenset()
 
 
 def _module_name(path: pathlib.Path) -> str:

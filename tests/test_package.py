@@ -20,8 +20,9 @@ import blrax.predictive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODULES = ("blrax.expfam", "blrax.metrics", "blrax.predictive", "blrax.noise",
-           "blrax.uncertainty", "blrax.flax", "blrax.checkpoint")
+MODULES = ("blrax.engine", "blrax.expfam", "blrax.metrics",
+           "blrax.predictive", "blrax.noise", "blrax.uncertainty", "blrax.flax",
+           "blrax.checkpoint")
 # The modules that need an optional extra, and the package it brings.
 EXTRAS = {"blrax.flax": "flax"}
 
@@ -61,6 +62,8 @@ def test_moved_names_cover_the_topical_modules():
       assert names == {n for n in want if not n.startswith("linearized")}, home
     elif home == "blrax.flax":  # nnx_value_grads_and_squares is new in 0.3
       assert names == want - {"nnx_value_grads_and_squares"}, home
+    elif home in set(blrax._MOVED_03.values()):  # single names, in 0.3
+      assert names <= want, home
     else:
       assert names == want, home
   # moved names are no longer advertised at the top level
@@ -78,6 +81,27 @@ def test_moved_name_warns_and_is_the_new_object(name):
   with pytest.warns(DeprecationWarning, match=rf"{home}\.{name}\b"):
     exec(f"from blrax import {name}", namespace)
   assert namespace[name] is new
+
+
+@pytest.mark.parametrize("name", sorted(blrax._RENAMED))
+def test_renamed_state_alias_warns_and_is_the_shared_state(name):
+  with pytest.warns(DeprecationWarning, match=r"blrax\.ScaleByBLRState"):
+    assert getattr(blrax, name) is blrax.ScaleByBLRState
+  assert name not in blrax.__all__
+
+
+def test_each_public_name_has_one_home():
+  homes = {}
+  for module in ("blrax", *MODULES):
+    if module in EXTRAS and importlib.util.find_spec(EXTRAS[module]) is None:
+      continue
+    for attr in _import(module).__all__:
+      obj = getattr(_import(module), attr)
+      if inspect.ismodule(obj):
+        continue
+      homes.setdefault(id(obj), []).append(f"{module}.{attr}")
+  shared = [names for names in homes.values() if len(names) > 1]
+  assert not shared, shared
 
 
 def test_unknown_attribute_raises_attribute_error():

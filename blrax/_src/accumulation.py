@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import bsam, engine, evon, gaussian, lookup, validation
+from blrax._src import base, engine, gaussian, lookup, validation
 
 
 class MultiStepsState(NamedTuple):
@@ -65,13 +65,7 @@ class MultiStepsState(NamedTuple):
   hessian_given: Any = ()
 
 
-# The states that can sum micro-batches (an ``accumulator`` field).
-_ACCUMULATING = (engine.ScaleByBLRState, evon.ScaleByEVONState,
-                 bsam.ScaleByBSAMState)
-
-
-def _is_blr(x: Any) -> bool:
-  return type(x) in _ACCUMULATING
+_is_blr = base.is_accumulating  # a state that can sum micro-batches
 
 
 def _blr_states(tree: Any) -> list[Any]:
@@ -83,8 +77,7 @@ def _hole(x: Any) -> bool:
 
 
 def _holds_posterior(x: Any) -> bool:
-  return isinstance(x, tuple) and isinstance(getattr(x, "posterior", None),
-                                             lookup.POSTERIOR_TYPES)
+  return base.is_posterior_state(x)
 
 
 def _check_inner(inner_state: Any, every_k_schedule: Any) -> None:

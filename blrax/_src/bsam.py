@@ -16,7 +16,7 @@ through ``grad_fn`` (called inside ``update``, as in
 ``optax.contrib.sam(..., opaque_mode=True)``) or as ``adversarial_grads``
 (computed by the caller at :func:`bsam_adversarial_params`).
 
-bSAM is a configuration of the diagonal engine (:func:`blrax.scale_by_blr`):
+bSAM is a configuration of the diagonal engine (:func:`blrax.engine.scale_by_blr`):
 the estimator ``curvature.gradient_magnitude(damping)``
 (:math:`\hat h = \sqrt{h+\delta}\,\mathrm{mean}_s|\hat g_s| + \gamma`), the
 plain EMA as its precision update, VOGN's step (momentum of
@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from blrax._src import base, engine, gaussian, steps, validation
 from blrax._src import curvature as curvature_lib
-from blrax._src import engine, gaussian, lookup, steps, validation
 from blrax._src import noise as noise_lib
 from blrax._src import prior as prior_lib
 
@@ -241,7 +241,7 @@ def scale_by_bsam(
     mc_samples: draws per step (their gradients along a leading axis).
     key: PRNG key (or int seed) of the weight noise; kept in the state.
     noise: the weight-noise generator (``"normal"``, ``"hash"``, ``"flip"``
-      or ``blrax.flip_noise(...)``; see :func:`blrax.ivon`).
+      or ``blrax.noise.flip_noise(...)``; see :func:`blrax.ivon`).
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one): where False, :math:`\delta = 0`.
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
@@ -479,7 +479,7 @@ def bsam_adversarial_params(params: Any, opt_state: Any, grads: Any) -> Any:
     Möllenhoff & Khan, `SAM as an Optimal Relaxation of Bayes
     <https://arxiv.org/abs/2210.01620>`_, ICLR 2023.
   """
-  opt_state = lookup._unwrap_nnx(opt_state)  # pylint: disable=protected-access
+  opt_state = base.unwrap_nnx(opt_state)
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_bsam_state)
            if _is_bsam_state(x)]
   if len(found) != 1:

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import lookup, noise, prediction_inputs, validation
+from blrax._src import base, lookup, noise, prediction_inputs, validation
 
 
 class Calibration(NamedTuple):
@@ -95,7 +95,7 @@ class Calibration(NamedTuple):
 
 
 def _is_posterior(x: Any) -> bool:
-  return isinstance(x, lookup.POSTERIOR_TYPES)
+  return base.is_posterior(x)
 
 
 def tempered(opt_state: Any, temperature: Any,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import lookup
+from blrax._src import base
 from blrax._src import noise as noise_lib
 
 RECORD = "blrax_tree.json"
@@ -165,7 +165,7 @@ def _describe(trees: Mapping[str, Any]) -> dict[str, Any]:
       entries[path] = _leaf(node)
       return
     entries[path] = type(node).__name__
-    if isinstance(node, lookup.POSTERIOR_TYPES):
+    if base.is_posterior(node):
       posteriors.append(_posterior(node, path, owner))
     for key_path, child in children:
       walk(child, path + jax.tree_util.keystr(key_path), type(node).__name__)

@@ -117,6 +117,14 @@ class Estimator:
     uses_noise: whether ``statistic`` reads the noise (Price); without noise
       (``ess = inf``) such an estimator is undefined.
     per_example: whether ``grads`` carry a batch axis after the sample axis.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> g_bar, h_hat = engine.PER_EXAMPLE_SQUARED.estimate(
+    ...     jnp.array([[1.0], [3.0]]), None, jnp.zeros(1), 10.0, 0.0)
+    >>> print(g_bar, h_hat)  # mean and mean square of two examples
+    [2.] [5.]
   """
 
   name: str
@@ -183,6 +191,19 @@ def squared_gradient(batch_size: float = 1.0) -> Estimator:
   the curvature by about the batch size near a minimum. Its statistic is
   :math:`\bar g` itself (under accumulation, :math:`M` is the whole
   accumulated batch).
+
+  Args:
+    batch_size: :math:`M`, the examples each gradient averages over.
+
+  Returns:
+    An :class:`Estimator` (Vadam's).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> print(engine.squared_gradient(4.0).estimate(
+    ...     jnp.array([0.5]), None, jnp.zeros(1), 10.0, 0.0)[1])
+    [1.]
   """
 
   def statistic(grads, noise, curvature):
@@ -224,6 +245,21 @@ def gradient_magnitude(damping=0.0) -> Estimator:
   of the Hessian: :math:`\sqrt{s}|g|` is the natural-gradient target of
   SAM's relaxed objective, and ``damping`` :math:`\gamma \ge 0` keeps it
   away from 0.
+
+  Args:
+    damping: :math:`\gamma \ge 0`.
+
+  Returns:
+    An :class:`Estimator` (bSAM's).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> estimator = engine.gradient_magnitude(damping=0.1)
+    >>> _, h_hat = estimator.estimate(jnp.array([-2.0]), None,
+    ...                               jnp.array([3.0]), 10.0, 1.0)
+    >>> print(h_hat)  # sqrt(3 + 1) * 2 + 0.1
+    [4.1]
   """
 
   def statistic(grads, noise, curvature):
@@ -286,7 +322,22 @@ def ema(curvature, estimate, rho, weight_decay):
 
   Keeps :math:`h \ge 0` when :math:`\hat h \ge 0` (squared gradients,
   Gauss-Newton); not for the Price estimator, whose :math:`\hat h` can be
-  negative. The result is :func:`bounded`.
+  negative. The result is ``bounded``.
+
+  Args:
+    curvature: :math:`h`.
+    estimate: :math:`\hat h`.
+    rho: the step :math:`\rho`.
+    weight_decay: :math:`\delta` (for the floor of :math:`h + \delta`).
+
+  Returns:
+    The new :math:`h`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> print(engine.ema(jnp.array(1.0), 3.0, 0.25, 0.0))
+    1.5
   """
   return bounded((1.0 - rho) * curvature + rho * estimate, weight_decay)
 
@@ -306,7 +357,22 @@ def positive_ema(curvature, estimate, rho, weight_decay):
   a sum of positive terms: the textbook form cancels catastrophically when
   :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can then
   round to a negative :math:`h`. Guarantees :math:`h+\delta \ge
-  (h_{old}+\delta)/2`; the result is :func:`bounded`.
+  (h_{old}+\delta)/2`; the result is ``bounded``.
+
+  Args:
+    curvature: :math:`h`.
+    estimate: :math:`\hat h` (any sign).
+    rho: the step :math:`\rho`.
+    weight_decay: :math:`\delta`.
+
+  Returns:
+    The new :math:`h` (:math:`h + \delta > 0`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> print(engine.positive_ema(jnp.array(1.0), -3.0, 0.5, 0.0))
+    1.0
   """
   a = curvature + weight_decay
   c = (1.0 - rho) * a + rho * (estimate + weight_decay)

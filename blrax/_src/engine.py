@@ -25,7 +25,7 @@ estimator's :math:`\hat h` by :math:`\mathrm{mean}_s H_s`. A
 another tree, e.g. at an adversarial point. The whole update
 is one function per leaf, which XLA fuses into one elementwise pass. The
 configuration lives in the closure; the state is plain data:
-:class:`ScaleByBLRState` of arrays, with the posterior
+:class:`blrax.ScaleByBLRState` of arrays, with the posterior
 (:class:`blrax.DiagonalGaussian`) inside.
 """
 
@@ -62,10 +62,10 @@ class Accumulator(NamedTuple):
 
 
 class ScaleByBLRState(NamedTuple):
-  """State of a diagonal BLR transform (:func:`scale_by_blr`).
+  """State of a diagonal BLR transform (:func:`blrax.engine.scale_by_blr`).
 
-  ``ScaleByIVONState``, ``ScaleByVONState`` (diagonal), ``ScaleByVadamState``
-  and ``ScaleByVOGNState`` are this type.
+  The state of IVON, diagonal VON, Vadam and VOGN (their 0.2 aliases
+  ``ScaleByIVONState`` ... are deprecated).
 
   Attributes:
     count: number of updates so far (int32).
@@ -81,8 +81,6 @@ class ScaleByBLRState(NamedTuple):
     >>> import jax.numpy as jnp, blrax
     >>> state = blrax.ivon(0.1, ess=100.0).init(jnp.zeros(2))
     >>> isinstance(state[0], blrax.ScaleByBLRState)  # state[1]: the lr's
-    True
-    >>> blrax.ScaleByIVONState is blrax.ScaleByBLRState
     True
     >>> print(state[0].count, state[0].posterior.curvature)
     0 [1. 1.]
@@ -214,20 +212,20 @@ def scale_by_blr(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`ScaleByBLRState` (an ``init`` wrapped by the caller may return
+    :class:`blrax.ScaleByBLRState` (an ``init`` wrapped by the caller may return
     another ``NamedTuple`` with its fields, such as
     :class:`blrax.ScaleByBSAMState`: ``update`` keeps its other fields).
 
   Examples:
-    Diagonal VON (:func:`scale_by_von`) from its parts:
+    Diagonal VON (:func:`blrax.scale_by_von`) from its parts:
 
     >>> import jax.numpy as jnp, blrax
-    >>> from blrax._src import curvature, steps
-    >>> tx = blrax.scale_by_blr(
-    ...     estimator=curvature.PRICE, precision=curvature.positive_ema,
-    ...     step=steps.newton(), ess=100.0, hess_init=1.0, b2=0.9999,
+    >>> from blrax import engine
+    >>> tx = engine.scale_by_blr(
+    ...     estimator=engine.PRICE, precision=engine.positive_ema,
+    ...     step=engine.newton_step(), ess=100.0, hess_init=1.0, b2=0.9999,
     ...     weight_decay=0.0, mc_samples=1, key=0, noise="normal",
-    ...     hessian_precision=curvature.ema, accepts_hessian=True)
+    ...     hessian_precision=engine.ema, accepts_hessian=True)
     >>> print(blrax.posterior_stddev(tx.init(jnp.zeros(2))))
     [0.1 0.1]
   """

@@ -141,9 +141,6 @@ def ensemble_init(opt: optax.GradientTransformation, params: Any) -> Any:
         "of one size M (every leaf of shape (M, ...)), got leading sizes "
         f"{sorted(sizes, key=str) if sizes else 'none (no leaves)'}.")
   (size,) = sizes
-  noise_lib._FOLDING_IN[0] = True  # noqa: SLF001
-  try:
+  with noise_lib.keys_folded_in_after_init():
     return jax.vmap(lambda p, m: fold_in_keys(opt.init(p), m))(
         params, jnp.arange(size, dtype=jnp.int32))
-  finally:
-    noise_lib._FOLDING_IN[0] = False  # noqa: SLF001

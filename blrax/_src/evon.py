@@ -54,195 +54,10 @@ import jax.numpy as jnp
 import optax
 
 from blrax._src import curvature as curvature_lib
-from blrax._src import engine, gaussian, validation
+from blrax._src import eigenbasis, engine, gaussian, validation
 from blrax._src import noise as noise_lib
 from blrax._src import prior as prior_lib
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-  """The 2-D view of a leaf: ``(prod(shape[:-1]), shape[-1])``; a vector
-  ``(d,)`` is ``(d, 1)``, a scalar ``(1, 1)``."""
-  if len(shape) == 0:
-    return (1, 1)
-  if len(shape) == 1:
-    return (shape[0], 1)
-  return (math.prod(shape[:-1]), shape[-1])
-
-
-def _dtype(param: Any) -> Any:
-  """The dtype of a params leaf (an array, a ShapeDtypeStruct or a number);
-  complex params are refused."""
-  dtype = getattr(param, "dtype", None)
-  dtype = jnp.result_type(param) if dtype is None else dtype
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    raise ValueError(f"EVON needs real params, got a leaf of dtype {dtype}.")
-  return dtype
-
-
-def _rotate(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-  """:math:`Q_L^\\top X Q_R` over the last two axes (identity where a basis
-  is the empty placeholder)."""
-  if left.size:
-    x = jnp.matmul(left.T, x)
-  if right.size:
-    x = jnp.matmul(x, right)
-  return x
-
-
-def _unrotate(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-  """:math:`Q_L X Q_R^\\top` over the last two axes."""
-  if left.size:
-    x = jnp.matmul(left, x)
-  if right.size:
-    x = jnp.matmul(x, right.T)
-  return x
-
-
-def _safe(linear, x: jax.Array, power: int = 1) -> jax.Array:
-  """``linear(x)`` for a map homogeneous of degree ``power`` (a rotation:
-  1, an outer product: 2), computed on ``x / max|x|`` and scaled back,
-  saturated at the dtype's range: huge finite entries would otherwise meet
-  as ``inf - inf`` inside the matrix product."""
-  scale = jnp.max(jnp.abs(x)) if x.size else jnp.ones((), x.dtype)
-  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-  out = linear(x / scale)
-  for _ in range(power):
-    out = curvature_lib.finite(out * scale)
-  return out
-
-
-def _as_matrix(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """``x`` (leading axes, then ``shape``) with ``shape`` viewed as a matrix."""
-  lead = x.shape[:x.ndim - len(shape)]
-  return x.reshape(lead + matrix_shape(shape))
-
-
-def _squared_map(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-  r""":math:`(Q_L\odot Q_L)\,X\,(Q_R\odot Q_R)^\top`: the diagonal of
-  :math:`(Q_R\otimes Q_L)\mathrm{diag}(\mathrm{vec}X)(Q_R\otimes Q_L)^\top`."""
-  return _unrotate(x, jnp.square(left), jnp.square(right))
-
-
-class EigenbasisGaussian(NamedTuple):
-  r"""A Gaussian with Kronecker eigenbasis: EVON's posterior.
-
-  Per params leaf (seen as an :math:`m\times n` matrix, see
-  :func:`blrax.scale_by_evon`),
-  :math:`\mathrm{vec}(W) \sim N(\mathrm{vec}M, (Q_R\otimes Q_L)
-  \mathrm{diag}(\mathrm{vec}\,\sigma^2)(Q_R\otimes Q_L)^\top)` with
-  :math:`\sigma = 1/\sqrt{\lambda(h'+\delta)}`: a draw is
-  :math:`M + Q_L(\sigma\odot E)Q_R^\top`. Found in the optimizer state by
-  :func:`blrax.find_posteriors`. Its ``stddev()`` (what
-  :func:`blrax.posterior_stddev` returns) is the **marginal** standard
-  deviation of each weight in the original coordinates,
-  :math:`\sqrt{(Q_L\odot Q_L)\,\sigma^2\,(Q_R\odot Q_R)^\top}`;
-  ``rotated_stddev()`` is :math:`\sigma` itself, in the rotated basis.
-  ``rotate(tree)`` maps a params-like tree to the rotated coordinates
-  :math:`Q_L^\top X Q_R` (e.g. to pass ``hessian=``), ``unrotate`` back.
-
-  Attributes:
-    noise_state: the noise generator's state (the uint32 data of the PRNG
-      key of the next draw; of ``mc_samples`` keys for several samples per
-      step). The noise is drawn
-      in the rotated basis.
-    curvature: :math:`h'`, the curvature in the rotated basis, a pytree like
-      the params (float32 or wider).
-    left: :math:`Q_L` per leaf, an :math:`m\times m` orthogonal matrix, or a
-      ``(0, 0)`` array where the left side is the identity.
-    right: :math:`Q_R` per leaf, :math:`n\times n` or ``(0, 0)``.
-    ess: :math:`\lambda`, a float scalar.
-    weight_decay: :math:`\delta`, a float scalar, or one scalar per leaf (a
-      pytree like the curvature) when the optimizer was given a per-leaf
-      ``weight_decay`` or a ``weight_decay_mask``.
-
-  Examples:
-    >>> import jax.numpy as jnp, blrax
-    >>> opt = blrax.evon(0.1, ess=100.0, weight_decay=0.0)
-    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros((3, 2))))[0]
-    >>> print(posterior.left.shape, posterior.right.shape)  # identity at init
-    (3, 3) (2, 2)
-    >>> print(posterior.stddev())  # 1 / sqrt(ess * hess_init)
-    [[0.1 0.1]
-     [0.1 0.1]
-     [0.1 0.1]]
-  """
-
-  noise_state: Any
-  curvature: Any
-  left: Any
-  right: Any
-  ess: jax.Array
-  weight_decay: jax.Array
-
-  @property
-  def key(self) -> jax.Array:
-    return self.noise_state.key
-
-  @property
-  def mc_samples(self) -> int:
-    return noise_lib.num_keys(self.key)
-
-  def noise(self) -> Any:
-    """The standard normals :math:`E` (rotated basis) of the next update
-    (zeros when ``ess = inf``)."""
-    return self.noise_state.draw(self.curvature, jnp.isfinite(self.ess))
-
-  def decays(self) -> Any:
-    """:math:`\\delta` per leaf, a pytree like the curvature."""
-    return gaussian.per_leaf(self.weight_decay, self.curvature)
-
-  def rotated_stddev(self) -> Any:
-    """:math:`\\sigma = 1/\\sqrt{\\lambda(h'+\\delta)}` in the rotated basis."""
-    return jax.tree.map(
-        lambda h, d: gaussian.stddev(h, self.ess, d), self.curvature,
-        self.decays())
-
-  def _map(self, fn, *trees) -> Any:
-    return jax.tree.map(
-        lambda h, ql, qr, *xs: fn(h.shape, ql, qr, *xs), self.curvature,
-        self.left, self.right, *trees)
-
-  def rotate(self, tree: Any) -> Any:
-    """:math:`Q_L^\\top X Q_R` per leaf of a params-like ``tree`` (leading
-    axes allowed)."""
-    return self._map(
-        lambda shape, ql, qr, x: _rotate(_as_matrix(jnp.asarray(x), shape),
-                                         ql, qr).reshape(jnp.shape(x)),
-        tree)
-
-  def unrotate(self, tree: Any) -> Any:
-    """:math:`Q_L X Q_R^\\top` per leaf (the inverse of ``rotate``)."""
-    return self._map(
-        lambda shape, ql, qr, x: _unrotate(_as_matrix(jnp.asarray(x), shape),
-                                           ql, qr).reshape(jnp.shape(x)),
-        tree)
-
-  def stddev(self) -> Any:
-    """The marginal stddev of each weight, in the original coordinates."""
-    return self._map(
-        lambda shape, ql, qr, s: jnp.sqrt(jnp.maximum(_squared_map(
-            jnp.square(s).reshape(matrix_shape(shape)), ql, qr), 0.0)
-        ).reshape(shape), self.rotated_stddev())
-
-  def curvature_diagonal(self) -> Any:
-    r"""The diagonal of the curvature matrix :math:`(Q_R\otimes Q_L)
-    \mathrm{diag}(h')(Q_R\otimes Q_L)^\top`, like the params."""
-    return self._map(
-        lambda shape, ql, qr, h: _squared_map(
-            h.reshape(matrix_shape(shape)), ql, qr).reshape(shape),
-        self.curvature)
-
-  def offset(self, noise: Any | None = None) -> Any:
-    """:math:`Q_L(\\sigma\\odot E)Q_R^\\top`, by default with the state's
-    own noise."""
-    noise = self.noise() if noise is None else noise
-    return self.unrotate(jax.tree.map(lambda s, e: s * e,
-                                      self.rotated_stddev(), noise))
-
-  def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
-    """``num_samples`` fresh draws of the offset from ``key``."""
-    return self.offset(
-        self.noise_state.fresh(key, self.curvature, num_samples))
+from blrax._src import steps as steps_lib
 
 
 class ScaleByEVONState(NamedTuple):
@@ -274,7 +89,7 @@ class ScaleByEVONState(NamedTuple):
   momentum: Any
   left_factor: Any
   right_factor: Any
-  posterior: EigenbasisGaussian
+  posterior: eigenbasis.EigenbasisGaussian
   accumulator: Any = ()
 
 
@@ -312,7 +127,7 @@ def _check_isotropic(decay: Any) -> None:
 
 def _side_sizes(shape, max_dim, precondition_1d) -> tuple[int, int]:
   """Sizes of the stored (left, right) bases; 0 where a side is identity."""
-  rows, cols = matrix_shape(shape)
+  rows, cols = eigenbasis.matrix_shape(shape)
   if len(shape) == 1 and not precondition_1d:
     return 0, 0
   side = lambda d: d if 2 <= d <= max_dim else 0
@@ -341,7 +156,7 @@ def _reproject(h: jax.Array, shape, old_left, old_right, new_left,
   the curvature matrix :math:`(Q_R\otimes Q_L)\mathrm{diag}(h')(Q_R\otimes
   Q_L)^\top` of the old one, :math:`A h' B^\top` with :math:`A = (Q_{L,new}^\top
   Q_{L,old})^{\odot 2}`, :math:`B = (Q_{R,new}^\top Q_{R,old})^{\odot 2}`."""
-  h = h.reshape(matrix_shape(shape))
+  h = h.reshape(eigenbasis.matrix_shape(shape))
   if new_left.size:
     h = jnp.matmul(jnp.square(jnp.matmul(new_left.T, old_left)), h)
   if new_right.size:
@@ -367,6 +182,7 @@ def scale_by_evon(
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""EVON's preconditioned direction, before the learning rate.
 
@@ -456,6 +272,9 @@ def scale_by_evon(
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as in ``optax.adamw(mask=)``:
       where False, :math:`\delta = 0` (e.g. no decay on biases and norms).
+    prior_mean: None (a zero-mean prior) or the prior mean :math:`m_0`, a
+      pytree like the params (e.g. pretrained weights): the step pulls
+      towards it with :math:`\delta(M - M_0)`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -488,6 +307,13 @@ def scale_by_evon(
     noise_lib.canonicalize_key(key)
   generator = noise_lib.generator(noise)
   rho = 1.0 - b2
+  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
+  # IVON's step, split around the rotation: its numerator (momentum,
+  # debiasing, prior pull) in the original coordinates, its preconditioning
+  # (divide by h + delta, clip, rescale) in the rotated basis.
+  step = steps_lib.ivon(
+      b1, debias=debias, clip_radius=clip_radius,
+      scale=(lambda decay: hess_init + decay) if rescale_lr else 1.0)
   # Per-leaf decays are fixed at init and read from the state; a scalar one
   # is re-read from the closure each update (inject_hyperparams may vary it).
   decay_in_state = (prior_lib.is_per_leaf(weight_decay)
@@ -497,14 +323,14 @@ def scale_by_evon(
     # full_like: sharded like the params; accepts ShapeDtypeStructs.
     curvature = jax.tree.map(
         lambda p: jnp.full_like(p, hess_init, gaussian.state_dtype(
-            _dtype(p))), params)
+            eigenbasis.real_dtype(p))), params)
     noise_state = generator.init(noise_lib.initial_key(key, mc_samples, params),
                                  curvature)
     decay = weight_decay
     if decay_in_state:
       decay = prior_lib.decay_tree(
           weight_decay, weight_decay_mask, params,
-          lambda p: gaussian.state_dtype(_dtype(p)))
+          lambda p: gaussian.state_dtype(eigenbasis.real_dtype(p)))
       _check_isotropic(decay)
 
     def sides(h, p, make):
@@ -521,11 +347,14 @@ def scale_by_evon(
         count=jnp.zeros([], jnp.int32),
         momentum=jax.tree.map(jnp.zeros_like, curvature),
         left_factor=pick(factors, 0), right_factor=pick(factors, 1),
-        posterior=EigenbasisGaussian(
+        posterior=eigenbasis.EigenbasisGaussian(
             noise_state=noise_state, curvature=curvature,
             left=pick(bases, 0), right=pick(bases, 1),
             ess=gaussian.scalar(ess),
-            weight_decay=decay if decay_in_state else gaussian.scalar(decay)))
+            weight_decay=decay if decay_in_state else gaussian.scalar(decay),
+            prior_mean=(() if prior_mean is None else prior_lib.mean_tree(
+                prior_mean, params,
+                lambda p: gaussian.state_dtype(eigenbasis.real_dtype(p))))))
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
@@ -554,8 +383,8 @@ def scale_by_evon(
       shape, dtype = h.shape, h.dtype
       grad = curvature_lib.finite(jnp.asarray(grad).astype(dtype))
       if hessian is None:
-        rotated = _safe(lambda x: _rotate(x, ql, qr),
-                        _as_matrix(grad, shape)).reshape(grad.shape)
+        rotated = eigenbasis.scaled(lambda x: eigenbasis.rotate_matrix(x, ql, qr),
+                        eigenbasis.as_matrix(grad, shape)).reshape(grad.shape)
         statistic = curvature_lib.PRICE.statistic(rotated, eps, h)
       else:
         statistic = curvature_lib.hessian_statistic(
@@ -573,37 +402,42 @@ def scale_by_evon(
       return done
 
     count = optax.safe_increment(state.count)
-    debias_factor = (1.0 - gaussian.scalar(b1) ** count if debias
-                     else gaussian.scalar(1.0))
+    scalars = step.scalars(count)
+    anchors = (posterior.curvature if engine.is_absent(posterior.prior_mean)
+               else posterior.prior_mean)
     old_decays = posterior.decays()  # the draw's sigma used these
     decays = (old_decays if decay_in_state else
               gaussian.per_leaf(weight_decay, posterior.curvature))
 
     # 2. Curvature in the draw's basis, momentum, Kronecker factors.
-    def first(mean, g_bar, c, h, momentum, lf, rf, decay, old_decay):
+    def first(mean, g_bar, c, h, momentum, lf, rf, decay, old_decay, anchor):
       if not gaussian.is_trainable(mean):
-        return h, momentum, lf, rf
+        return h, momentum, lf, rf, jnp.zeros_like(h)
       shape, dtype = h.shape, h.dtype
       h_hat = (curvature_lib.PRICE.curvature(g_bar, c, h, posterior.ess,
                                              old_decay)
                if hessian is None else c)
       h = curvature_lib.positive_ema(h, h_hat, rho, decay)
-      momentum = b1 * momentum + (1.0 - b1) * g_bar
-      g2 = g_bar.reshape(matrix_shape(shape))
+      mean = jnp.asarray(mean)
+      offset = mean if engine.is_absent(posterior.prior_mean) else (
+          mean.astype(dtype) - anchor)
+      numerator, momentum = step.numerator(g_bar, momentum, offset, decay,
+                                           scalars, dtype)
+      g2 = g_bar.reshape(eigenbasis.matrix_shape(shape))
       if lf.size:
         lf = curvature_lib.finite(shampoo_beta * lf + (1.0 - shampoo_beta)
-                                  * _safe(lambda x: x @ x.T, g2, 2))
+                                  * eigenbasis.scaled(lambda x: x @ x.T, g2, 2))
       if rf.size:
         rf = curvature_lib.finite(shampoo_beta * rf + (1.0 - shampoo_beta)
-                                  * _safe(lambda x: x.T @ x, g2, 2))
+                                  * eigenbasis.scaled(lambda x: x.T @ x, g2, 2))
       return (h.astype(dtype), momentum.astype(dtype), lf.astype(dtype),
-              rf.astype(dtype))
+              rf.astype(dtype), numerator)
 
     out = jax.tree.map(first, params, g_tree, c_tree, posterior.curvature,
                        state.momentum, state.left_factor, state.right_factor,
-                       decays, old_decays)
-    h_tree, momentum, left_factor, right_factor = (
-        jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(4))
+                       decays, old_decays, anchors)
+    h_tree, momentum, left_factor, right_factor, numerators = (
+        jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(5))
 
     # 3. Every f steps (first at step 1): new bases, h' carried over.
     def refresh(operands):
@@ -625,26 +459,25 @@ def scale_by_evon(
         (count - 1) % precondition_frequency == 0, refresh, lambda x: x,
         operands)
 
-    # 4. The step in the (new) rotated basis.
-    def direction(mean, h, ql, qr, momentum, decay):
+    # 4. IVON's preconditioning in the (new) rotated basis.
+    def direction(mean, h, ql, qr, numerator, decay):
       if not gaussian.is_trainable(mean):
         return jnp.zeros_like(mean)
       mean = jnp.asarray(mean)
       shape, dtype = h.shape, h.dtype
-      scale = hess_init + decay if rescale_lr else 1.0
-      numerator = (momentum / debias_factor.astype(dtype)
-                   + decay * mean.astype(dtype))
-      rotated = _safe(lambda x: _rotate(x, ql, qr),
-                      curvature_lib.finite(numerator).reshape(
-                          matrix_shape(shape)))
-      step = jnp.clip(rotated / (h.reshape(rotated.shape) + decay),
-                      -clip_radius, clip_radius) * scale
-      step = _safe(lambda x: _unrotate(x, ql, qr),
-                   curvature_lib.finite(step, dtype)).reshape(shape)
-      return curvature_lib.finite(step, mean.dtype).astype(mean.dtype)
+      rotated = eigenbasis.scaled(
+          lambda x: eigenbasis.rotate_matrix(x, ql, qr),
+          curvature_lib.finite(numerator).reshape(
+              eigenbasis.matrix_shape(shape)))
+      rotated_step = step.precondition(rotated, h.reshape(rotated.shape),
+                                       decay)
+      out = eigenbasis.scaled(
+          lambda x: eigenbasis.unrotate_matrix(x, ql, qr),
+          curvature_lib.finite(rotated_step, dtype)).reshape(shape)
+      return curvature_lib.finite(out, mean.dtype).astype(mean.dtype)
 
     directions = jax.tree.map(direction, params, h_tree, left, right,
-                              momentum, decays)
+                              numerators, decays)
     new_posterior = posterior._replace(
         noise_state=generator.advance(posterior.noise_state, after=h_tree),
         curvature=h_tree, left=left, right=right,
@@ -678,6 +511,7 @@ def evon(
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
+    prior_mean: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The EVON optimizer: IVON in SOAP's eigenbasis, a structured posterior.
 
@@ -736,6 +570,8 @@ def evon(
     noise: ``"normal"`` (default), ``"hash"`` or ``"flip"``.
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of them): where False, :math:`\delta = 0`.
+    prior_mean: None (a zero-mean prior) or the prior mean :math:`M_0`, a
+      pytree like the params (e.g. pretrained weights).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` accepts
@@ -773,5 +609,5 @@ def evon(
           precondition_frequency=precondition_frequency,
           max_precond_dim=max_precond_dim, precondition_1d=precondition_1d,
           mc_samples=mc_samples, key=key, noise=noise,
-          weight_decay_mask=weight_decay_mask),
+          weight_decay_mask=weight_decay_mask, prior_mean=prior_mean),
       learning_rate)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import gaussian
+from blrax._src import gaussian, merge_rules, validation
 from blrax._src import noise as noise_lib
 
 
@@ -166,6 +166,11 @@ class FullGaussian(NamedTuple):
   def stddev(self) -> Any:
     return unflatten(self.template, jnp.sqrt(jnp.diag(self.covariance())))
 
+  def decays(self) -> Any:
+    """:math:`\\delta` per leaf (one scalar for every leaf), like the params."""
+    return unflatten(self.template, jnp.full(
+        self.curvature.shape[:1], self.weight_decay, self.curvature.dtype))
+
   def curvature_diagonal(self) -> Any:
     """The diagonal of :math:`S`, like the params (for diagnostics)."""
     return unflatten(self.template, jnp.diag(self.curvature))
@@ -178,3 +183,58 @@ class FullGaussian(NamedTuple):
     noise = jax.random.normal(
         key, (num_samples, self.curvature.shape[0]), self.curvature.dtype)
     return self.offset(noise)
+
+  @classmethod
+  def merge(cls, posteriors, means, prior_precision, prior_mean):
+    """Merges :class:`FullGaussian` posteriors; returns (mean, posterior)."""
+    first = posteriors[0]
+    ess = [p.ess for p in posteriors]
+    total = sum(ess[1:], ess[0])
+    priors = [p.ess * p.weight_decay for p in posteriors]
+    flat_means = [flatten(m).astype(first.curvature.dtype) for m in means]
+    prior_means = [_flat_prior_mean(p, m)
+                   for p, m in zip(posteriors, flat_means)]
+    if prior_precision is None:
+      prior_precision = merge_rules.common(
+          "opt_states", priors, "prior precisions ess * weight_decay",
+          merge_rules.PRIOR_HINT)
+    elif not merge_rules.is_scalar(prior_precision):
+      raise ValueError(
+          "`prior_precision` must be a scalar for FullGaussian posteriors "
+          f"(their weight decay is a scalar), got {prior_precision!r}.")
+    m0 = (merge_rules.common("opt_states", prior_means, "prior means",
+                             "pass `prior_mean=`.")
+          if prior_mean is None else
+          flatten(merge_rules.leafwise(prior_mean, means[0])))
+    dim = first.curvature.shape[0]
+    eye = jnp.eye(dim, dtype=first.curvature.dtype)
+    lik = sum(e * p.curvature for e, p in zip(ess, posteriors))
+    lin = sum(e * (p.curvature @ m + p.weight_decay * (m - m0k)) for e, p, m, m0k
+              in zip(ess, posteriors, flat_means, prior_means))
+    precision = prior_precision * eye + lik
+    precision = 0.5 * (precision + precision.T)
+    chol = jnp.linalg.cholesky(precision)
+    if not validation.is_traced(chol) and not np.all(np.isfinite(chol)):
+      raise ValueError(
+          "`opt_states`: the merged precision prior_precision * I + "
+          "sum_k ess_k S_k is not positive definite.")
+    mean = jax.scipy.linalg.cho_solve((chol, True),
+                                      prior_precision * m0.astype(eye.dtype) + lin)
+    mean = unflatten(first.template, mean)
+    fields = dict(curvature=lik / total, ess=gaussian.scalar(total),
+                  weight_decay=gaussian.scalar(jnp.asarray(prior_precision) / total))
+    if "prior_mean" in type(first)._fields and (
+        jax.tree.leaves(getattr(first, "prior_mean", ()))
+        or validation.is_traced(m0) or np.any(np.asarray(m0) != 0)):
+      fields["prior_mean"] = m0.astype(eye.dtype)
+    return mean, first._replace(**fields)
+
+
+def _flat_prior_mean(posterior: Any, flat_mean: jax.Array) -> jax.Array:
+  """A FullGaussian's prior mean, flat ``(D,)`` (zeros if it keeps none)."""
+  mean = getattr(posterior, "prior_mean", ())
+  if jax.tree.leaves(mean):
+    return jnp.asarray(mean, flat_mean.dtype)
+  return jnp.zeros_like(flat_mean)
+
+

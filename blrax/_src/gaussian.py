@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blrax._src import base, merge_rules, validation
 from blrax._src import noise as noise_lib
 from blrax._src import prior as prior_lib
-from blrax._src import validation
 
 
 def state_dtype(dtype: Any) -> jnp.dtype:
@@ -134,6 +134,78 @@ class DiagonalGaussian(NamedTuple):
   def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
     """``num_samples`` fresh draws of :math:`\\sigma\\epsilon` from ``key``."""
     return self.offset(self.noise_state.fresh(key, self.curvature, num_samples))
+
+  @classmethod
+  def merge(cls, posteriors, means, prior_precision, prior_mean):
+    """Merges :class:`DiagonalGaussian` posteriors; returns (mean, posterior)."""
+    first = posteriors[0]
+    curv = first.curvature
+    ess = [p.ess for p in posteriors]
+    total = sum(ess[1:], ess[0])
+    decays = [merge_rules.leafwise(p.weight_decay, p.curvature) for p in posteriors]
+    priors = [jax.tree.map(lambda d, e=e: e * d, dk)
+              for dk, e in zip(decays, ess)]
+    prior_means = [merge_rules.prior_mean_like(p, m) for p, m in zip(posteriors, means)]
+    scalar_prior = all(merge_rules.is_scalar(p.weight_decay) for p in posteriors)
+    if prior_precision is None:
+      prior_precision = merge_rules.common("opt_states", priors, "prior precisions "
+                                "ess * weight_decay", merge_rules.PRIOR_HINT)
+      if scalar_prior:
+        prior_precision = jax.tree.leaves(prior_precision)[0]
+    else:
+      scalar_prior = merge_rules.is_scalar(prior_precision)
+    if prior_mean is None:
+      prior_mean = merge_rules.common("opt_states", prior_means, "prior means",
+                           "pass `prior_mean=`.")
+    lam0 = merge_rules.leafwise(prior_precision, curv)
+
+    def leaf(lam0_, m0, *per_shard):
+      if base.is_hole(lam0_):
+        return lam0_
+      k = len(posteriors)
+      h, m, d, mk0 = (per_shard[i * k:(i + 1) * k] for i in range(4))
+      if not is_trainable(m[0]):  # an int counter: shard 0's.
+        return jnp.asarray(m[0]), sum(e * hk for e, hk in zip(ess, h)) / total
+      dtype = h[0].dtype
+      # The shards' likelihoods: precision e_k h_k, linear term e_k (h_k + d_k)
+      # m_k - e_k d_k m0_k = e_k h_k m_k + e_k d_k (m_k - m0_k).
+      lik = sum(e * hk for e, hk in zip(ess, h))
+      lin = sum(e * (hk * mk.astype(dtype) + dk * (mk.astype(dtype) - m0k))
+                for e, hk, mk, dk, m0k in zip(ess, h, m, d, mk0))
+      precision = lam0_ + lik
+      num = lam0_ * m0.astype(dtype) + lin
+      tiny = jnp.finfo(dtype).tiny
+      fallback = sum(mk.astype(dtype) for mk in m) / k
+      mean = jnp.where(precision > tiny, num / jnp.maximum(precision, tiny),
+                       fallback)
+      return mean, lik / total
+
+    out = jax.tree.map(leaf, lam0, merge_rules.leafwise(prior_mean, curv), *[
+        c for c in (p.curvature for p in posteriors)], *means, *decays,
+                       *prior_means, is_leaf=base.is_hole)
+    pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    mean = jax.tree.map(lambda x: x if base.is_hole(x) else x[0], out,
+                        is_leaf=lambda x: pair(x) or base.is_hole(x))
+    curvature = jax.tree.map(lambda x: x if base.is_hole(x) else x[1], out,
+                             is_leaf=lambda x: pair(x) or base.is_hole(x))
+    # Each leaf keeps the shape and dtype of shard 0's (so the merged state
+    # restores into `opt.init(params)` and a jitted step does not retrace).
+    old_decays = merge_rules.leafwise(first.weight_decay, curv)
+    weight_decay = (scalar(jnp.asarray(prior_precision) / total)
+                    if scalar_prior else
+                    jax.tree.map(
+                        lambda l0, h, old: l0 if base.is_hole(l0) else
+                        merge_rules.like_leaf((l0 / total).astype(h.dtype), old),
+                        lam0, curvature, old_decays, is_leaf=base.is_hole))
+    fields = dict(curvature=curvature, ess=scalar(total),
+                  weight_decay=weight_decay)
+    if "prior_mean" in type(first)._fields:
+      old = getattr(first, "prior_mean", ())
+      if jax.tree.leaves(old) or any(
+          np.any(np.asarray(x) != 0) for x in jax.tree.leaves(prior_mean)
+          if not validation.is_traced(x)):
+        fields["prior_mean"] = merge_rules.leafwise(prior_mean, curv)
+    return mean, first._replace(**fields)
 
 
 def per_leaf(weight_decay: Any, like: Any) -> Any:

@@ -18,19 +18,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import lookup
+from blrax._src import base, lookup
 
 
 def num_draws(opt_state: Any) -> int:
   """The ``mc_samples`` of the blrax posterior(s) in ``opt_state``."""
-  return lookup._mc_samples(lookup.find_posteriors(opt_state))
+  return lookup.common_mc_samples(lookup.find_posteriors(opt_state))
 
 
 def has_posterior(opt_state: Any) -> bool:
   """Whether ``opt_state`` holds a blrax posterior (else: a plain optax one)."""
-  opt_state = lookup._unwrap_nnx(opt_state)  # noqa: SLF001
-  return any(isinstance(x, lookup.POSTERIOR_TYPES) for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, lookup.POSTERIOR_TYPES)))
+  return bool(base.find(base.unwrap_nnx(opt_state), base.is_posterior))
 
 
 def value_and_grad(

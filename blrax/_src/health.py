@@ -33,19 +33,8 @@ import jax
 import numpy as np
 import optax
 
-from blrax._src import (
-  bsam,
-  curvature,
-  engine,
-  evon,
-  gaussian,
-  lookup,
-  validation,
-  von,
-)
+from blrax._src import base, curvature, gaussian, lookup, validation
 
-_STATE_TYPES = (engine.ScaleByBLRState, von.ScaleByFullVONState,
-                bsam.ScaleByBSAMState, evon.ScaleByEVONState)
 _FIELDS = ("init_share", "data_share", "prior_share", "data_curvature",
            "stddev", "relative_stddev")
 
@@ -108,10 +97,7 @@ def _pure(params: Any, opt_state: Any) -> tuple[Any, Any]:
 
 def _owners(opt_state: Any) -> list[tuple[int, Any]]:
   """(step count, posterior) for every posterior, from its optimizer state."""
-  opt_state = lookup._unwrap_nnx(opt_state)
-  states = [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, _STATE_TYPES))
-            if isinstance(x, _STATE_TYPES)]
+  states = base.find(base.unwrap_nnx(opt_state), base.is_posterior_state)
   if not states:
     lookup.find_posteriors(opt_state)  # Raises the usual "no posterior" error.
     raise ValueError("`opt_state` holds a blrax posterior but not the blrax "
@@ -200,7 +186,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   h0, beta = float(hess_init), float(b2)
   params, opt_state = _pure(params, opt_state)
   owners = _owners(opt_state)
-  lookup._check_params(params, [p for _, p in owners])
+  lookup.check_covers(params, [p for _, p in owners])
   steps = max(t for t, _ in owners)
   leaves: dict[str, dict[str, float]] = {}
   pooled: dict[str, list[np.ndarray]] = {}
@@ -211,8 +197,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
     ess_values.append(float(posterior.ess))
     diagonal = posterior.curvature_diagonal()
     # Per-leaf prior precisions (weight_decay as a pytree or a mask).
-    decays = (posterior.decays() if hasattr(posterior, "decays") else
-              jax.tree.map(lambda _: posterior.weight_decay, diagonal))
+    decays = posterior.decays()
     flat = jax.tree_util.tree_flatten_with_path(
         (diagonal, posterior.stddev(), params, decays),
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]

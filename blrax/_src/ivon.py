@@ -93,7 +93,7 @@ def scale_by_ivon(
     key: PRNG key (or int seed) of the weight noise; kept in the state.
     noise: the weight-noise generator: ``"normal"`` (``jax.random.normal``,
       threefry), ``"hash"`` (a cheaper counter-based generator) or
-      ``"flip"`` / ``blrax.flip_noise(refresh_every)`` (random sign flips of
+      ``"flip"`` / ``blrax.noise.flip_noise(refresh_every)`` (random sign flips of
       a stored draw refreshed slice by slice: about 1.3x Adam's step on CPU,
       one more params-sized array of state). See ``blrax/_src/fast_noise.py``
       for what each keeps of the statistics.
@@ -195,7 +195,7 @@ def ivon(
       Under ``optax.inject_hyperparams`` pass ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise, kept in the state.
     noise: ``"normal"`` (default, threefry normals), ``"hash"`` or
-      ``"flip"`` / ``blrax.flip_noise(refresh_every)``: cheaper generators
+      ``"flip"`` / ``blrax.noise.flip_noise(refresh_every)``: cheaper generators
       for CPU, see :func:`scale_by_ivon`.
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as ``optax.adamw(mask=...)``:

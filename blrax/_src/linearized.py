@@ -183,7 +183,7 @@ def _quadratic_forms(params, opt_state):
         "the closed-form linearised predictive needs DiagonalGaussian or "
         f"FullGaussian posteriors, but `opt_state` holds {', '.join(other)}: "
         "use method='sampled'.")
-  lookup._check_params(params, posteriors)
+  lookup.check_covers(params, posteriors)
   parts = _Trainable(params)
   forms = []
   for posterior in posteriors:

@@ -9,10 +9,11 @@ found **by type**, anywhere in a nested optax state: inside ``chain``,
 that get no noise), and inside an ``nnx.Optimizer``'s ``opt_state``. Several
 posteriors (one per partition) may cover disjoint parts of the params.
 
-A posterior type implements ``mc_samples``, ``stddev()``, ``offset()`` (the
-draw the next update expects, :math:`\theta - m`) and
-``sample_offsets(key, n)``, each returning a tree like the params with holes
-where it does not reach.
+A posterior is anything that implements the :class:`base.Posterior`
+protocol (``mc_samples``, ``stddev()``, ``offset()``: the draw the next update
+expects, :math:`\theta - m`, ``sample_offsets(key, n)``, ...), each returning
+a tree like the params with holes where it does not reach; this module knows
+no posterior type by name.
 """
 
 from __future__ import annotations
@@ -23,35 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blrax._src import evon, full_gaussian, gaussian, validation
+from blrax._src import base, gaussian, validation
 from blrax._src import noise as noise_lib
 
-# A fixed tuple: the posterior types are core data types, not plug-ins.
-POSTERIOR_TYPES = (gaussian.DiagonalGaussian, full_gaussian.FullGaussian,
-                   evon.EigenbasisGaussian)
-
-
-def _is_posterior(x: Any) -> bool:
-  return isinstance(x, POSTERIOR_TYPES)
-
-
-def _hole(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def _unwrap_nnx(tree: Any) -> Any:
-  """Strips flax ``nnx.Variable`` wrappers (an ``nnx.Optimizer``'s state)."""
-  try:  # Imported lazily: flax is an optional extra.
-    from flax import nnx
-  except ImportError:
-    return tree
-
-  if any(
-      isinstance(x, nnx.Variable)
-      for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  ):
-    return nnx.as_pure(tree)
-  return tree
+_hole = base.is_hole
 
 
 def find_posteriors(opt_state: Any) -> list[Any]:
@@ -74,11 +50,7 @@ def find_posteriors(opt_state: Any) -> list[Any]:
     >>> [type(p).__name__ for p in posteriors]
     ['DiagonalGaussian']
   """
-  opt_state = _unwrap_nnx(opt_state)
-  found = [
-      x for x in jax.tree.leaves(opt_state, is_leaf=_is_posterior)
-      if _is_posterior(x)
-  ]
+  found = base.find(base.unwrap_nnx(opt_state), base.is_posterior)
   if not found:
     raise ValueError(
         "`opt_state` holds no blrax posterior: pass the state of a blrax "
@@ -87,7 +59,7 @@ def find_posteriors(opt_state: Any) -> list[Any]:
   return found
 
 
-def _merge(params: Any, trees: list[Any], fill: Any) -> list[Any]:
+def merge_covering(params: Any, trees: list[Any], fill: Any) -> list[Any]:
   """For each params leaf, the first covering leaf among ``trees`` (or fill)."""
 
   def pick(p, *candidates):
@@ -99,14 +71,14 @@ def _merge(params: Any, trees: list[Any], fill: Any) -> list[Any]:
   return jax.tree.map(pick, params, *trees, is_leaf=_hole)
 
 
-def _mc_samples(posteriors: list[Any]) -> int:
+def common_mc_samples(posteriors: list[Any]) -> int:
   counts = {p.mc_samples for p in posteriors}
   if len(counts) != 1:
     raise ValueError(f"posteriors disagree on mc_samples: {sorted(counts)}.")
   return counts.pop()
 
 
-def _check_params(params: Any, posteriors: list[Any]) -> None:
+def check_covers(params: Any, posteriors: list[Any]) -> None:
   """Each posterior's leaves must have the shapes of the params they cover."""
   for posterior in posteriors:
     shapes = jax.eval_shape(posterior.stddev)
@@ -162,9 +134,9 @@ def sample_params(params: Any, opt_state: Any) -> Any:
     (4, 3)
   """
   posteriors = find_posteriors(opt_state)
-  mc = _mc_samples(posteriors)
-  _check_params(params, posteriors)
-  offsets = _merge(params, [p.offset() for p in posteriors], lambda _: None)
+  mc = common_mc_samples(posteriors)
+  check_covers(params, posteriors)
+  offsets = merge_covering(params, [p.offset() for p in posteriors], lambda _: None)
   return _add_offsets(params, offsets, () if mc == 1 else (mc,))
 
 
@@ -195,14 +167,14 @@ def posterior_stddev(opt_state: Any, params: Any | None = None) -> Any:
     params = trees[0]
     fill = lambda _: jnp.zeros((), jnp.float32)
   else:
-    _check_params(params, posteriors)
+    check_covers(params, posteriors)
     fill = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(
         jnp.result_type(p), jnp.float32))
     # Int leaves (counters) get no noise: their sigma is an exact zero.
     trees = [jax.tree.map(
         lambda p, s: s if _hole(s) or gaussian.is_trainable(p) else fill(p),
         params, t, is_leaf=_hole) for t in trees]
-  return _merge(params, trees, fill)
+  return merge_covering(params, trees, fill)
 
 
 def sample_posterior(
@@ -231,11 +203,12 @@ def sample_posterior(
   num_samples = validation.check_integer("num_samples", num_samples, low=1)
   key = noise_lib.canonicalize_key(key)
   posteriors = find_posteriors(opt_state)
-  _check_params(params, posteriors)
+  check_covers(params, posteriors)
   keys = jax.random.split(key, len(posteriors))
-  offsets = _merge(
+  offsets = merge_covering(
       params,
       [p.sample_offsets(k, num_samples) for p, k in zip(posteriors, keys)],
       lambda _: None,
   )
   return _add_offsets(params, offsets, (num_samples,))
+

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blrax._src import full_gaussian, gaussian, lookup, validation
+from blrax._src import base, gaussian, lookup, merge_rules, validation
 
 
 def _hole(x: Any) -> bool:
@@ -45,20 +45,7 @@ def _hole(x: Any) -> bool:
 
 
 def _is_posterior(x: Any) -> bool:
-  return isinstance(x, lookup.POSTERIOR_TYPES)
-
-
-def _leafwise(value: Any, like: Any) -> Any:
-  """``value`` (a scalar or a tree like ``like``) as a tree like ``like``."""
-  if jax.tree.structure(value, is_leaf=_hole) == jax.tree.structure(
-      like, is_leaf=_hole) and jax.tree.leaves(like):
-    return value
-  return jax.tree.map(lambda _: value, like)
-
-
-def _is_scalar(value: Any) -> bool:
-  return not isinstance(value, (tuple, list, dict)) and np.ndim(value) == 0 \
-      and len(jax.tree.leaves(value)) == 1
+  return base.is_posterior(x)
 
 
 def _covered(params: Any, posterior: Any) -> Any:
@@ -66,14 +53,6 @@ def _covered(params: Any, posterior: Any) -> Any:
   shapes = jax.eval_shape(posterior.stddev)
   return jax.tree.map(lambda s, p: optax.MaskedNode() if _hole(s) else p,
                       shapes, params, is_leaf=_hole)
-
-
-def _prior_mean(posterior: Any, like: Any) -> Any:
-  """The posterior's prior mean as a tree like ``like`` (zeros if it has none)."""
-  mean = getattr(posterior, "prior_mean", ())
-  if jax.tree.leaves(mean):
-    return _leafwise(mean, like)
-  return jax.tree.map(jnp.zeros_like, like)
 
 
 def _check_finite_ess(posteriors: Sequence[Any]) -> None:
@@ -85,25 +64,10 @@ def _check_finite_ess(posteriors: Sequence[Any]) -> None:
           "finite ess > 0 (ess=inf is a point mass, no precision to add).")
 
 
-def _common(name: str, values: Sequence[Any], what: str, hint: str) -> Any:
-  """The first of ``values`` after checking (when concrete) that all agree."""
-  first = values[0]
-  for k, value in enumerate(values[1:], start=1):
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(value)):
-      if validation.is_traced(a) or validation.is_traced(b):
-        continue
-      if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=0.0):
-        raise ValueError(
-            f"`{name}`: the shards' {what} differ (shard 0 vs shard {k}: "
-            f"{np.asarray(a).ravel()[:3]} vs {np.asarray(b).ravel()[:3]}); "
-            f"{hint}")
-  return first
-
-
 def _check_prior(name: str, value: Any, like: Any, *,
                  nonnegative: bool) -> Any:
   """A scalar or a tree like ``like`` of finite (non-negative) numbers."""
-  if _is_scalar(value):
+  if merge_rules.is_scalar(value):
     if nonnegative:
       validation.check_state_scale(name, value)
     else:
@@ -127,162 +91,6 @@ def _check_prior(name: str, value: Any, like: Any, *,
           f"`{name}` must be finite{' and >= 0' if nonnegative else ''}, got "
           f"{name}={value!r}.")
   return value
-
-
-_PRIOR_HINT = (
-    "merging assumes one prior. Train shard k with weight_decay = "
-    "Lambda0 / ess_k (so that every prior precision ess_k * weight_decay_k "
-    "is Lambda0), or pass the merged prior explicitly as `prior_precision=` "
-    "(and `prior_mean=`): each shard's own prior is then divided out exactly.")
-
-
-def _merge_diagonal(posteriors, means, prior_precision, prior_mean):
-  """Merges :class:`DiagonalGaussian` posteriors; returns (mean, posterior)."""
-  first = posteriors[0]
-  curv = first.curvature
-  ess = [p.ess for p in posteriors]
-  total = sum(ess[1:], ess[0])
-  decays = [_leafwise(p.weight_decay, p.curvature) for p in posteriors]
-  priors = [jax.tree.map(lambda d, e=e: e * d, dk)
-            for dk, e in zip(decays, ess)]
-  prior_means = [_prior_mean(p, m) for p, m in zip(posteriors, means)]
-  scalar_prior = all(_is_scalar(p.weight_decay) for p in posteriors)
-  if prior_precision is None:
-    prior_precision = _common("opt_states", priors, "prior precisions "
-                              "ess * weight_decay", _PRIOR_HINT)
-    if scalar_prior:
-      prior_precision = jax.tree.leaves(prior_precision)[0]
-  else:
-    scalar_prior = _is_scalar(prior_precision)
-  if prior_mean is None:
-    prior_mean = _common("opt_states", prior_means, "prior means",
-                         "pass `prior_mean=`.")
-  lam0 = _leafwise(prior_precision, curv)
-
-  def leaf(lam0_, m0, *per_shard):
-    if _hole(lam0_):
-      return lam0_
-    k = len(posteriors)
-    h, m, d, mk0 = (per_shard[i * k:(i + 1) * k] for i in range(4))
-    if not gaussian.is_trainable(m[0]):  # an int counter: shard 0's.
-      return jnp.asarray(m[0]), sum(e * hk for e, hk in zip(ess, h)) / total
-    dtype = h[0].dtype
-    # The shards' likelihoods: precision e_k h_k, linear term e_k (h_k + d_k)
-    # m_k - e_k d_k m0_k = e_k h_k m_k + e_k d_k (m_k - m0_k).
-    lik = sum(e * hk for e, hk in zip(ess, h))
-    lin = sum(e * (hk * mk.astype(dtype) + dk * (mk.astype(dtype) - m0k))
-              for e, hk, mk, dk, m0k in zip(ess, h, m, d, mk0))
-    precision = lam0_ + lik
-    num = lam0_ * m0.astype(dtype) + lin
-    tiny = jnp.finfo(dtype).tiny
-    fallback = sum(mk.astype(dtype) for mk in m) / k
-    mean = jnp.where(precision > tiny, num / jnp.maximum(precision, tiny),
-                     fallback)
-    return mean, lik / total
-
-  out = jax.tree.map(leaf, lam0, _leafwise(prior_mean, curv), *[
-      c for c in (p.curvature for p in posteriors)], *means, *decays,
-                     *prior_means, is_leaf=_hole)
-  pair = lambda x: isinstance(x, tuple)  # noqa: E731
-  mean = jax.tree.map(lambda x: x if _hole(x) else x[0], out,
-                      is_leaf=lambda x: pair(x) or _hole(x))
-  curvature = jax.tree.map(lambda x: x if _hole(x) else x[1], out,
-                           is_leaf=lambda x: pair(x) or _hole(x))
-  # Each leaf keeps the shape and dtype of shard 0's (so the merged state
-  # restores into `opt.init(params)` and a jitted step does not retrace).
-  old_decays = _leafwise(first.weight_decay, curv)
-  weight_decay = (gaussian.scalar(jnp.asarray(prior_precision) / total)
-                  if scalar_prior else
-                  jax.tree.map(lambda l0, h, old: l0 if _hole(l0) else
-                               _like_leaf((l0 / total).astype(h.dtype), old),
-                               lam0, curvature, old_decays, is_leaf=_hole))
-  fields = dict(curvature=curvature, ess=gaussian.scalar(total),
-                weight_decay=weight_decay)
-  if "prior_mean" in type(first)._fields:
-    old = getattr(first, "prior_mean", ())
-    if jax.tree.leaves(old) or any(
-        np.any(np.asarray(x) != 0) for x in jax.tree.leaves(prior_mean)
-        if not validation.is_traced(x)):
-      fields["prior_mean"] = _leafwise(prior_mean, curv)
-  return mean, first._replace(**fields)
-
-
-def _like_leaf(value: jax.Array, old: Any) -> jax.Array:
-  """The merged per-leaf decay ``value`` in the shape and dtype of ``old``.
-
-  A full-shaped ``value`` for a leaf whose state keeps a scalar decay (an
-  explicit ``prior_precision``) must be uniform.
-  """
-  shape, dtype = np.shape(old), jnp.result_type(old)
-  value = jnp.asarray(value)
-  if value.shape != shape:
-    if shape == () and not validation.is_traced(value) and value.size and bool(
-        jnp.all(value == value.ravel()[0])):
-      value = value.ravel()[0]
-    elif shape and np.broadcast_shapes(value.shape, shape) == shape:
-      value = jnp.broadcast_to(value, shape)
-    else:
-      raise ValueError(
-          "`prior_precision` has a leaf of shape "
-          f"{value.shape} that varies where the state keeps one weight decay "
-          f"of shape {shape} (built with a scalar weight_decay for it): pass "
-          "a scalar for that leaf, or train with a per-element weight_decay.")
-  return value.astype(dtype)
-
-
-def _merge_full(posteriors, means, prior_precision, prior_mean):
-  """Merges :class:`FullGaussian` posteriors; returns (mean, posterior)."""
-  first = posteriors[0]
-  ess = [p.ess for p in posteriors]
-  total = sum(ess[1:], ess[0])
-  priors = [p.ess * p.weight_decay for p in posteriors]
-  flat_means = [full_gaussian.flatten(m).astype(first.curvature.dtype)
-                for m in means]
-  prior_means = [_flat_prior_mean(p, m) for p, m in zip(posteriors, flat_means)]
-  if prior_precision is None:
-    prior_precision = _common("opt_states", priors, "prior precisions "
-                              "ess * weight_decay", _PRIOR_HINT)
-  elif not _is_scalar(prior_precision):
-    raise ValueError(
-        "`prior_precision` must be a scalar for FullGaussian posteriors "
-        f"(their weight decay is a scalar), got {prior_precision!r}.")
-  m0 = (_common("opt_states", prior_means, "prior means", "pass `prior_mean=`.")
-        if prior_mean is None else
-        full_gaussian.flatten(_leafwise(prior_mean, means[0])))
-  dim = first.curvature.shape[0]
-  eye = jnp.eye(dim, dtype=first.curvature.dtype)
-  lik = sum(e * p.curvature for e, p in zip(ess, posteriors))
-  lin = sum(e * (p.curvature @ m + p.weight_decay * (m - m0k)) for e, p, m, m0k
-            in zip(ess, posteriors, flat_means, prior_means))
-  precision = prior_precision * eye + lik
-  precision = 0.5 * (precision + precision.T)
-  chol = jnp.linalg.cholesky(precision)
-  if not validation.is_traced(chol) and not np.all(np.isfinite(chol)):
-    raise ValueError(
-        "`opt_states`: the merged precision prior_precision * I + "
-        "sum_k ess_k S_k is not positive definite.")
-  mean = jax.scipy.linalg.cho_solve((chol, True),
-                                    prior_precision * m0.astype(eye.dtype) + lin)
-  mean = full_gaussian.unflatten(first.template, mean)
-  fields = dict(curvature=lik / total, ess=gaussian.scalar(total),
-                weight_decay=gaussian.scalar(jnp.asarray(prior_precision) / total))
-  if "prior_mean" in type(first)._fields and (
-      jax.tree.leaves(getattr(first, "prior_mean", ()))
-      or validation.is_traced(m0) or np.any(np.asarray(m0) != 0)):
-    fields["prior_mean"] = m0.astype(eye.dtype)
-  return mean, first._replace(**fields)
-
-
-def _flat_prior_mean(posterior: Any, flat_mean: jax.Array) -> jax.Array:
-  """A FullGaussian's prior mean, flat ``(D,)`` (zeros if it keeps none)."""
-  mean = getattr(posterior, "prior_mean", ())
-  if jax.tree.leaves(mean):
-    return jnp.asarray(mean, flat_mean.dtype)
-  return jnp.zeros_like(flat_mean)
-
-
-_MERGERS = {gaussian.DiagonalGaussian: _merge_diagonal,
-            full_gaussian.FullGaussian: _merge_full}
 
 
 def merge_posteriors(
@@ -396,7 +204,7 @@ def merge_posteriors(
     raise ValueError(
         "`params_list` and `opt_states` must be non-empty lists of one "
         f"length, got {len(params_list)} params and {len(opt_states)} states.")
-  opt_states = [lookup._unwrap_nnx(s) for s in opt_states]  # noqa: SLF001
+  opt_states = [base.unwrap_nnx(s) for s in opt_states]
   found = [lookup.find_posteriors(s) for s in opt_states]
   params_def = jax.tree.structure(params_list[0])
   for k, (params, posts) in enumerate(zip(params_list, found)):
@@ -410,7 +218,7 @@ def merge_posteriors(
           f"{[type(p).__name__ for p in posts]}, `opt_states[0]` holds "
           f"{[type(p).__name__ for p in found[0]]}.")
     try:
-      lookup._check_params(params, posts)  # noqa: SLF001
+      lookup.check_covers(params, posts)
     except ValueError as error:
       raise ValueError(f"`params_list[{k}]` and `opt_states[{k}]`: {error}") \
           from None
@@ -437,16 +245,11 @@ def merge_posteriors(
         raise ValueError(f"`opt_states[{k}]` has a posterior of other shapes "
                          "than `opt_states[0]`.")
     covered = [_covered(p, posts[0]) for p in params_list]
-    restrict = lambda tree: tree if tree is None or _is_scalar(tree) else (  # noqa: E731
+    restrict = lambda tree: tree if tree is None or merge_rules.is_scalar(tree) else (  # noqa: E731
         _covered(tree, posts[0]))
-    merge = _MERGERS.get(type(posts[0]))
-    if merge is None:
-      raise ValueError(
-          f"`opt_states` holds a {type(posts[0]).__name__} posterior: "
-          "merge_posteriors supports DiagonalGaussian (ivon, von, vadam, "
-          "vogn) and FullGaussian (von covariance='full') posteriors.")
-    mean, posterior = merge(posts, covered, restrict(prior_precision),
-                            restrict(prior_mean))
+    mean, posterior = type(posts[0]).merge(posts, covered,
+                                           restrict(prior_precision),
+                                           restrict(prior_mean))
     merged_means.append(mean)
     merged_posteriors.append(posterior)
 
@@ -457,7 +260,7 @@ def merge_posteriors(
     return sum(jnp.asarray(x) for x in leaves) / len(leaves)
 
   averaged = jax.tree.map(fill, *params_list)
-  params = lookup._merge(  # noqa: SLF001
+  params = lookup.merge_covering(
       params_list[0], merged_means, lambda p: None)
   params = jax.tree.map(
       lambda p, m, a: a if m is None else jnp.asarray(m).astype(
@@ -526,7 +329,7 @@ def posterior_as_prior(
   """
   validation.check_state_scale("ess", ess, positive=True)
   posteriors = lookup.find_posteriors(opt_state)
-  lookup._check_params(params, posteriors)  # noqa: SLF001
+  lookup.check_covers(params, posteriors)
   decays = []
   for posterior in posteriors:
     if not isinstance(posterior, gaussian.DiagonalGaussian):
@@ -536,11 +339,11 @@ def posterior_as_prior(
           "makes a diagonal prior (prior_mean, per-element weight_decay); "
           "train with a diagonal optimizer, or build the prior by hand.")
     _check_finite_ess([posterior])
-    wd = _leafwise(posterior.weight_decay, posterior.curvature)
+    wd = merge_rules.leafwise(posterior.weight_decay, posterior.curvature)
     decays.append(jax.tree.map(
         lambda h, d, p=posterior: p.ess * (h + d) / ess, posterior.curvature,
         wd))
-  decay = lookup._merge(params, decays, lambda p: None)  # noqa: SLF001
+  decay = lookup.merge_covering(params, decays, lambda p: None)
 
   def leaf(p, d):
     p = jnp.asarray(p)

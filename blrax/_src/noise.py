@@ -26,6 +26,7 @@ See ``fast_noise.py`` for the hash and flip primitives and their costs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any, NamedTuple
@@ -170,6 +171,17 @@ def stored_like(old: jax.Array, key: jax.Array) -> jax.Array:
 # Set by blrax.ensemble_init while it traces its vmapped init: its keys are
 # made distinct after init, by folding in the member index.
 _FOLDING_IN = [False]
+
+
+@contextlib.contextmanager
+def keys_folded_in_after_init():
+  """While active, a vmapped ``init`` with an unbatched key does not warn:
+  the caller (:func:`blrax.ensemble_init`) makes the keys distinct after."""
+  _FOLDING_IN[0] = True
+  try:
+    yield
+  finally:
+    _FOLDING_IN[0] = False
 
 SHARED_NOISE_WARNING = (
     "`init` is vmapped over the params (an ensemble?) but the optimizer's "
@@ -324,7 +336,7 @@ class FlipNoiseState(NamedTuple):
 
   Examples:
     >>> import jax.numpy as jnp, blrax
-    >>> opt = blrax.ivon(0.1, ess=100.0, noise=blrax.flip_noise(8))
+    >>> opt = blrax.ivon(0.1, ess=100.0, noise=blrax.noise.flip_noise(8))
     >>> noise_state = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0].noise_state
     >>> isinstance(noise_state, blrax.noise.FlipNoiseState)
     True
@@ -445,7 +457,7 @@ class FlipNoise:
   Examples:
     >>> import blrax
     >>> noise = blrax.noise.FlipNoise(refresh_every=64)
-    >>> noise == blrax.flip_noise(64), noise == blrax.noise.FlipNoise()
+    >>> noise == blrax.noise.flip_noise(64), noise == blrax.noise.FlipNoise()
     (True, False)
     >>> opt = blrax.ivon(0.1, ess=100.0, noise=noise)
 
@@ -480,7 +492,7 @@ class FlipNoise:
 
 
 def flip_noise(refresh_every: int = 32) -> FlipNoise:
-  """``noise=blrax.flip_noise(refresh_every)``: sign-flip noise.
+  """``noise=blrax.noise.flip_noise(refresh_every)``: sign-flip noise.
 
   Cheap weight noise for CPU: random sign flips of a stored normal draw that
   is redrawn slice by slice. See :class:`blrax.noise.FlipNoise` for what its
@@ -497,7 +509,7 @@ def flip_noise(refresh_every: int = 32) -> FlipNoise:
 
   Examples:
     >>> import blrax
-    >>> opt = blrax.ivon(0.1, ess=1e4, noise=blrax.flip_noise(refresh_every=64))
+    >>> opt = blrax.ivon(0.1, ess=1e4, noise=blrax.noise.flip_noise(refresh_every=64))
   """
   return FlipNoise(refresh_every)
 
@@ -513,4 +525,4 @@ def generator(noise: str | Generator) -> Generator:
   if isinstance(noise, str) and noise in GENERATORS:  # (a str: hashable)
     return GENERATORS[noise]
   raise ValueError(f"`noise` must be one of {tuple(GENERATORS)} or "
-                   f"blrax.flip_noise(...), got noise={noise!r}.")
+                   f"blrax.noise.flip_noise(...), got noise={noise!r}.")

@@ -44,38 +44,100 @@ class Step:
       ``momentum`` is None when the step keeps none.
     scalars: ``count -> tuple`` of per-update scalars (debiasing factors).
     uses_momentum: whether the state keeps a params-sized momentum.
+    numerator: for a step that is a preconditioned numerator (IVON's), its
+      first half, ``(g_bar, momentum, mean, weight_decay, scalars, dtype) ->
+      (numerator, momentum)``, so that a structured posterior (EVON) can
+      rotate the numerator before the second half; None otherwise.
+    precondition: the second half, ``(numerator, curvature, weight_decay) ->
+      direction``, elementwise in the basis where the curvature is diagonal;
+      ``leaf`` is the two halves composed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> step = engine.newton_step()
+    >>> direction, _ = step.leaf(jnp.array(2.0), jnp.array(3.0), None,
+    ...                          jnp.array(1.0), 1.0, step.scalars(1))
+    >>> print(direction)  # (g + delta m) / (h + delta)
+    0.75
   """
 
   name: str
   leaf: Callable
   scalars: Callable[[Any], tuple] = lambda count: ()
   uses_momentum: bool = True
+  numerator: Callable | None = None
+  precondition: Callable | None = None
 
 
 def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
-  """IVON's step: momentum of the gradient, debiased, prior term after, clip,
-  rescaled by ``scale`` (:math:`h_0+\\delta` when ``rescale_lr``; a function
-  of the leaf's :math:`\\delta` when the weight decay is per leaf)."""
+  r"""IVON's step: momentum of the gradient, debiased, prior term after, clip.
+
+  .. math::
+
+    g \leftarrow \beta_1 g + (1-\beta_1)\bar g, \qquad
+    \Delta = \mathrm{clip}\Big(\frac{g/(1-\beta_1^t) + \delta m}{h+\delta},
+      \pm\xi\Big)\, c
+
+  Args:
+    b1: momentum decay :math:`\beta_1`.
+    debias: divide the momentum by :math:`1-\beta_1^t`.
+    clip_radius: :math:`\xi` (``math.inf``: no clipping).
+    scale: :math:`c`, a number (:math:`h_0+\delta` when ``rescale_lr``), or a
+      function of the leaf's :math:`\delta` when the weight decay is per leaf.
+
+  Returns:
+    A :class:`Step` that keeps a momentum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> step = engine.ivon_step(0.9, debias=True, clip_radius=jnp.inf,
+    ...                         scale=1.0)
+    >>> direction, momentum = step.leaf(
+    ...     jnp.array(1.0), jnp.array(1.0), jnp.array(0.0), jnp.array(0.0),
+    ...     0.0, step.scalars(1))
+    >>> print(round(float(direction), 4), round(float(momentum), 4))
+    1.0 0.1
+  """
 
   def scalars(count):
     # In the widest float in use: b1**t in low precision rounds to 1.
     return (1.0 - gaussian.scalar(b1) ** count if debias
             else gaussian.scalar(1.0),)
 
-  def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
+  def numerator(g_bar, momentum, mean, weight_decay, scalars, dtype):
     (debias_factor,) = scalars
     momentum = b1 * momentum + (1.0 - b1) * g_bar
-    direction = (momentum / debias_factor.astype(curvature.dtype)
-                 + weight_decay * mean.astype(curvature.dtype))
-    direction = jnp.clip(direction / (curvature + weight_decay),
-                         -clip_radius, clip_radius)
-    return direction * (scale(weight_decay) if callable(scale) else scale), momentum
+    return (momentum / debias_factor.astype(dtype)
+            + weight_decay * mean.astype(dtype)), momentum
 
-  return Step("ivon", leaf, scalars)
+  def precondition(numerator, curvature, weight_decay):
+    direction = jnp.clip(numerator / (curvature + weight_decay),
+                         -clip_radius, clip_radius)
+    return direction * (scale(weight_decay) if callable(scale) else scale)
+
+  def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
+    top, momentum = numerator(g_bar, momentum, mean, weight_decay, scalars,
+                              curvature.dtype)
+    return precondition(top, curvature, weight_decay), momentum
+
+  return Step("ivon", leaf, scalars, numerator=numerator,
+              precondition=precondition)
 
 
 def newton() -> Step:
-  """VON's step: the Newton direction of the prior-regularised loss."""
+  r"""VON's step: the Newton direction of the prior-regularised loss,
+  :math:`\Delta = (\bar g + \delta m)/(h + \delta)` (no momentum).
+
+  Returns:
+    A :class:`Step` without momentum.
+
+  Examples:
+    >>> from blrax import engine
+    >>> engine.newton_step().uses_momentum
+    False
+  """
 
   def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
     del momentum, scalars
@@ -96,6 +158,24 @@ def adam(b1, b2, hess_init) -> Step:
   (Debiasing all of :math:`h` would inflate :math:`h_0` by
   :math:`1/(1-\beta_2^t)`, e.g. 1e5 at step 1 with :math:`\beta_2 =
   0.99999`.)
+
+  Args:
+    b1: momentum decay :math:`\beta_1`.
+    b2: the curvature's decay :math:`\beta_2` (for the debiasing).
+    hess_init: :math:`h_0`, the curvature's initial value.
+
+  Returns:
+    A :class:`Step` that keeps a momentum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> step = engine.adam_step(0.9, 0.999, hess_init=0.0)
+    >>> direction, _ = step.leaf(jnp.array(2.0), jnp.array(0.004),
+    ...                          jnp.array(0.0), jnp.array(0.0), 0.0,
+    ...                          step.scalars(1))
+    >>> print(round(float(direction), 4))  # Adam's first step: sign(g)
+    1.0
   """
 
   def scalars(count):
@@ -115,9 +195,32 @@ def adam(b1, b2, hess_init) -> Step:
 
 
 def vogn(b1) -> Step:
-  """VOGN's (and bSAM's) step: momentum of the prior-regularised gradient
-  over :math:`h + \\delta` (Newton-like, no debiasing). The momentum is
-  saturated at the dtype's largest finite value."""
+  r"""VOGN's (and bSAM's) step: momentum of the prior-regularised gradient
+  over :math:`h + \delta` (Newton-like, no debiasing).
+
+  .. math::
+
+    g \leftarrow \beta_1 g + (1-\beta_1)(\bar g + \delta m), \qquad
+    \Delta = g/(h+\delta)
+
+  The momentum is saturated at the dtype's largest finite value.
+
+  Args:
+    b1: momentum decay :math:`\beta_1`.
+
+  Returns:
+    A :class:`Step` that keeps a momentum.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from blrax import engine
+    >>> step = engine.vogn_step(0.5)
+    >>> direction, momentum = step.leaf(
+    ...     jnp.array(2.0), jnp.array(1.0), jnp.array(0.0), jnp.array(0.0),
+    ...     0.0, step.scalars(1))
+    >>> print(direction, momentum)
+    1.0 1.0
+  """
 
   def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
     del scalars

@@ -86,7 +86,7 @@ def scale_by_vogn(
     mc_samples: samples per step.
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
-      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+      ``blrax.noise.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as ``optax.adamw(mask=...)``:
       where False, :math:`\delta = 0` (no prior pull, e.g. biases).
@@ -167,7 +167,7 @@ def vogn(
       ``static_args=("mc_samples",)``.
     key: PRNG key or int seed of the weight noise.
     noise: ``"normal"`` (threefry normals), ``"hash"`` or ``"flip"`` /
-      ``blrax.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
+      ``blrax.noise.flip_noise(...)`` (cheaper generators; see :func:`blrax.ivon`).
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as ``optax.adamw(mask=...)``:
       where False, :math:`\delta = 0` (no prior pull, e.g. biases).

@@ -144,7 +144,7 @@ def scale_by_von(
       (None: 16384). A Python int, not a hyperparameter: leave it out under
       ``optax.inject_hyperparams`` (or pass ``static_args=("max_dim",)``).
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
-      ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
+      ``blrax.noise.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as ``optax.adamw(mask=...)``:
       where False, :math:`\delta = 0` (no prior pull, e.g. biases).
@@ -418,7 +418,7 @@ def von(
       (None: 16384). A Python int, not a hyperparameter: leave it out under
       ``optax.inject_hyperparams`` (or pass ``static_args=("max_dim",)``).
     noise: ``"normal"``, or (diag only) ``"hash"`` or ``"flip"`` /
-      ``blrax.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
+      ``blrax.noise.flip_noise(...)``: cheaper generators, see :func:`blrax.ivon`.
     weight_decay_mask: None, or a pytree of bools like the params (or a
       function of the params returning one), as ``optax.adamw(mask=...)``:
       where False, :math:`\delta = 0` (no prior pull, e.g. biases).
