@@ -18,41 +18,41 @@ import importlib as _importlib
 import warnings as _warnings
 
 from blrax import engine, expfam, metrics, noise, predictive, uncertainty
-from blrax._src.accumulation import MultiSteps, MultiStepsState
-from blrax._src.bsam import (
-  ScaleByBSAMState,
-  bsam,
-  bsam_adversarial_params,
-  scale_by_bsam,
-)
-from blrax._src.calibration import Calibration, calibrate_posterior, tempered
-from blrax._src.diagnostics import export_posterior, posterior_summary
-from blrax._src.eigenbasis import EigenbasisGaussian
-from blrax._src.engine import ScaleByBLRState
-from blrax._src.ensembles import ensemble_init, fold_in_keys
-from blrax._src.evon import ScaleByEVONState, evon, scale_by_evon
-from blrax._src.full_gaussian import FullGaussian
-from blrax._src.gaussian import DiagonalGaussian
-from blrax._src.gradients import check_gradients, value_and_grad
-from blrax._src.health import PosteriorHealth, posterior_health
-from blrax._src.ivon import ivon, scale_by_ivon
-from blrax._src.lookup import (
+from blrax._src.engine.skeleton import ScaleByBLRState
+from blrax._src.evaluation.calibration import Calibration, calibrate_posterior, tempered
+from blrax._src.functions.diagnostics import export_posterior, posterior_summary
+from blrax._src.functions.gradients import check_gradients, value_and_grad
+from blrax._src.functions.health import PosteriorHealth, posterior_health
+from blrax._src.functions.lookup import (
   find_posteriors,
   posterior_stddev,
   sample_params,
   sample_posterior,
 )
-from blrax._src.merging import merge_posteriors, posterior_as_prior
-from blrax._src.squared_grads import value_grads_and_squares
-from blrax._src.vadam import scale_by_vadam, vadam
-from blrax._src.vogn import per_example_grads, scale_by_vogn, vogn
-from blrax._src.von import (
+from blrax._src.functions.merging import merge_posteriors, posterior_as_prior
+from blrax._src.functions.squared_grads import value_grads_and_squares
+from blrax._src.optimizers.bsam import (
+  ScaleByBSAMState,
+  bsam,
+  bsam_adversarial_params,
+  scale_by_bsam,
+)
+from blrax._src.optimizers.evon import ScaleByEVONState, evon, scale_by_evon
+from blrax._src.optimizers.ivon import ivon, scale_by_ivon
+from blrax._src.optimizers.vadam import scale_by_vadam, vadam
+from blrax._src.optimizers.vogn import per_example_grads, scale_by_vogn, vogn
+from blrax._src.optimizers.von import (
   ScaleByFullVONState,
   scale_by_full_von,
   scale_by_von,
   von,
 )
-from blrax._src.wrappers import apply_if_finite
+from blrax._src.posteriors.diagonal import DiagonalGaussian
+from blrax._src.posteriors.eigenbasis import EigenbasisGaussian
+from blrax._src.posteriors.full import FullGaussian
+from blrax._src.wrappers.accumulation import MultiSteps, MultiStepsState
+from blrax._src.wrappers.ensembles import ensemble_init, fold_in_keys
+from blrax._src.wrappers.finite import apply_if_finite
 
 __version__ = "0.2.0"
 

@@ -16,20 +16,20 @@ Every diagonal optimizer of blrax (:func:`blrax.ivon`, :func:`blrax.von`,
 See docs/engine.md for the update in math and how to add a variant.
 """
 
-from blrax._src import curvature as _curvature
-from blrax._src.curvature import (
+from blrax._src.engine import estimators as _curvature
+from blrax._src.engine.estimators import (
     Estimator,
     ema,
     gradient_magnitude,
     positive_ema,
     squared_gradient,
 )
-from blrax._src.engine import scale_by_blr
-from blrax._src.steps import Step
-from blrax._src.steps import adam as adam_step
-from blrax._src.steps import ivon as ivon_step
-from blrax._src.steps import newton as newton_step
-from blrax._src.steps import vogn as vogn_step
+from blrax._src.engine.skeleton import scale_by_blr
+from blrax._src.engine.steps import Step
+from blrax._src.engine.steps import adam as adam_step
+from blrax._src.engine.steps import ivon as ivon_step
+from blrax._src.engine.steps import newton as newton_step
+from blrax._src.engine.steps import vogn as vogn_step
 
 PRICE = _curvature.PRICE
 r"""The Price/Stein estimator of IVON and VON,

@@ -7,7 +7,7 @@ except ImportError as error:
   raise ImportError(
       "blrax.flax needs flax: pip install 'blrax[flax]' (or flax).") from error
 
-from blrax._src.flax_integration import (  # noqa: E402
+from blrax._src.integrations.flax_nnx import (  # noqa: E402
     VariationalTrainState,
     nnx_sample,
     nnx_value_and_grad,

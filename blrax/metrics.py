@@ -1,7 +1,7 @@
 """Metrics of predictive distributions: NLL, accuracy, Brier score, ECE
 (equal-width, equal-mass, classwise) and MCE."""
 
-from blrax._src.metrics import (
+from blrax._src.evaluation.metrics import (
     accuracy,
     brier_score,
     calibration_bins,

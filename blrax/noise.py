@@ -1,7 +1,7 @@
 """Weight-noise generators for the ``noise=`` argument of every diagonal
-optimizer, and their (plain-data) states. See ``blrax/_src/noise.py``."""
+optimizer, and their (plain-data) states. See ``blrax/_src/noise/generators.py``."""
 
-from blrax._src.noise import (
+from blrax._src.noise.generators import (
     FlipNoise,
     FlipNoiseState,
     HashNoise,

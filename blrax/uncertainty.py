@@ -2,15 +2,15 @@
 entropy split, selective prediction, OOD detection, regression), temperature
 scaling and split-conformal prediction sets."""
 
-from blrax._src.conformal import (
+from blrax._src.evaluation.conformal import (
     apply_temperature,
     conformal_sets,
     conformal_threshold,
     fit_temperature,
     temperature_predictor,
 )
-from blrax._src.linearized import linearized_predictor
-from blrax._src.uncertainty import (
+from blrax._src.evaluation.linearized import linearized_predictor
+from blrax._src.evaluation.uncertainty import (
     SCORES,
     Detection,
     OODReport,

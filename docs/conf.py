@@ -41,10 +41,13 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jnp|optax|numpy|np|flax|nnx|orbax|os|typing|collections"
                r"|builtins|dataclasses)(\..*)?"),
     (r"py:.*", r"(Any|Callable|Mapping|Sequence|ArrayLike|Array|PathLike)"),
-    # The parts of scale_by_blr are internal types (blrax._src.curvature,
-    # blrax._src.steps); flax's TrainState fields are annotated ArrayTree.
-    (r"py:class", r"blrax\._src\.(curvature\.Estimator|steps\.Step)"),
+    # The parts of scale_by_blr are internal types (blrax._src.engine.estimators,
+    # blrax._src.engine.steps); flax's TrainState fields are annotated ArrayTree.
+    (r"py:class", r"blrax\._src\.engine\.(estimators\.Estimator|steps\.Step)"),
     (r"py:class", r"ArrayTree"),
+    # State fields annotated with the module alias of a posterior type (the
+    # types themselves are documented as blrax.DiagonalGaussian, ...).
+    (r"py:class", r"(gaussian|full_gaussian|eigenbasis)\.\w+"),
 ]
 
 # autodoc and napoleon (Google style, as optax).

@@ -17,7 +17,8 @@ MODULES = sorted(
 
 def test_the_optimizers_have_examples():
   finder = doctest.DocTestFinder()
-  for name in ("blrax._src.ivon", "blrax._src.von", "blrax._src.vogn"):
+  for name in ("blrax._src.optimizers.ivon", "blrax._src.optimizers.von",
+               "blrax._src.optimizers.vogn"):
     examples = sum(len(t.examples) for t in finder.find(
         importlib.import_module(name)))
     assert examples > 0, name

@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import curvature, full_gaussian, gaussian
+from blrax._src.engine import estimators as curvature
+from blrax._src.posteriors import diagonal as gaussian
+from blrax._src.posteriors import full as full_gaussian
 
 
 def test_diagonal_price_estimator_is_unbiased():

@@ -16,7 +16,8 @@ from scipy import stats
 
 import blrax
 import blrax.checkpoint
-from blrax._src import fast_noise, noise
+from blrax._src.noise import fast as fast_noise
+from blrax._src.noise import generators as noise
 
 N = 1 << 20
 

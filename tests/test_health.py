@@ -240,7 +240,7 @@ def test_init_weight_is_the_product_of_the_steps(b2, n0):
   """The weight of hess_init after t updates, prod_s (1 - rho_s), against the
   product of the engine's own steps (both sides of the running-mean/EMA
   switch)."""
-  from blrax._src import curvature
+  from blrax._src.engine import estimators as curvature
   for t in (0, 1, 5, 40):
     product = 1.0
     for s in range(1, t + 1):

@@ -16,7 +16,7 @@ import pytest
 
 import blrax
 import blrax.checkpoint
-from blrax._src import checkpoint as checkpoint_lib
+from blrax._src.integrations import checkpoint as checkpoint_lib
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(2)}
 

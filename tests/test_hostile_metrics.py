@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 
 import blrax
 from blrax import expfam
-from blrax._src import metrics as metrics_src
+from blrax._src.evaluation import metrics as metrics_src
 
 M = blrax.metrics
 P = blrax.predictive

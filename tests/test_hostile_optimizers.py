@@ -500,7 +500,8 @@ def test_apply_if_finite_also_checks_the_hessian():
 
 def test_safety_parts_directly():
   """Unit checks of the saturation parts (mutations the jitted runs miss)."""
-  from blrax._src import curvature, gaussian
+  from blrax._src.engine import estimators as curvature
+  from blrax._src.posteriors import diagonal as gaussian
   h = jnp.ones(1)
   # mc mean of +-3e38 * +-2 must not meet inf - inf.
   est = curvature.price_curvature(jnp.array([[3e38], [3e38]]),

@@ -145,3 +145,70 @@ def test_the_private_name_check_sees_every_kind_of_use(tmp_path):
                         tmp_path)
   assert {name for _, name in inner} == {"blrax._src.pkg._five",
                                          "blrax._src.other._six"}
+
+
+
+# The layers of blrax/_src, lowest first: a module may import its own layer
+# and the layers below, never one above. So a posterior type never imports the
+# engine, and a function of the posterior (lookup, health, merging, the
+# predictive) never imports an optimizer: it sees only base's protocols.
+LAYERS = (
+    ("base", "numerics", "validation"),
+    ("noise", "expfam"),
+    ("posteriors",),
+    ("engine",),
+    ("functions", "integrations"),
+    ("evaluation",),
+    ("optimizers",),
+    ("wrappers",),
+)
+_RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _layer(module: str) -> str:
+  """``blrax._src.engine.steps`` -> ``engine``."""
+  return module.split(".")[2]
+
+
+def _imported(module: str, path: pathlib.Path) -> list[str]:
+  """The blrax/_src modules ``path`` imports, anywhere in it (lazy imports
+  inside functions included; relative imports resolved)."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom):
+      target = _absolute(module, path.name == "__init__.py", node)
+      if target == "blrax._src":
+        found += [f"blrax._src.{a.name}" for a in node.names]
+      elif target.startswith("blrax._src."):
+        found.append(target)
+    elif isinstance(node, ast.Import):
+      found += [a.name for a in node.names if a.name.startswith("blrax._src.")]
+  return found
+
+
+def _upward_imports(modules) -> list[str]:
+  return [f"{module} imports {target}"
+          for module, path in modules.items() if module.count(".") >= 2
+          for target in _imported(module, path)
+          if _RANK[_layer(target)] > _RANK[_layer(module)]]
+
+
+def test_every_module_is_in_a_layer():
+  layers = {_layer(m) for m in _modules() if m.count(".") >= 2}
+  assert not layers - set(_RANK), sorted(layers - set(_RANK))
+  assert set(_RANK) <= layers, sorted(set(_RANK) - layers)
+
+
+def test_imports_point_down():
+  upward = _upward_imports(_modules())
+  assert not upward, "imports must point down the layers:\n" + "\n".join(
+      upward)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+  path = tmp_path / "lookup.py"
+  path.write_text("def f():\n  from blrax._src.optimizers import ivon\n")
+  assert _upward_imports({"blrax._src.functions.lookup": path}) == [
+      "blrax._src.functions.lookup imports blrax._src.optimizers"]
+  path.write_text("from blrax._src.posteriors import diagonal\n")
+  assert not _upward_imports({"blrax._src.functions.lookup": path})

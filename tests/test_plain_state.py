@@ -21,7 +21,7 @@ import pytest
 import blrax
 import blrax.checkpoint
 import blrax.flax
-from blrax._src import noise as noise_lib
+from blrax._src.noise import generators as noise_lib
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(2)}
 

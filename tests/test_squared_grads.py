@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import blrax
-from blrax._src import squared_grads
+from blrax._src.functions import squared_grads
 from blrax.flax import nnx_sample, nnx_value_grads_and_squares
 
 B = 5

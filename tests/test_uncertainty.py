@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 
 import blrax
 from blrax import uncertainty as U
-from blrax._src.uncertainty import batch_stats, host_metrics
+from blrax._src.evaluation.uncertainty import batch_stats, host_metrics
 
 M = blrax.metrics
 IDENT = lambda x: x  # noqa: E731  (one function: the jit cache is shared)

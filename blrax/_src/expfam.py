@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from blrax._src import noise, validation
+from blrax._src import validation
+from blrax._src.noise import generators as noise
 
 # A TypeError that is also a ValueError, as blrax raises for wrong types.
 _TypeError = validation.ArgumentTypeError

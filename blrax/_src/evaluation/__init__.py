@@ -1,0 +1,2 @@
+"""Prediction and its evaluation: model averaging, the linearised
+predictive, calibration, metrics, uncertainty reports."""

@@ -1,0 +1,2 @@
+"""Functions of a posterior: lookup, gradients at the draw, merging,
+health. They see only the protocols of ``base``, never an optimizer."""

@@ -1,0 +1,1 @@
+"""Weight-noise generators: a value handed to the posterior."""

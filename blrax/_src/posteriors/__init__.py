@@ -1,0 +1,1 @@
+"""The posterior types (each implements ``base.Posterior``)."""

@@ -1,0 +1,242 @@
+r"""The full-covariance Gaussian posterior over all params, flattened.
+
+.. math::
+
+  q(\theta) = \mathcal{N}(m, P^{-1}), \qquad P = \lambda (S + \delta I),
+
+with :math:`m` the params flattened by ``jax.flatten_util.ravel_pytree``,
+:math:`S` a :math:`D\times D` curvature matrix kept in the state, :math:`\lambda`
+the effective sample size and :math:`\delta` the weight decay. A draw is
+:math:`\theta = m + L^{-\top}\epsilon` with :math:`LL^\top = P` (Cholesky), whose
+covariance is :math:`L^{-\top}L^{-1} = P^{-1}`. Cost: :math:`O(D^2)` memory and
+an :math:`O(D^3)` factorisation per step, so it is for small models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blrax._src import validation
+from blrax._src.noise import generators as noise_lib
+from blrax._src.posteriors import diagonal as gaussian
+from blrax._src.posteriors import merge_rules
+
+
+def flatten(tree: Any, leading: int = 0) -> jax.Array:
+  """Concatenates the leaves (ravel_pytree order); keeps ``leading`` axes."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((0,))
+  lead = leaves[0].shape[:leading]
+  dtype = jnp.result_type(*leaves)
+  return jnp.concatenate(
+      [x.reshape(lead + (-1,)).astype(dtype) for x in leaves], axis=-1)
+
+
+def unflatten(template: Any, flat: jax.Array) -> Any:
+  """Splits the last axis of ``flat`` into leaves shaped like ``template``.
+
+  ``template`` leaves have a leading axis of size 0 (they carry shape and
+  dtype at no memory cost); holes (``optax.MaskedNode``) stay holes.
+  """
+  leaves, treedef = jax.tree.flatten(template)
+  lead = flat.shape[:-1]
+  out, start = [], 0
+  for leaf in leaves:
+    shape = leaf.shape[1:]
+    size = int(np.prod(shape))
+    out.append(flat[..., start:start + size].reshape(lead + shape))
+    start += size
+  return jax.tree.unflatten(treedef, out)
+
+
+def shape_template(params: Any) -> Any:
+  """Zero-size arrays that remember each param's shape and dtype."""
+  return jax.tree.map(lambda p: jnp.zeros((0,) + tuple(p.shape), p.dtype),
+                      params)
+
+
+def dimension(template: Any) -> int:
+  return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(template))
+
+
+def price_curvature(grads: jax.Array, noise: jax.Array,
+                    precision: jax.Array) -> jax.Array:
+  r"""Price estimate :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s
+  (\theta_s - m)^\top P)`.
+
+  With :math:`\theta_s - m = L^{-\top}\epsilon_s` and :math:`LL^\top = P`,
+  :math:`(\theta_s - m)^\top P = (L\epsilon_s)^\top`, so no inverse is
+  needed. Unbiased for :math:`E_q[\nabla^2\bar\ell]` (Stein's lemma).
+
+  Args:
+    grads: ``(S, D)`` gradients at the draws.
+    noise: ``(S, D)`` standard-normal draws :math:`\epsilon_s`.
+    precision: :math:`P`, ``(D, D)``.
+  """
+  scaled = noise @ jnp.linalg.cholesky(precision).T  # rows L eps_s
+  outer = grads.T @ scaled / grads.shape[0]
+  return 0.5 * (outer + outer.T)
+
+
+class FullGaussian(NamedTuple):
+  r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.
+
+  The posterior of ``blrax.von(..., covariance="full")``.
+
+  Attributes:
+    key: the uint32 data (``blrax.noise.key_data``) of the PRNG key of the
+      next draw (of a batch of keys for several samples).
+    curvature: :math:`S`, a ``(D, D)`` symmetric matrix (float32 or wider).
+    ess: :math:`\lambda`, a float scalar.
+    weight_decay: :math:`\delta`, a float scalar.
+    template: zero-size arrays shaped like the params (for unflattening).
+    prior_mean: :math:`m_0` flattened to ``(D,)``; an empty tuple when it is
+      0 (the default).
+
+  Examples:
+    >>> import jax.numpy as jnp, blrax
+    >>> opt = blrax.von(0.1, ess=4.0, covariance="full", weight_decay=0.0)
+    >>> posterior = blrax.find_posteriors(opt.init(jnp.zeros(2)))[0]
+    >>> print(posterior.curvature)
+    [[1. 0.]
+     [0. 1.]]
+    >>> print(posterior.precision())  # ess * (S + weight_decay * I)
+    [[4. 0.]
+     [0. 4.]]
+  """
+
+  key: jax.Array
+  curvature: jax.Array
+  ess: jax.Array
+  weight_decay: jax.Array
+  template: Any
+  prior_mean: Any = ()
+
+  @property
+  def mc_samples(self) -> int:
+    return noise_lib.num_keys(self.key)
+
+  def precision(self) -> jax.Array:
+    """:math:`P = \\lambda (S + \\delta I)`."""
+    eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
+    return self.ess * (self.curvature + self.weight_decay * eye)
+
+  def covariance(self) -> jax.Array:
+    """:math:`P^{-1}`, a ``(D, D)`` matrix (zeros when ``ess = inf``)."""
+    eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
+    return jax.lax.cond(
+        jnp.isfinite(self.ess),
+        lambda: jax.scipy.linalg.cho_solve(
+            (jnp.linalg.cholesky(self.precision()), True), eye),
+        lambda: 0.0 * self.curvature)
+
+  def noise(self) -> jax.Array:
+    """Standard-normal :math:`\\epsilon`, shape ``(D,)`` or ``(S, D)``."""
+    noise_key = noise_lib.split_key(noise_lib.wrap_key(self.key))[0]
+    dim = self.curvature.shape[0]
+    draw = lambda k: jax.random.normal(k, (dim,), self.curvature.dtype)
+    return draw(noise_key) if noise_key.ndim == 0 else jax.vmap(draw)(noise_key)
+
+  def next_key(self) -> jax.Array:
+    return noise_lib.stored_like(
+        self.key, noise_lib.split_key(noise_lib.wrap_key(self.key))[1])
+
+  def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
+    """The posterior after an update: next key, new curvature and
+    hyperparameters (the current ones, which ``inject_hyperparams`` may have
+    changed). Keeps the posterior's type."""
+    return self._replace(key=self.next_key(), curvature=curvature,
+                         ess=gaussian.scalar(ess),
+                         weight_decay=gaussian.scalar(weight_decay))
+
+  def flat_offset(self, noise: jax.Array) -> jax.Array:
+    """:math:`L^{-\\top}\\epsilon` for each row of ``noise`` (zeros if ess=inf)."""
+
+    def solve():
+      chol = jnp.linalg.cholesky(self.precision())
+      return jax.scipy.linalg.solve_triangular(
+          chol.T, noise.reshape(-1, noise.shape[-1]).T, lower=False
+      ).T.reshape(noise.shape)
+
+    return jax.lax.cond(jnp.isfinite(self.ess), solve, lambda: 0.0 * noise)
+
+  def stddev(self) -> Any:
+    return unflatten(self.template, jnp.sqrt(jnp.diag(self.covariance())))
+
+  def decays(self) -> Any:
+    """:math:`\\delta` per leaf (one scalar for every leaf), like the params."""
+    return unflatten(self.template, jnp.full(
+        self.curvature.shape[:1], self.weight_decay, self.curvature.dtype))
+
+  def curvature_diagonal(self) -> Any:
+    """The diagonal of :math:`S`, like the params (for diagnostics)."""
+    return unflatten(self.template, jnp.diag(self.curvature))
+
+  def offset(self, noise: jax.Array | None = None) -> Any:
+    noise = self.noise() if noise is None else noise
+    return unflatten(self.template, self.flat_offset(noise))
+
+  def sample_offsets(self, key: jax.Array, num_samples: int) -> Any:
+    noise = jax.random.normal(
+        key, (num_samples, self.curvature.shape[0]), self.curvature.dtype)
+    return self.offset(noise)
+
+  @classmethod
+  def merge(cls, posteriors, means, prior_precision, prior_mean):
+    """Merges :class:`FullGaussian` posteriors; returns (mean, posterior)."""
+    first = posteriors[0]
+    ess = [p.ess for p in posteriors]
+    total = sum(ess[1:], ess[0])
+    priors = [p.ess * p.weight_decay for p in posteriors]
+    flat_means = [flatten(m).astype(first.curvature.dtype) for m in means]
+    prior_means = [_flat_prior_mean(p, m)
+                   for p, m in zip(posteriors, flat_means)]
+    if prior_precision is None:
+      prior_precision = merge_rules.common(
+          "opt_states", priors, "prior precisions ess * weight_decay",
+          merge_rules.PRIOR_HINT)
+    elif not merge_rules.is_scalar(prior_precision):
+      raise ValueError(
+          "`prior_precision` must be a scalar for FullGaussian posteriors "
+          f"(their weight decay is a scalar), got {prior_precision!r}.")
+    m0 = (merge_rules.common("opt_states", prior_means, "prior means",
+                             "pass `prior_mean=`.")
+          if prior_mean is None else
+          flatten(merge_rules.leafwise(prior_mean, means[0])))
+    dim = first.curvature.shape[0]
+    eye = jnp.eye(dim, dtype=first.curvature.dtype)
+    lik = sum(e * p.curvature for e, p in zip(ess, posteriors))
+    lin = sum(e * (p.curvature @ m + p.weight_decay * (m - m0k)) for e, p, m, m0k
+              in zip(ess, posteriors, flat_means, prior_means))
+    precision = prior_precision * eye + lik
+    precision = 0.5 * (precision + precision.T)
+    chol = jnp.linalg.cholesky(precision)
+    if not validation.is_traced(chol) and not np.all(np.isfinite(chol)):
+      raise ValueError(
+          "`opt_states`: the merged precision prior_precision * I + "
+          "sum_k ess_k S_k is not positive definite.")
+    mean = jax.scipy.linalg.cho_solve((chol, True),
+                                      prior_precision * m0.astype(eye.dtype) + lin)
+    mean = unflatten(first.template, mean)
+    fields = dict(curvature=lik / total, ess=gaussian.scalar(total),
+                  weight_decay=gaussian.scalar(jnp.asarray(prior_precision) / total))
+    if "prior_mean" in type(first)._fields and (
+        jax.tree.leaves(getattr(first, "prior_mean", ()))
+        or validation.is_traced(m0) or np.any(np.asarray(m0) != 0)):
+      fields["prior_mean"] = m0.astype(eye.dtype)
+    return mean, first._replace(**fields)
+
+
+def _flat_prior_mean(posterior: Any, flat_mean: jax.Array) -> jax.Array:
+  """A FullGaussian's prior mean, flat ``(D,)`` (zeros if it keeps none)."""
+  mean = getattr(posterior, "prior_mean", ())
+  if jax.tree.leaves(mean):
+    return jnp.asarray(mean, flat_mean.dtype)
+  return jnp.zeros_like(flat_mean)
+
+

@@ -1,0 +1,2 @@
+"""Wrappers around any blrax optimizer (micro-batches, non-finite steps,
+ensembles)."""
