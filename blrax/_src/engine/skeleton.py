@@ -145,6 +145,85 @@ def add_micro_batch(state: Any, params: Any, g_tree: Any, c_tree: Any,
   return None, mean(g_tree), mean(c_tree), with_accumulator(state).accumulator
 
 
+# The skeleton: the stages every family's transform runs (the diagonal engine
+# below, EVON, full-covariance VON). Configuration in, checks, accumulation
+# (add_micro_batch above), the posterior's advance.
+
+
+class Setup(NamedTuple):
+  """What :func:`configure` returns, for the transform's closure.
+
+  Attributes:
+    mc_samples: samples per step (a checked int).
+    generator: the noise generator.
+    decay_in_state: whether the weight decay is per leaf (a pytree or a
+      mask), fixed at ``init`` and read from the state; else a scalar re-read
+      from the closure at each update (``inject_hyperparams`` may vary it).
+  """
+
+  mc_samples: int
+  generator: noise_lib.Generator
+  decay_in_state: bool
+
+
+def configure(*, ess, hess_init, b2, weight_decay, weight_decay_mask=None,
+              prior_mean=None, mc_samples=1, key=0, noise="normal",
+              hess_init_steps=None, positive_hess_init=False) -> Setup:
+  """The configuration prelude of every family: checks the shared
+  hyperparameters (``ValueError`` naming the argument and value) and builds
+  the noise generator."""
+  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
+  validation.check_state_scale("hess_init", hess_init,
+                               positive=positive_hess_init)
+  validation.check_unit_interval("b2", b2)
+  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
+  mc_samples = validation.check_mc_samples(mc_samples)
+  if not validation.is_traced(key):
+    noise_lib.canonicalize_key(key)
+  generator = noise_lib.generator(noise)
+  if hess_init_steps is not None:
+    validation.check_state_scale("hess_init_steps", hess_init_steps)
+  return Setup(mc_samples, generator, prior_lib.is_per_leaf(weight_decay)
+               or weight_decay_mask is not None)
+
+
+def check_update(updates, params, like, *, mc_samples, hessian=None,
+                 accepts_hessian=True, estimator_name="Price",
+                 uses_noise=True, ess=None, batch_axis=False,
+                 hessian_note="") -> None:
+  """The update-input checks of every family: grads and params shaped like
+  ``like`` (a tree of the params' shapes), ``hessian=`` where accepted, and
+  the ``ess=inf`` rule: without weight noise a noise-based estimate is
+  undefined, so the curvature must be given."""
+  gaussian.check_grads(updates, params, mc_samples,
+                       batch_axis=batch_axis and hessian is None)
+  gaussian.check_params(params, like)
+  if hessian is not None:
+    if not accepts_hessian:
+      raise ValueError(
+          f"this optimizer's curvature comes from its {estimator_name} "
+          "estimator; it does not take `hessian=`.")
+  elif uses_noise and validation.concrete_float(ess) == math.inf:
+    raise ValueError(
+        "ess=inf means no weight noise, so the Price curvature estimate is "
+        f"undefined: pass the curvature{hessian_note} as "
+        "`update(..., hessian=...)`.")
+
+
+def advance(posterior, generator, curvature, *, ess, weight_decay,
+            decay_in_state, **fields):
+  """The posterior after an update: the next draw's noise state, the new
+  curvature, and the current ``ess`` and scalar weight decay (which
+  ``inject_hyperparams`` may have changed); ``fields`` replaces any others
+  (EVON's bases)."""
+  return posterior._replace(
+      noise_state=generator.advance(posterior.noise_state, after=curvature),
+      curvature=curvature, ess=jnp.asarray(ess, posterior.ess.dtype),
+      weight_decay=(posterior.weight_decay if decay_in_state else
+                    jnp.asarray(weight_decay, posterior.weight_decay.dtype)),
+      **fields)
+
+
 def scale_by_blr(
     *,
     estimator: curvature_lib.Estimator,
@@ -230,21 +309,12 @@ def scale_by_blr(
     >>> print(blrax.posterior_stddev(tx.init(jnp.zeros(2))))
     [0.1 0.1]
   """
-  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
-  validation.check_state_scale("hess_init", hess_init)
-  validation.check_unit_interval("b2", b2)
-  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
-  mc_samples = validation.check_mc_samples(mc_samples)
-  if not validation.is_traced(key):
-    noise_lib.canonicalize_key(key)
-  generator = noise_lib.generator(noise)
+  mc_samples, generator, decay_in_state = configure(
+      ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      mc_samples=mc_samples, key=key, noise=noise,
+      hess_init_steps=hess_init_steps)
   hessian_precision = hessian_precision or precision
-  if hess_init_steps is not None:
-    validation.check_state_scale("hess_init_steps", hess_init_steps)
-  # Per-leaf decays are fixed at init and read from the state; a scalar one
-  # is re-read from the closure each update (inject_hyperparams may vary it).
-  decay_in_state = (prior_lib.is_per_leaf(weight_decay)
-                    or weight_decay_mask is not None)
 
   def init_fn(params):
     state_dtype = lambda p: gaussian.state_dtype(gaussian.real_dtype(p))
@@ -265,19 +335,14 @@ def scale_by_blr(
     accumulate = bool(extra_args.pop(ACCUMULATE, False))
     step_args = {name: extra_args.get(name) for name in step_gradient_args}
     del extra_args
-    gaussian.check_grads(updates, params, mc_samples,
-                         batch_axis=estimator.per_example and hessian is None)
-    gaussian.check_params(params, state.posterior.curvature)
+    check_update(updates, params, state.posterior.curvature,
+                 mc_samples=mc_samples, hessian=hessian,
+                 accepts_hessian=accepts_hessian,
+                 estimator_name=estimator.name,
+                 uses_noise=estimator.uses_noise, ess=ess,
+                 batch_axis=estimator.per_example)
     if hessian is not None:
-      if not accepts_hessian:
-        raise ValueError(
-            f"this optimizer's curvature comes from its {estimator.name} "
-            "estimator; it does not take `hessian=`.")
       gaussian.check_grads(hessian, params, mc_samples, name="hessian")
-    elif estimator.uses_noise and validation.concrete_float(ess) == math.inf:
-      raise ValueError(
-          "ess=inf means no weight noise, so the Price curvature estimate is "
-          "undefined: pass the curvature as `update(..., hessian=...)`.")
     check_accumulate(state, accumulate)
     posterior = state.posterior
     use_noise = estimator.uses_noise and hessian is None
@@ -348,11 +413,9 @@ def scale_by_blr(
                        momentum_tree, decays, old_decays, anchors)
     direction, curvature, momentum = (
         jax.tree.map(lambda _, t, i=i: t[i], params, out) for i in range(3))
-    new_posterior = posterior._replace(
-        noise_state=generator.advance(posterior.noise_state, after=curvature),
-        curvature=curvature, ess=jnp.asarray(ess, posterior.ess.dtype),
-        weight_decay=(posterior.weight_decay if decay_in_state else
-                      jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
+    new_posterior = advance(posterior, generator, curvature, ess=ess,
+                            weight_decay=weight_decay,
+                            decay_in_state=decay_in_state)
     return direction, state._replace(
         count=count, momentum=momentum if step.uses_momentum else (),
         posterior=new_posterior, accumulator=accumulator)

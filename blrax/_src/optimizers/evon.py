@@ -96,15 +96,10 @@ class ScaleByEVONState(NamedTuple):
   accumulator: Any = ()
 
 
-def _check_hyperparams(ess, hess_init, b1, b2, weight_decay,
-                       weight_decay_mask, clip_radius, rescale_lr, debias,
-                       shampoo_beta, precondition_frequency,
-                       precondition_1d) -> None:
-  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
-  validation.check_state_scale("hess_init", hess_init, positive=True)
+def _check_hyperparams(b1, clip_radius, rescale_lr, debias, shampoo_beta,
+                       precondition_frequency, precondition_1d) -> None:
+  """EVON's own hyperparameters (the shared ones: ``engine.configure``)."""
   validation.check_unit_interval("b1", b1, include_one=False)
-  validation.check_unit_interval("b2", b2)
-  prior_lib.check(weight_decay, weight_decay_mask, None)
   validation.check_positive("clip_radius", clip_radius, allow_inf=True)
   validation.check_flag("rescale_lr", rescale_lr)
   validation.check_flag("debias", debias)
@@ -300,27 +295,21 @@ def scale_by_evon(
     Shen et al., `Variational Learning is Effective for Large Deep Networks
     <https://arxiv.org/abs/2402.17641>`_, ICML 2024.
   """
-  _check_hyperparams(ess, hess_init, b1, b2, weight_decay, weight_decay_mask,
-                     clip_radius, rescale_lr, debias, shampoo_beta,
+  mc_samples, generator, decay_in_state = engine.configure(
+      ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      mc_samples=mc_samples, key=key, noise=noise, positive_hess_init=True)
+  _check_hyperparams(b1, clip_radius, rescale_lr, debias, shampoo_beta,
                      precondition_frequency, precondition_1d)
   max_dim = validation.check_integer("max_precond_dim", max_precond_dim,
                                      low=1)
-  mc_samples = validation.check_mc_samples(mc_samples)
-  if not validation.is_traced(key):
-    noise_lib.canonicalize_key(key)
-  generator = noise_lib.generator(noise)
   rho = 1.0 - b2
-  prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
   # IVON's step, split around the rotation: its numerator (momentum,
   # debiasing, prior pull) in the original coordinates, its preconditioning
   # (divide by h + delta, clip, rescale) in the rotated basis.
   step = steps_lib.ivon(
       b1, debias=debias, clip_radius=clip_radius,
       scale=(lambda decay: hess_init + decay) if rescale_lr else 1.0)
-  # Per-leaf decays are fixed at init and read from the state; a scalar one
-  # is re-read from the closure each update (inject_hyperparams may vary it).
-  decay_in_state = (prior_lib.is_per_leaf(weight_decay)
-                    or weight_decay_mask is not None)
 
   def init_fn(params):
     # full_like: sharded like the params; accepts ShapeDtypeStructs.
@@ -362,17 +351,13 @@ def scale_by_evon(
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
-    gaussian.check_grads(updates, params, mc_samples)
-    engine.check_accumulate(state, accumulate)
     posterior = state.posterior
-    gaussian.check_params(params, posterior.curvature)
+    engine.check_update(updates, params, posterior.curvature,
+                        mc_samples=mc_samples, hessian=hessian, ess=ess,
+                        hessian_note=" (in the rotated basis)")
     if hessian is not None:
       gaussian.check_grads(hessian, params, mc_samples, name="hessian")
-    elif validation.concrete_float(ess) == math.inf:
-      raise ValueError(
-          "ess=inf means no weight noise, so the Price curvature estimate is "
-          "undefined: pass the curvature (in the rotated basis) as "
-          "`update(..., hessian=...)`.")
+    engine.check_accumulate(state, accumulate)
     noise_tree = (posterior.noise() if hessian is None
                   else posterior.curvature)
     hessian_tree = posterior.curvature if hessian is None else hessian
@@ -481,12 +466,10 @@ def scale_by_evon(
 
     directions = jax.tree.map(direction, params, h_tree, left, right,
                               numerators, decays)
-    new_posterior = posterior._replace(
-        noise_state=generator.advance(posterior.noise_state, after=h_tree),
-        curvature=h_tree, left=left, right=right,
-        ess=jnp.asarray(ess, posterior.ess.dtype),
-        weight_decay=(posterior.weight_decay if decay_in_state else
-                      jnp.asarray(weight_decay, posterior.weight_decay.dtype)))
+    new_posterior = engine.advance(posterior, generator, h_tree, ess=ess,
+                                   weight_decay=weight_decay,
+                                   decay_in_state=decay_in_state, left=left,
+                                   right=right)
     return directions, ScaleByEVONState(
         count=count, momentum=momentum, left_factor=left_factor,
         right_factor=right_factor, posterior=new_posterior,
