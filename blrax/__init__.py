@@ -54,7 +54,7 @@ from blrax._src.wrappers.accumulation import MultiSteps, MultiStepsState
 from blrax._src.wrappers.ensembles import ensemble_init, fold_in_keys
 from blrax._src.wrappers.finite import apply_if_finite
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = (
     "DiagonalGaussian",
