@@ -233,9 +233,6 @@ def test_memory_one_more_buffer_than_optax():
 def test_refuses_what_it_cannot_accumulate():
   with pytest.raises(ValueError, match="every_k_schedule"):
     blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), every_k_schedule=0)
-  with pytest.raises(ValueError, match="cannot accumulate"):
-    blrax.MultiSteps(blrax.von(0.1, ess=10.0, covariance="full"),
-                     every_k_schedule=2).init(jnp.zeros(2))
   with pytest.raises(ValueError, match="no blrax posterior"):
     blrax.MultiSteps(optax.adam(0.1), every_k_schedule=2).init(jnp.zeros(2))
   opt = blrax.ivon(0.1, ess=10.0)

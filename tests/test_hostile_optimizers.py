@@ -59,8 +59,7 @@ SPECIFIC_BAD = {
              ("noise", None), ("noise", 3)],
     "von": [("covariance", ["full"]), ("covariance", "Full"),
             ("hess_init", 0.0), ("max_dim", "big"), ("max_dim", -5)],
-    "von_full": [("weight_decay", np.array([1e-4, 1e-4])),  # scalar only
-                 ("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
+    "von_full": [("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
                  ("max_dim", "big"), ("noise", "hash")],
     "vadam": [("b1", 1.0), ("b2", 1.0), ("b2", 0.9999999999),
               ("batch_size", 0.0), ("batch_size", math.inf),

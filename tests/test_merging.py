@@ -215,7 +215,8 @@ def test_merge_errors():
     blrax.merge_posteriors([p, p], [s, full])
   with pytest.raises(ValueError, match="scalar"):
     full = blrax.von(0.1, ess=10.0, covariance="full").init(p)
-    blrax.merge_posteriors([p, p], [full, full], prior_precision=jnp.ones(2))
+    blrax.merge_posteriors([p, p], [full, full],
+                           prior_precision=jnp.array([1.0, 2.0]))
   with pytest.raises(ValueError, match="opt_states"):
     blrax.merge_posteriors([p, p], [s, blrax.ivon(0.1, ess=10.0).init(
         jnp.zeros(3))])

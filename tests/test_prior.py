@@ -182,8 +182,13 @@ def test_bad_prior_raises(kwargs, match):
     blrax.ivon(0.1, ess=10.0, **kwargs).init(PARAMS)
 
 
-def test_full_von_refuses_a_per_leaf_decay():
-  with pytest.raises(ValueError, match="scalar `weight_decay`"):
-    blrax.von(0.1, ess=10.0, covariance="full", weight_decay={"w": 0.1})
-  with pytest.raises(ValueError, match="weight_decay_mask"):
-    blrax.von(0.1, ess=10.0, covariance="full", weight_decay_mask={"w": True})
+def test_full_von_keeps_a_per_leaf_decay_per_coordinate():
+  """Its prior precision is ess * diag(delta); tests/test_full_von.py has the
+  step's oracle."""
+  opt = blrax.von(0.1, ess=10.0, covariance="full",
+                  weight_decay={"w": 0.1, "b": jnp.array([0.0, 2.0])},
+                  weight_decay_mask={"w": jnp.array([[True, False]] * 2),
+                                     "b": True})
+  posterior = blrax.find_posteriors(opt.init(PARAMS))[0]
+  np.testing.assert_allclose(posterior.weight_decay,  # ravel order: b, w
+                             [0.0, 2.0, 0.1, 0.0, 0.1, 0.0], rtol=1e-6)

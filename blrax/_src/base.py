@@ -35,7 +35,9 @@ class Posterior(Protocol):
 
   Attributes:
     ess: :math:`\lambda`, a float scalar.
-    weight_decay: :math:`\delta`, a float scalar or one per leaf.
+    weight_decay: :math:`\delta`, a float scalar, or per leaf (a tree like
+      the params; :class:`blrax.FullGaussian`: a ``(D,)`` vector over its
+      flattened params).
 
   Examples:
     >>> import jax.numpy as jnp, blrax

@@ -105,7 +105,11 @@ def is_absent(field: Any) -> bool:
 
 def with_accumulator(state: Any) -> Any:
   """``state`` (a blrax state with ``posterior`` and ``accumulator`` fields)
-  with zero sums: it now accumulates micro-batches."""
+  with zero sums: it now accumulates micro-batches. The sums are like the
+  curvature, unless the state's type says otherwise with an
+  ``empty_accumulator()`` method (full-covariance VON's)."""
+  if hasattr(state, "empty_accumulator"):
+    return state._replace(accumulator=state.empty_accumulator())
   zeros = jax.tree.map(jnp.zeros_like, state.posterior.curvature)
   return state._replace(accumulator=Accumulator(
       count=jnp.zeros([], jnp.int32), gradient=zeros, statistic=zeros))
@@ -119,14 +123,17 @@ def check_accumulate(state: Any, accumulate: bool) -> None:
 
 
 def add_micro_batch(state: Any, params: Any, g_tree: Any, c_tree: Any,
-                    generator: noise_lib.Generator, accumulate: bool):
+                    generator: noise_lib.Generator | None, accumulate: bool,
+                    *, next_draw: Callable | None = None):
   """Adds a micro-batch's statistics to ``state.accumulator``.
 
   Returns ``(done, g_tree, c_tree, accumulator)``. Under
   :class:`blrax.MultiSteps`, before the last micro-batch ``done`` is the
   ``(zero updates, state)`` to return (sums kept, the next micro-batch gets a
-  fresh draw); at the last one, the statistics are the averages and the
-  sums are reset. Outside it, everything passes through.
+  fresh draw: ``generator`` advances the posterior's ``noise_state``, or
+  ``next_draw(posterior)`` returns the posterior of the next draw); at the
+  last one, the statistics are the averages and the sums are reset. Outside
+  it, everything passes through.
   """
   accumulator = state.accumulator
   if is_absent(accumulator):
@@ -136,9 +143,11 @@ def add_micro_batch(state: Any, params: Any, g_tree: Any, c_tree: Any,
   c_tree = jax.tree.map(jnp.add, accumulator.statistic, c_tree)
   if accumulate:
     posterior = state.posterior
+    posterior = (next_draw(posterior) if next_draw is not None else
+                 posterior._replace(noise_state=generator.advance(
+                     posterior.noise_state, after=posterior.curvature)))
     return (jax.tree.map(jnp.zeros_like, params), state._replace(
-        posterior=posterior._replace(noise_state=generator.advance(
-            posterior.noise_state, after=posterior.curvature)),
+        posterior=posterior,
         accumulator=Accumulator(count=total, gradient=g_tree,
                                 statistic=c_tree))), None, None, None
   mean = lambda t: jax.tree.map(lambda x: x / total.astype(x.dtype), t)

@@ -119,12 +119,12 @@ def merge_posteriors(
     m &= \Lambda^{-1}\Big(\sum_k \Lambda_k m_k - (K-1)\Lambda_0 m_0\Big).
 
   (Elementwise for :class:`blrax.DiagonalGaussian`, with matrices
-  :math:`\Lambda_k = \lambda_k(S_k + \delta_k I)` for
-  :class:`blrax.FullGaussian`.) More generally each shard's own prior
-  :math:`\lambda_k\delta_k` (and prior mean, if its state keeps one) is
-  divided out and the merged prior :math:`\Lambda_0` is multiplied in once, so
-  shards trained under different priors merge exactly too when
-  ``prior_precision`` is given.
+  :math:`\Lambda_k = \lambda_k(S_k + \mathrm{diag}(\delta_k))` for
+  :class:`blrax.FullGaussian`, whose prior is diagonal.) More generally
+  each shard's own prior :math:`\lambda_k\delta_k` (and prior mean, if its
+  state keeps one) is divided out and the merged prior :math:`\Lambda_0` is
+  multiplied in once, so shards trained under different priors merge
+  exactly too when ``prior_precision`` is given.
 
   **The merged state.** It represents :math:`N = \sum_k N_k` examples:
 
@@ -152,10 +152,10 @@ def merge_posteriors(
       holding the posterior(s) found by :func:`blrax.find_posteriors`.
       Several posteriors in one state (``optax.partition``) merge one by one.
     prior_precision: :math:`\Lambda_0`, the prior precision of the merged
-      posterior (a scalar, or a pytree like the params for diagonal
-      posteriors whose weight decay is per element). Default: the shards'
-      common prior precision :math:`\lambda_k\delta_k`; a ``ValueError`` if
-      they differ.
+      posterior (a scalar, or a pytree like the params for posteriors whose
+      weight decay is per element: a diagonal :math:`\Lambda_0`, also for
+      :class:`blrax.FullGaussian`). Default: the shards' common prior
+      precision :math:`\lambda_k\delta_k`; a ``ValueError`` if they differ.
     prior_mean: :math:`m_0`, a pytree like the params. Default: the shards'
       common prior mean (zero unless their states keep one).
 
@@ -171,8 +171,10 @@ def merge_posteriors(
   Raises:
     ValueError: if the lists are empty or of different lengths, the states
       differ in structure or posterior types, a shard has ``ess`` = inf, the
-      shards' priors differ and ``prior_precision`` is not given, or (full
-      covariance) the merged precision is not positive definite.
+      shards' priors differ and ``prior_precision`` is not given, a
+      ``prior_precision`` varies within a leaf whose state keeps one scalar
+      weight decay, or (full covariance) the merged precision is not
+      positive definite.
 
   Examples:
     Two shards, each with prior precision 2 and likelihood precision
@@ -338,9 +340,11 @@ def posterior_as_prior(
     if not isinstance(posterior, gaussian.DiagonalGaussian):
       raise ValueError(
           f"`opt_state` holds a {type(posterior).__name__} posterior: "
-          "posterior_as_prior "
-          "makes a diagonal prior (prior_mean, per-element weight_decay); "
-          "train with a diagonal optimizer, or build the prior by hand.")
+          "posterior_as_prior makes a diagonal prior (prior_mean, "
+          "per-element weight_decay), and this posterior's precision is not "
+          "diagonal (a full covariance's ess * (S + diag(weight_decay)) has "
+          "off-diagonal terms a prior cannot hold); train with a diagonal "
+          "optimizer, or build the prior by hand.")
     _check_finite_ess([posterior])
     wd = merge_rules.leafwise(posterior.weight_decay, posterior.curvature)
     decays.append(jax.tree.map(

@@ -2,7 +2,6 @@ r"""VON: Variational Online Newton, with diagonal or full covariance."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +26,9 @@ class ScaleByFullVONState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     posterior: the :class:`blrax.FullGaussian`.
+    accumulator: ``()``, or under :class:`blrax.MultiSteps` the sums over
+      the micro-batches of the mean gradient (``(D,)``) and of the curvature
+      estimate (``(D, D)``): an ``Accumulator(count, gradient, statistic)``.
 
   Examples:
     >>> import jax.numpy as jnp, blrax
@@ -40,6 +42,15 @@ class ScaleByFullVONState(NamedTuple):
 
   count: jax.Array
   posterior: full_gaussian.FullGaussian
+  accumulator: Any = ()
+
+  def empty_accumulator(self) -> engine.Accumulator:
+    """Zero sums for :class:`blrax.MultiSteps`: a ``(D,)`` gradient and a
+    ``(D, D)`` curvature estimate."""
+    s = self.posterior.curvature
+    return engine.Accumulator(count=jnp.zeros([], jnp.int32),
+                              gradient=jnp.zeros(s.shape[:1], s.dtype),
+                              statistic=jnp.zeros_like(s))
 
 
 ScaleByVONState = engine.ScaleByBLRState
@@ -116,13 +127,16 @@ def scale_by_von(
   r"""VON's Newton-like direction, before the learning rate.
 
   With :math:`\rho = 1-\beta_2`, gradients :math:`\hat g_s` at the draws
-  :math:`\theta_s` of :func:`blrax.sample_params`, :math:`\bar g` their mean:
+  :math:`\theta_s` of :func:`blrax.sample_params`, :math:`\bar g` their mean,
+  :math:`D_\delta = \mathrm{diag}(\delta)` the weight decay (:math:`\delta I`
+  for a scalar, per coordinate for a per-leaf ``weight_decay`` or a mask) and
+  :math:`m_0` the prior mean:
 
   .. math::
 
     S &\leftarrow (1-\rho) S + \rho \hat H
-      \ [+\ \tfrac12\rho^2 (S-\hat H)(S+\delta I)^{-1}(S-\hat H)] \\
-    \Delta &= (S + \delta I)^{-1} (\bar g + \delta m)
+      \ [+\ \tfrac12\rho^2 (S-\hat H)(S+D_\delta)^{-1}(S-\hat H)] \\
+    \Delta &= (S + D_\delta)^{-1} (\bar g + D_\delta (m - m_0))
 
   :math:`\hat H` is the ``hessian=`` passed to ``update`` (diag: a pytree like
   the params; full: a ``(D, D)`` matrix in ``ravel_pytree`` order), averaged
@@ -130,8 +144,8 @@ def scale_by_von(
   :math:`\hat h = \mathrm{mean}_s \hat g_s\epsilon_s/\sigma`, full
   :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s(\theta_s-m)^\top P)`.
   The bracketed correction (Lin et al., 2020) is applied to the Price
-  estimator only; it keeps :math:`S + \delta I` positive definite. A given
-  ``hessian`` must keep :math:`S+\delta I` positive definite itself (use a
+  estimator only; it keeps :math:`S + D_\delta` positive definite. A given
+  ``hessian`` must keep :math:`S+D_\delta` positive definite itself (use a
   Gauss-Newton matrix for non-convex losses).
 
   Args:
@@ -187,14 +201,10 @@ def scale_by_von(
   max_dim = _max_dim(max_dim, covariance)
   validation.check_state_scale("hess_init", hess_init, positive=True)
   if covariance == "full":
-    if weight_decay_mask is not None:
-      raise ValueError(
-          "covariance='full' takes one scalar `weight_decay`; "
-          f"weight_decay_mask={weight_decay_mask!r} is for the diagonal "
-          "posterior.")
     return scale_by_full_von(ess, hess_init=hess_init, b2=b2,
                              weight_decay=weight_decay, mc_samples=mc_samples,
                              key=key, max_dim=max_dim, noise=noise,
+                             weight_decay_mask=weight_decay_mask,
                              prior_mean=prior_mean,
                              hess_init_steps=hess_init_steps)
   return engine.scale_by_blr(
@@ -216,34 +226,59 @@ def scale_by_full_von(
     key: int | jax.Array = 0,
     max_dim: int | None = None,
     noise: str = "normal",
+    weight_decay_mask: Any = None,
     prior_mean: Any = None,
     hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Full-covariance VON (see :func:`scale_by_von`), its own transform.
 
-  The same estimator interface as the diagonal engine, on a
-  :class:`blrax.FullGaussian`: the Price estimator
-  (``full_gaussian.price_curvature``) or a given ``(D, D)`` ``hessian=``,
-  the positivity-corrected or plain EMA, and the Newton step. A step whose
-  new :math:`S+\delta I` is not numerically positive definite (its Cholesky
-  factor is not finite, e.g. a float32 curvature with a condition number
-  near 1e8) keeps the previous curvature, so the state stays finite.
+  On a :class:`blrax.FullGaussian` :math:`N(m, (\lambda(S+D_\delta))^{-1})`
+  over the params flattened to :math:`D` coordinates, with
+  :math:`D_\delta = \mathrm{diag}(\delta)` (:math:`\delta I` for a scalar
+  ``weight_decay``), :math:`\rho = 1-\beta_2`, gradients :math:`\hat g_s` at
+  the draws :math:`\theta_s = m + L^{-\top}\epsilon_s`
+  (:math:`LL^\top = \lambda(S+D_\delta)`) and :math:`\bar g` their mean:
+
+  .. math::
+
+    \hat H &= \mathrm{mean}_s\,\mathrm{sym}(\hat g_s (L\epsilon_s)^\top)
+      \quad(\text{Price; or the mean of the given } \texttt{hessian=}) \\
+    A &= S + D_\delta, \quad C = (1-\rho) A + \rho(\hat H + D_\delta),
+      \quad S + D_\delta \leftarrow \tfrac12 (A + C^\top A^{-1} C) \\
+    \Delta &= (S + D_\delta)^{-1}(\bar g + D_\delta(m - m_0))
+
+  (the positivity correction of Lin et al., 2020, for Price; with a given
+  ``hessian=`` the plain EMA :math:`S \leftarrow (1-\rho) S + \rho\hat H`).
+  A step whose new :math:`S+D_\delta` is not numerically positive definite
+  (its Cholesky factor is not finite, e.g. a float32 curvature with a
+  condition number near 1e8) keeps the previous curvature, so the state
+  stays finite.
+
+  Under :class:`blrax.MultiSteps` each micro-batch adds its :math:`\bar g`
+  (a ``(D,)`` sum) and its :math:`\hat H` (a ``(D, D)`` sum; both are linear
+  in the samples) and gets its own draw; the last one steps with their
+  means: one step with ``mc_samples = k`` in which sample :math:`i` sees
+  micro-batch :math:`i`.
 
   Args:
     ess: effective sample size :math:`\lambda`; ``inf`` gives no noise (then
       ``hessian=`` is required).
     hess_init: initial curvature, :math:`S = h_0 I`.
     b2: curvature decay; the curvature step is :math:`\rho = 1 - \beta_2`.
-    weight_decay: :math:`\delta`, prior precision divided by ``ess`` (one
-      scalar: the prior precision is :math:`\lambda\delta I`).
+    weight_decay: :math:`\delta`, prior precision divided by ``ess``: a
+      scalar (:math:`D_\delta = \delta I`), or a pytree like the params of
+      scalars or arrays broadcastable to each leaf (kept in the state as a
+      ``(D,)`` vector in ``ravel_pytree`` order).
     mc_samples: samples per step (leading axis of draws and grads).
     key: PRNG key or int seed of the weight noise.
     max_dim: largest parameter count :math:`D` accepted (None: 16384).
     noise: ``"normal"`` (or a :class:`blrax.noise.NormalNoise`), the only
       generator for a full covariance.
+    weight_decay_mask: None, or a pytree of bools like the params (or a
+      function of the params returning one): where False, :math:`\delta = 0`.
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the Newton step solves for
-      :math:`\bar g + \delta(m - m_0)`.
+      :math:`\bar g + D_\delta(m - m_0)`.
     hess_init_steps: None (a constant curvature step :math:`1-\beta_2`), or
       the number of updates' worth of data that ``hess_init`` counts as,
       :math:`n_0`: the step is :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))`,
@@ -261,26 +296,23 @@ def scale_by_full_von(
     >>> state = tx.init({"w": jnp.zeros(2)})
     >>> print(blrax.posterior_stddev(state)["w"])  # 1 / sqrt(ess * hess_init)
     [0.5 0.5]
+    >>> tx = blrax.scale_by_full_von(ess=4.0, weight_decay={"w": 3.0, "b": 0.0})
+    >>> state = tx.init({"w": jnp.zeros(2), "b": jnp.zeros(())})
+    >>> print(state.posterior.weight_decay)  # ravel_pytree order: b, w
+    [0. 3. 3.]
+    >>> print(blrax.posterior_stddev(state)["w"])  # 1 / sqrt(4 * (1 + 3))
+    [0.25 0.25]
   """
   if not (isinstance(noise, noise_lib.NormalNoise) or (
       isinstance(noise, str) and noise == "normal")):
     raise ValueError("`noise` must be 'normal' with covariance='full', got "
                      f"noise={noise!r}.")
-  validation.check_state_scale("ess", ess, positive=True, allow_inf=True)
-  validation.check_state_scale("hess_init", hess_init, positive=True)
-  validation.check_unit_interval("b2", b2)
-  if prior_lib.is_per_leaf(weight_decay):
-    raise ValueError(
-        "covariance='full' takes one scalar `weight_decay` (the prior "
-        f"precision is weight_decay * I), got weight_decay={weight_decay!r}.")
-  validation.check_state_scale("weight_decay", weight_decay)
-  prior_lib.check(weight_decay, None, prior_mean)
-  mc_samples = validation.check_mc_samples(mc_samples)
+  mc_samples, _, decay_in_state = engine.configure(
+      ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
+      mc_samples=mc_samples, key=key, noise=noise,
+      hess_init_steps=hess_init_steps, positive_hess_init=True)
   max_dim = _max_dim(max_dim, "full")
-  if not validation.is_traced(key):
-    noise_lib.canonicalize_key(key)
-  if hess_init_steps is not None:
-    validation.check_state_scale("hess_init_steps", hess_init_steps)
 
   def init_fn(params):
     params = _full_params(params)
@@ -290,13 +322,19 @@ def scale_by_full_von(
     dtype = gaussian.state_dtype(
         jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params)
         else jnp.float32)
+    if decay_in_state:  # per coordinate, (D,) in ravel_pytree order
+      decays = prior_lib.decay_tree(weight_decay, weight_decay_mask, params,
+                                    lambda p: dtype)
+      decay = full_gaussian.flatten(jax.tree.map(
+          lambda d, p: jnp.broadcast_to(d, p.shape), decays,
+          params)).astype(dtype)
+    else:
+      decay = gaussian.scalar(weight_decay)
     posterior = full_gaussian.FullGaussian(
         key=noise_lib.key_data(
             noise_lib.initial_key(key, mc_samples, params)),
         curvature=hess_init * jnp.eye(dim, dtype=dtype),
-        ess=gaussian.scalar(ess),
-        weight_decay=gaussian.scalar(weight_decay),
-        template=template,
+        ess=gaussian.scalar(ess), weight_decay=decay, template=template,
         prior_mean=(() if prior_mean is None else full_gaussian.flatten(
             prior_lib.mean_tree(prior_mean, params,
                                 lambda p: dtype)).astype(dtype)))
@@ -304,19 +342,14 @@ def scale_by_full_von(
                                posterior=posterior)
 
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
-    gaussian.check_grads(updates, params, mc_samples)
-    params, updates = _full_params(params), jax.tree.map(jnp.asarray, updates)
-    gaussian.check_params(params, jax.tree.map(
-        lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype),
-        state.posterior.template))
-    if hessian is None and validation.concrete_float(ess) == math.inf:
-      raise ValueError(
-          "ess=inf means no weight noise, so the Price curvature estimate is "
-          "undefined: pass the curvature as `update(..., hessian=...)`.")
     posterior = state.posterior
-    rho = curvature.step_size(b2, optax.safe_increment(state.count),
-                              hess_init_steps)
+    engine.check_update(updates, params, jax.tree.map(
+        lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype),
+        posterior.template), mc_samples=mc_samples, hessian=hessian, ess=ess)
+    engine.check_accumulate(state, accumulate)
+    params, updates = _full_params(params), jax.tree.map(jnp.asarray, updates)
     s_old = posterior.curvature
     dim = s_old.shape[0]
     if dim == 0:
@@ -324,32 +357,46 @@ def scale_by_full_von(
                        "entry, got params of total size 0.")
     grads = full_gaussian.flatten(updates, 0 if mc_samples == 1 else 1)
     grads = curvature.finite(grads.astype(s_old.dtype).reshape(-1, dim))
-    mean = full_gaussian.flatten(params).astype(s_old.dtype)
-    eye = jnp.eye(dim, dtype=s_old.dtype)
-    a = s_old + weight_decay * eye
-    chol_old = jnp.linalg.cholesky(a)
+    # 1. The micro-batch's statistics, linear in its samples: the mean
+    # gradient and the curvature estimate (Price, or the given hessian).
     if hessian is None:
       estimate = curvature.finite(full_gaussian.price_curvature(
           grads, posterior.noise().reshape(-1, dim), posterior.precision()))
-      # S + dI <- (A + C'A^-1 C)/2 with A = S + dI, C = (1-rho)A + rho(H + dI):
-      # the correction of Lin et al. (2020) as a PD matrix plus a Gram
-      # matrix, positive definite even when H is huge and indefinite.
-      c = (1.0 - rho) * a + rho * (estimate + weight_decay * eye)
-      x = jax.scipy.linalg.solve_triangular(chol_old, c, lower=True)
-      s_new = 0.5 * (a + x.T @ x) - weight_decay * eye
     else:
       _full_hessian_shape(hessian, dim, mc_samples)
       if jnp.iscomplexobj(hessian):
         raise ValueError("`hessian` must be real, got a complex matrix.")
       estimate = curvature.finite(curvature.finite(jnp.asarray(
           hessian, s_old.dtype)).reshape(-1, dim, dim).mean(0))
+    g_bar = curvature.finite(grads.mean(0))
+    done, g_bar, estimate, accumulator = engine.add_micro_batch(
+        state, params, g_bar, estimate, None, accumulate,
+        next_draw=lambda p: p._replace(key=p.next_key()))
+    if done is not None:  # under blrax.MultiSteps, before the last one
+      return done
+
+    # 2. The curvature, with D = diag(delta) (delta I for a scalar).
+    decay = posterior.weight_decay if decay_in_state else weight_decay
+    decays = full_gaussian.decay_matrix(decay, dim, s_old.dtype)
+    rho = curvature.step_size(b2, optax.safe_increment(state.count),
+                              hess_init_steps)
+    a = s_old + decays
+    chol_old = jnp.linalg.cholesky(a)
+    if hessian is None:
+      # S + D <- (A + C'A^-1 C)/2 with A = S + D, C = (1-rho)A + rho(H + D):
+      # the correction of Lin et al. (2020) as a PD matrix plus a Gram
+      # matrix, positive definite even when H is huge and indefinite.
+      c = (1.0 - rho) * a + rho * (estimate + decays)
+      x = jax.scipy.linalg.solve_triangular(chol_old, c, lower=True)
+      s_new = 0.5 * (a + x.T @ x) - decays
+    else:
       s_new = (1.0 - rho) * s_old + rho * estimate
     s_new = 0.5 * (s_new + s_new.T)
-    chol_new = jnp.linalg.cholesky(s_new + weight_decay * eye)
-    new_posterior = posterior.advanced(s_new, ess, weight_decay)
+    chol_new = jnp.linalg.cholesky(s_new + decays)
+    new_posterior = posterior.advanced(s_new, ess, decay)
     # Keep the old curvature where the new one is not numerically PD in the
     # state's precision: both this step's solve and the next draw's
-    # factorisation (of P = ess (S + dI)) must succeed.
+    # factorisation (of P = ess (S + D)) must succeed.
     # (With ess = inf there is no draw: only the solve matters.)
     # NaN inputs are not rescued: like the diagonal variants, they show.
     ok = jnp.any(jnp.isnan(estimate)) | jnp.all(jnp.isfinite(chol_new)) & (
@@ -357,11 +404,13 @@ def scale_by_full_von(
         | jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
     s_new = jnp.where(ok, s_new, s_old)
     chol = jnp.where(ok, chol_new, chol_old)
-    # Solved for the rhs scaled to at most 1, then saturated: a 1e38
-    # gradient would otherwise overflow inside the solve into inf - inf.
-    if not (isinstance(posterior.prior_mean, tuple) and not posterior.prior_mean):
+    # 3. The Newton step (S + D)^-1 (g_bar + D (m - m0)), solved for the rhs
+    # scaled to at most 1, then saturated: a 1e38 gradient would otherwise
+    # overflow inside the solve into inf - inf.
+    mean = full_gaussian.flatten(params).astype(s_old.dtype)
+    if not engine.is_absent(posterior.prior_mean):
       mean = mean - posterior.prior_mean
-    rhs = curvature.finite(curvature.finite(grads.mean(0)) + weight_decay * mean)
+    rhs = curvature.finite(g_bar + decay * mean)
     scale = jnp.max(jnp.abs(rhs))
     scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
     direction = curvature.finite(
@@ -372,7 +421,8 @@ def scale_by_full_von(
         direction, params)
     return direction, ScaleByFullVONState(
         count=optax.safe_increment(state.count),
-        posterior=posterior.advanced(s_new, ess, weight_decay))
+        posterior=posterior.advanced(s_new, ess, decay),
+        accumulator=accumulator)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -395,14 +445,17 @@ def von(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variational Online Newton: the BLR for a Gaussian, Newton-like.
 
-  For :math:`q = N(m, (\lambda(S+\delta I))^{-1})` the BLR natural-gradient
+  For :math:`q = N(m, (\lambda(S+D_\delta))^{-1})`, :math:`D_\delta =
+  \mathrm{diag}(\delta)` (:math:`\delta I` for a scalar weight decay) and a
+  prior :math:`N(m_0, (\lambda D_\delta)^{-1})`, the BLR natural-gradient
   step with step size :math:`\rho = 1-\beta_2` for the precision and
   :math:`\alpha` for the mean is
 
   .. math::
 
     S &\leftarrow (1-\rho) S + \rho\, E_q[\nabla^2 \bar\ell] \\
-    m &\leftarrow m - \alpha (S + \delta I)^{-1} (E_q[\nabla \bar\ell] + \delta m)
+    m &\leftarrow m - \alpha (S + D_\delta)^{-1} (E_q[\nabla \bar\ell]
+      + D_\delta (m - m_0))
 
   with the expectations estimated at draws from :func:`blrax.sample_params`
   (see :func:`scale_by_von` for the estimators). With ``ess = inf``, an exact

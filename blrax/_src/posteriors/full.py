@@ -2,11 +2,15 @@ r"""The full-covariance Gaussian posterior over all params, flattened.
 
 .. math::
 
-  q(\theta) = \mathcal{N}(m, P^{-1}), \qquad P = \lambda (S + \delta I),
+  q(\theta) = \mathcal{N}(m, P^{-1}), \qquad P = \lambda (S + D_\delta),
 
 with :math:`m` the params flattened by ``jax.flatten_util.ravel_pytree``,
 :math:`S` a :math:`D\times D` curvature matrix kept in the state, :math:`\lambda`
-the effective sample size and :math:`\delta` the weight decay. A draw is
+the effective sample size and :math:`D_\delta = \mathrm{diag}(\delta)` the
+weight decay: :math:`\delta I` for one scalar :math:`\delta`, or a diagonal
+of per-coordinate decays (a per-leaf ``weight_decay`` or a
+``weight_decay_mask``); the prior is :math:`N(m_0, (\lambda D_\delta)^{-1})`.
+A draw is
 :math:`\theta = m + L^{-\top}\epsilon` with :math:`LL^\top = P` (Cholesky), whose
 covariance is :math:`L^{-\top}L^{-1} = P^{-1}`. Cost: :math:`O(D^2)` memory and
 an :math:`O(D^3)` factorisation per step, so it is for small models.
@@ -64,6 +68,15 @@ def dimension(template: Any) -> int:
   return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(template))
 
 
+def decay_matrix(weight_decay: Any, dim: int, dtype: Any) -> jax.Array:
+  r""":math:`D_\delta`, the ``(D, D)`` weight-decay matrix: :math:`\delta I` for
+  a scalar :math:`\delta`, :math:`\mathrm{diag}(\delta)` for a ``(D,)``
+  vector."""
+  if jnp.ndim(weight_decay) == 0:
+    return weight_decay * jnp.eye(dim, dtype=dtype)
+  return jnp.diag(jnp.asarray(weight_decay, dtype))
+
+
 def price_curvature(grads: jax.Array, noise: jax.Array,
                     precision: jax.Array) -> jax.Array:
   r"""Price estimate :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s
@@ -84,7 +97,8 @@ def price_curvature(grads: jax.Array, noise: jax.Array,
 
 
 class FullGaussian(NamedTuple):
-  r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+\delta I))^{-1})`.
+  r"""A full-covariance Gaussian :math:`N(m, (\lambda(S+D_\delta))^{-1})`,
+  :math:`D_\delta = \mathrm{diag}(\delta)`.
 
   The posterior of ``blrax.von(..., covariance="full")``.
 
@@ -93,7 +107,10 @@ class FullGaussian(NamedTuple):
       next draw (of a batch of keys for several samples).
     curvature: :math:`S`, a ``(D, D)`` symmetric matrix (float32 or wider).
     ess: :math:`\lambda`, a float scalar.
-    weight_decay: :math:`\delta`, a float scalar.
+    weight_decay: :math:`\delta`: a float scalar (:math:`D_\delta = \delta
+      I`), or a ``(D,)`` vector in ``ravel_pytree`` order (:math:`D_\delta =
+      \mathrm{diag}(\delta)`; a per-leaf ``weight_decay`` or a
+      ``weight_decay_mask``, zeros where masked).
     template: zero-size arrays shaped like the params (for unflattening).
     prior_mean: :math:`m_0` flattened to ``(D,)``; an empty tuple when it is
       0 (the default).
@@ -105,7 +122,7 @@ class FullGaussian(NamedTuple):
     >>> print(posterior.curvature)
     [[1. 0.]
      [0. 1.]]
-    >>> print(posterior.precision())  # ess * (S + weight_decay * I)
+    >>> print(posterior.precision())  # ess * (S + diag(weight_decay))
     [[4. 0.]
      [0. 4.]]
   """
@@ -122,9 +139,20 @@ class FullGaussian(NamedTuple):
     return noise_lib.num_keys(self.key)
 
   def precision(self) -> jax.Array:
-    """:math:`P = \\lambda (S + \\delta I)`."""
-    eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
-    return self.ess * (self.curvature + self.weight_decay * eye)
+    """:math:`P = \\lambda (S + D_\\delta)`."""
+    return self.ess * (self.curvature + self.decay_matrix())
+
+  def decay_matrix(self) -> jax.Array:
+    """:math:`D_\\delta`, the ``(D, D)`` prior precision over ``ess``."""
+    return decay_matrix(self.weight_decay, self.curvature.shape[0],
+                        self.curvature.dtype)
+
+  def decay_vector(self) -> jax.Array:
+    """:math:`\\delta` per coordinate, ``(D,)`` (the diagonal of
+    :math:`D_\\delta`)."""
+    return jnp.broadcast_to(
+        jnp.asarray(self.weight_decay, self.curvature.dtype),
+        self.curvature.shape[:1])
 
   def covariance(self) -> jax.Array:
     """:math:`P^{-1}`, a ``(D, D)`` matrix (zeros when ``ess = inf``)."""
@@ -149,10 +177,12 @@ class FullGaussian(NamedTuple):
   def advanced(self, curvature: Any, ess: Any, weight_decay: Any):
     """The posterior after an update: next key, new curvature and
     hyperparameters (the current ones, which ``inject_hyperparams`` may have
-    changed). Keeps the posterior's type."""
+    changed; a ``(D,)`` weight decay keeps its dtype). Keeps the posterior's
+    type."""
+    decay = (gaussian.scalar(weight_decay) if jnp.ndim(weight_decay) == 0
+             else jnp.asarray(weight_decay, self.weight_decay.dtype))
     return self._replace(key=self.next_key(), curvature=curvature,
-                         ess=gaussian.scalar(ess),
-                         weight_decay=gaussian.scalar(weight_decay))
+                         ess=gaussian.scalar(ess), weight_decay=decay)
 
   def flat_offset(self, noise: jax.Array) -> jax.Array:
     """:math:`L^{-\\top}\\epsilon` for each row of ``noise`` (zeros if ess=inf)."""
@@ -169,9 +199,8 @@ class FullGaussian(NamedTuple):
     return unflatten(self.template, jnp.sqrt(jnp.diag(self.covariance())))
 
   def decays(self) -> Any:
-    """:math:`\\delta` per leaf (one scalar for every leaf), like the params."""
-    return unflatten(self.template, jnp.full(
-        self.curvature.shape[:1], self.weight_decay, self.curvature.dtype))
+    """:math:`\\delta` per coordinate, like the params."""
+    return unflatten(self.template, self.decay_vector())
 
   def curvature_diagonal(self) -> Any:
     """The diagonal of :math:`S`, like the params (for diagnostics)."""
@@ -188,12 +217,22 @@ class FullGaussian(NamedTuple):
 
   @classmethod
   def merge(cls, posteriors, means, prior_precision, prior_mean):
-    """Merges :class:`FullGaussian` posteriors; returns (mean, posterior)."""
+    r"""Merges :class:`FullGaussian` posteriors; returns (mean, posterior).
+
+    With :math:`\Lambda_0 = \mathrm{diag}(\lambda_0)` the merged prior:
+    :math:`\Lambda = \Lambda_0 + \sum_k \lambda_k S_k` and
+    :math:`\Lambda m = \Lambda_0 m_0 + \sum_k \lambda_k (S_k m_k +
+    \delta_k\odot(m_k - m_{0k}))`. The merged weight decay
+    :math:`\lambda_0/\sum_k\lambda_k` keeps shard 0's form (a scalar, or a
+    ``(D,)`` vector).
+    """
     first = posteriors[0]
+    dtype = first.curvature.dtype
+    dim = first.curvature.shape[0]
     ess = [p.ess for p in posteriors]
     total = sum(ess[1:], ess[0])
     priors = [p.ess * p.weight_decay for p in posteriors]
-    flat_means = [flatten(m).astype(first.curvature.dtype) for m in means]
+    flat_means = [flatten(m).astype(dtype) for m in means]
     prior_means = [_flat_prior_mean(p, m)
                    for p, m in zip(posteriors, flat_means)]
     if prior_precision is None:
@@ -201,34 +240,40 @@ class FullGaussian(NamedTuple):
           "opt_states", priors, "prior precisions ess * weight_decay",
           merge_rules.PRIOR_HINT)
     elif not merge_rules.is_scalar(prior_precision):
-      raise ValueError(
-          "`prior_precision` must be a scalar for FullGaussian posteriors "
-          f"(their weight decay is a scalar), got {prior_precision!r}.")
+      # A pytree like the params: its leaves (scalars or full-shaped),
+      # flattened to (D,) in ravel_pytree order.
+      prior_precision = flatten(jax.tree.map(
+          lambda t, v: jnp.broadcast_to(jnp.asarray(v, dtype), t.shape[1:]),
+          first.template, prior_precision))
     m0 = (merge_rules.common("opt_states", prior_means, "prior means",
                              "pass `prior_mean=`.")
           if prior_mean is None else
           flatten(merge_rules.leafwise(prior_mean, means[0])))
-    dim = first.curvature.shape[0]
-    eye = jnp.eye(dim, dtype=first.curvature.dtype)
     lik = sum(e * p.curvature for e, p in zip(ess, posteriors))
     lin = sum(e * (p.curvature @ m + p.weight_decay * (m - m0k)) for e, p, m, m0k
               in zip(ess, posteriors, flat_means, prior_means))
-    precision = prior_precision * eye + lik
+    precision = decay_matrix(prior_precision, dim, dtype) + lik
     precision = 0.5 * (precision + precision.T)
     chol = jnp.linalg.cholesky(precision)
     if not validation.is_traced(chol) and not np.all(np.isfinite(chol)):
       raise ValueError(
-          "`opt_states`: the merged precision prior_precision * I + "
+          "`opt_states`: the merged precision diag(prior_precision) + "
           "sum_k ess_k S_k is not positive definite.")
-    mean = jax.scipy.linalg.cho_solve((chol, True),
-                                      prior_precision * m0.astype(eye.dtype) + lin)
+    mean = jax.scipy.linalg.cho_solve(
+        (chol, True), prior_precision * m0.astype(dtype) + lin)
     mean = unflatten(first.template, mean)
+    if jnp.ndim(first.weight_decay) == 0 and jnp.ndim(prior_precision) == 0:
+      decay = gaussian.scalar(jnp.asarray(prior_precision) / total)
+    else:  # shard 0's form: a (D,) vector, or a scalar if uniform
+      decay = merge_rules.like_leaf(
+          jnp.asarray(prior_precision, dtype) / total.astype(dtype),
+          first.weight_decay)
     fields = dict(curvature=lik / total, ess=gaussian.scalar(total),
-                  weight_decay=gaussian.scalar(jnp.asarray(prior_precision) / total))
+                  weight_decay=decay)
     if "prior_mean" in type(first)._fields and (
         jax.tree.leaves(getattr(first, "prior_mean", ()))
         or validation.is_traced(m0) or np.any(np.asarray(m0) != 0)):
-      fields["prior_mean"] = m0.astype(eye.dtype)
+      fields["prior_mean"] = m0.astype(dtype)
     return mean, first._replace(**fields)
 
 

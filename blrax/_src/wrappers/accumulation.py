@@ -17,8 +17,8 @@ mean update:
 
 which is one step with ``mc_samples = k`` (times the inner ``mc_samples``)
 in which sample :math:`i` sees micro-batch :math:`i`. It holds two
-params-sized sums (one more buffer than ``optax.MultiSteps``), never
-:math:`k` of them.
+params-sized sums (one more buffer than ``optax.MultiSteps``; full-covariance
+VON: a ``(D,)`` and a ``(D, D)`` sum), never :math:`k` of them.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def _check_inner(inner_state: Any, every_k_schedule: Any) -> None:
                             for x in others})) or "a posterior"
   raise ValueError(
       f"blrax.MultiSteps cannot accumulate {names}: it sums per-micro-batch "
-      "statistics, which only the diagonal optimizers (ivon, von, vadam, "
-      "vogn, bsam) and evon define; the full covariance's outer products "
-      "do not split into micro-batch sums. Use "
+      "statistics, which the blrax optimizers (ivon, von with either "
+      "covariance, vadam, vogn, bsam, evon) keep in an `accumulator` field "
+      "of their state, and this state has none. Use "
       "optax.MultiSteps (it averages the gradients; the k micro-batches "
       "share one weight draw) or a larger batch per step.")
 
@@ -161,23 +161,28 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
     c = \tfrac1k \textstyle\sum_i c_i, \qquad \hat h = \hat h(\bar g, c),
 
   where :math:`c_i` is the estimator's statistic of micro-batch :math:`i`
-  (IVON/VON: :math:`\hat g_i\epsilon_i`; VOGN: the mean squared per-example
-  gradient; a given ``hessian=``: itself; Vadam: :math:`\bar g_i`, so its
-  ``batch_size`` is the whole accumulated batch). This equals one step
-  with ``mc_samples = k`` in which sample :math:`i` sees micro-batch
-  :math:`i`. An inner ``mc_samples = S`` works too (each micro-batch carries
-  :math:`S` draws, as ``update`` expects).
+  (IVON/VON: :math:`\hat g_i\epsilon_i`; full-covariance VON: the ``(D, D)``
+  :math:`\mathrm{sym}(\hat g_i (L\epsilon_i)^\top)`; VOGN: the mean
+  squared per-example gradient; a given ``hessian=``: itself; Vadam:
+  :math:`\bar g_i`, so its ``batch_size`` is the whole accumulated batch).
+  This equals one step with ``mc_samples = k`` in which sample :math:`i`
+  sees micro-batch :math:`i`. An inner ``mc_samples = S`` works too (each
+  micro-batch carries :math:`S` draws, as ``update`` expects).
 
   Transforms chained before the blrax one (e.g. gradient clipping) see each
   micro-batch; those after it (the learning rate and its schedule) run once
   per step. Memory: two params-sized sums, one more than
-  ``optax.MultiSteps``. The diagonal optimizers (IVON, VON, Vadam, VOGN,
-  bSAM: each micro-batch gets its own adversary, the paper's m-sharpness)
-  and EVON (its statistic is the Price product in the rotated basis, which
-  stays fixed between updates; the Kronecker factors see the averaged
-  gradient) are supported; full-covariance VON is refused
-  at ``init``, with the advice to use ``optax.MultiSteps``, as is a
-  ``MultiSteps`` nested in another (use one with the product of the two
+  ``optax.MultiSteps`` (full-covariance VON: a ``(D,)`` gradient sum and a
+  ``(D, D)`` curvature sum, the size of its state). All blrax optimizers are
+  supported: the diagonal ones (IVON, VON, Vadam, VOGN, bSAM: each
+  micro-batch gets its own adversary, the paper's m-sharpness), EVON (its
+  statistic is the Price product in the rotated basis, which stays fixed
+  between updates; the Kronecker factors see the averaged gradient) and
+  full-covariance VON (its Price estimate
+  :math:`\mathrm{mean}_s\,\mathrm{sym}(\hat g_s (L\epsilon_s)^\top)`, or
+  the given ``(D, D)`` ``hessian=``, is linear in the samples, and
+  :math:`L` stays fixed between updates). A ``MultiSteps`` nested in another
+  is refused at ``init`` (use one with the product of the two
   ``every_k_schedule``).
 
   Plain optax transforms beside the blrax one (``optax.partition``) get
