@@ -196,8 +196,8 @@ def test_gaussian_likelihood_matches_numpy():
 
 
 @pytest.mark.parametrize("name,factory,kwargs", cases.OPTIMIZERS[:1] + [
-    c for c in cases.WIDE if c[0] in ("von_full", "vogn", "evon", "vadam")],
-    ids=lambda c: c if isinstance(c, str) else "")
+    c for c in cases.WIDE
+    if c.id in ("von_full", "vogn", "evon", "vadam", "bsam")])
 def test_every_optimizer(name, factory, kwargs):
   del name
   x, y = _data(2)

@@ -16,11 +16,13 @@ def loss(p):
   return jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 2)
 
 
-def make_step(factory, opt):
+def make_step(name, opt, mc_samples=1):
   @jax.jit
   def step(params, state):
     theta = blrax.sample_params(params, state)
-    updates, state = opt.update(cases.grads(factory, loss, theta), state, params)
+    updates, state = opt.update(cases.grads(name, loss, theta, mc_samples),
+                                state, params,
+                                **cases.update_kwargs(name, loss))
     return optax.apply_updates(params, updates), state
 
   return step
@@ -29,7 +31,7 @@ def make_step(factory, opt):
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
 def test_resumed_run_is_bitwise_identical(tmp_path, name, factory, kwargs):
   opt = optax.chain(optax.clip_by_global_norm(10.0), factory(**kwargs))
-  step = make_step(factory, opt)
+  step = make_step(name, opt, kwargs.get("mc_samples", 1))
   params0 = {"w": jnp.linspace(-1, 1, 6).reshape(2, 3), "b": jnp.ones(2)}
   params, state = params0, opt.init(params0)
   for _ in range(3):

@@ -8,6 +8,7 @@ against the checkpoint's structure record.
 
 import os
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,19 @@ def test_restore_into_another_configuration_names_the_difference(
     tmp_path, saved, template, message):
   _save(tmp_path / "ckpt", saved)
   with pytest.raises(ValueError, match=message):
+    _restore(tmp_path / "ckpt", template)
+
+
+@pytest.mark.parametrize("v", [cases.param(v, v) for v in cases.VARIANTS])
+def test_restore_into_another_mc_samples_names_it(tmp_path, v):
+  """Every variant of the table: a checkpoint with S draws per step does not
+  restore into a template with another number."""
+  saved = v.factory(**v.wide)
+  other = 1 if v.mc_samples > 1 else 2
+  template = v.factory(**dict(v.wide, mc_samples=other))
+  _save(tmp_path / "ckpt", saved)
+  with pytest.raises(ValueError, match=rf"mc_samples={v.mc_samples}.*the "
+                     rf"template has .*mc_samples={other}"):
     _restore(tmp_path / "ckpt", template)
 
 

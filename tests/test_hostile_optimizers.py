@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import cases
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,15 +25,8 @@ from hypothesis import strategies as st
 
 import blrax
 
-IVON = dict(learning_rate=0.1, ess=100.0)
-FACTORIES = {
-    "ivon": (blrax.ivon, IVON),
-    "von": (blrax.von, IVON),
-    "von_full": (blrax.von, dict(IVON, covariance="full")),
-    "vadam": (blrax.vadam, IVON),
-    "vogn": (blrax.vogn, IVON),
-    "evon": (blrax.evon, IVON),
-}
+# One factory per family of the table (tests/cases.py), at its wide settings.
+FACTORIES = {v.name: (v.factory, dict(v.wide)) for v in cases.FAMILIES}
 COMMON_BAD = [
     ("learning_rate", None), ("learning_rate", math.inf),
     ("learning_rate", math.nan), ("learning_rate", "0.1"),
@@ -57,8 +51,8 @@ SPECIFIC_BAD = {
              ("clip_radius", 0.0), ("clip_radius", math.nan),
              ("rescale_lr", "no"), ("debias", 1), ("noise", "philox"),
              ("noise", None), ("noise", 3)],
-    "von": [("covariance", ["full"]), ("covariance", "Full"),
-            ("hess_init", 0.0), ("max_dim", "big"), ("max_dim", -5)],
+    "von_diag": [("covariance", ["full"]), ("covariance", "Full"),
+                 ("hess_init", 0.0), ("max_dim", "big"), ("max_dim", -5)],
     "von_full": [("max_dim", math.nan), ("max_dim", 0), ("max_dim", 1.5),
                  ("max_dim", "big"), ("noise", "hash")],
     "vadam": [("b1", 1.0), ("b2", 1.0), ("b2", 0.9999999999),
@@ -70,7 +64,11 @@ SPECIFIC_BAD = {
              ("precondition_frequency", 0), ("precondition_frequency", 1.5),
              ("max_precond_dim", 0), ("precondition_1d", "yes"),
              ("weight_decay_mask", {"w": 1.0}), ("noise", "philox")],
+    "bsam": [("rho", -1.0), ("rho", math.nan), ("rho", "0.1"), ("rho", None),
+             ("b1", 1.0), ("damping", -0.1), ("damping", math.inf),
+             ("weight_decay_mask", {"w": 1.0}), ("noise", "philox")],
 }
+assert set(SPECIFIC_BAD) == set(FACTORIES), "a family without its own cases"
 CASES = [(name, arg, value) for name in FACTORIES
          for arg, value in COMMON_BAD + SPECIFIC_BAD[name]]
 
@@ -224,31 +222,43 @@ def test_apply_if_finite_with_sample_axis():
 # --- numerically safe update -------------------------------------------------
 
 MAGNITUDES = [0.0, 1e-30, 1e-3, 1.0, 1e15, 1e30, 3e38]
-VARIANTS = {
-    "ivon": lambda: blrax.ivon(1e-3, ess=1e4, weight_decay=0.0),
-    "ivon_flip": lambda: blrax.ivon(1e-3, ess=1e4, noise="flip"),
-    "ivon_hash_mc2": lambda: blrax.ivon(1e-3, ess=1e4, noise="hash",
-                                        mc_samples=2, weight_decay=0.0),
-    "von": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
-    "vadam": lambda: blrax.vadam(1e-3, ess=1e4, batch_size=32),
-    "vogn": lambda: blrax.vogn(1e-3, ess=1e4, weight_decay=0.0, b2=0.9),
-    "vogn_hash": lambda: blrax.vogn(1e-3, ess=1e4, noise="hash"),
-    "vadam_flip_mc2": lambda: blrax.vadam(1e-3, ess=1e4, noise="flip",
-                                          mc_samples=2, weight_decay=0.0,
-                                          hess_init=1e-3),
-    "von_hessian": lambda: blrax.von(1e-3, ess=1e4, weight_decay=0.0),
-    "von_full": lambda: blrax.von(1e-3, ess=1e4, covariance="full", b2=0.9),
-    "evon": lambda: blrax.evon(1e-3, ess=1e4, weight_decay=0.0, b2=0.9,
-                               precondition_1d=True, precondition_frequency=2),
+# Every variant of the table, at a narrow posterior and a small step, with
+# the settings that stress each family most (no prior floor, a fast
+# curvature EMA); then combinations the table lacks.
+STRESS = {
+    "ivon": dict(weight_decay=0.0),
+    "von_diag": dict(weight_decay=0.0, b2=0.9),
+    "von_full": dict(b2=0.9),
+    "vadam": dict(batch_size=32),
+    "vogn": dict(weight_decay=0.0, b2=0.9),
+    "evon": dict(weight_decay=0.0, b2=0.9, precondition_1d=True,
+                 precondition_frequency=2),
+    "bsam": dict(weight_decay=0.0, b2=0.9, hess_init=1e-3),
 }
-# Variants whose update is given the (signed, adversarial) grads as hessian=.
+assert set(STRESS) == {v.name for v in cases.FAMILIES}
+EXTRA = {  # name: (row, settings on top of its family's)
+    "ivon_hash_mc2": ("ivon", dict(noise="hash", mc_samples=2)),
+    "vogn_hash": ("vogn", dict(noise="hash", weight_decay=1e-4, b2=0.99999)),
+    "vadam_flip_mc2": ("vadam", dict(noise="flip", mc_samples=2,
+                                     weight_decay=0.0, hess_init=1e-3)),
+    # its update is given the (signed, adversarial) grads as hessian=
+    "von_hessian": ("von_diag", dict(b2=0.99999)),
+}
+VARIANTS = {
+    name: (cases.variant(row), dict(
+        cases.variant(row).wide, learning_rate=1e-3, ess=1e4,
+        **{**STRESS[cases.variant(row).family], **over}))
+    for name, row, over in
+    [(v.name, v.name, {}) for v in cases.VARIANTS]
+    + [(name, row, over) for name, (row, over) in EXTRA.items()]}
 GIVEN_HESSIAN = {"von_hessian"}
 SHAPE = (4,)
 
 
 def _grads_shape(name):
-  mc = 2 if name.endswith("mc2") else 1
-  per_example = name.startswith("vogn")
+  v, kwargs = VARIANTS[name]
+  mc = kwargs.get("mc_samples", 1)
+  per_example = cases.per_example(v)
   return ((mc,) if mc > 1 else ()) + ((2,) if per_example else ()) + SHAPE
 
 
@@ -271,7 +281,8 @@ _RUNS = {}
 def _run(name):
   """A jitted scan of ``name`` over a (T,) + grads-shape array of grads."""
   if name not in _RUNS:
-    opt = VARIANTS[name]()
+    v, kwargs = VARIANTS[name]
+    opt = v.factory(**kwargs)
 
     @jax.jit
     def run(grads_seq, dtype_probe):
@@ -282,6 +293,8 @@ def _run(name):
         params, state = carry
         grads = grads.astype(params.dtype)
         extra = {"hessian": grads} if name in GIVEN_HESSIAN else {}
+        # bSAM: the same grads at its adversarial point.
+        extra.update(cases.update_kwargs(v, cases.linear_loss(grads)))
         updates, state = opt.update(grads, state, params, **extra)
         return (optax.apply_updates(params, updates), state), None
 
@@ -318,7 +331,7 @@ def test_huge_finite_gradients_keep_the_state_finite(name, magnitude):
   _check_run(name, grads)
 
 
-@pytest.mark.parametrize("name", ["von", "vogn"])
+@pytest.mark.parametrize("name", ["von_diag", "vogn"])
 def test_dead_unit_without_decay_keeps_a_finite_sigma(name):
   # b2 = 0.9: h would decay below float32's smallest normal within ~900
   # steps (IVON: the longer run below).

@@ -66,11 +66,13 @@ def test_precision_stays_positive_with_decay(ivon_step, grads, hess_init, ess,
 def _trained_state(factory, kwargs, params, steps=5):
   opt = factory(**kwargs)
   loss = lambda p: jnp.sum(jnp.cos(3 * p) * p**2)
+  mc = kwargs.get("mc_samples", 1)
 
   def step(carry, _):
     params, state = carry
     theta = blrax.sample_params(params, state)
-    updates, state = opt.update(cases.grads(factory, loss, theta), state, params)
+    updates, state = opt.update(cases.grads(factory, loss, theta, mc), state,
+                                params, **cases.update_kwargs(factory, loss))
     return (optax.apply_updates(params, updates), state), None
 
   return jax.lax.scan(step, (params, opt.init(params)), length=steps)[0]
@@ -139,7 +141,9 @@ def test_bfloat16_params_float32_curvature(name, factory, kwargs):
   h0 = np.asarray(posterior.curvature).copy()
   loss = lambda t: jnp.sum(t.astype(jnp.float32) ** 2)
   step = jax.jit(lambda p, s: opt.update(
-      cases.grads(factory, loss, blrax.sample_params(p, s)), s, p))
+      cases.grads(factory, loss, blrax.sample_params(p, s),
+                  kwargs.get("mc_samples", 1)), s, p,
+      **cases.update_kwargs(factory, loss)))
   for _ in range(3):
     theta = blrax.sample_params(params, state)
     assert theta.dtype == jnp.bfloat16

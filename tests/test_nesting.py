@@ -5,6 +5,8 @@ through any wrapper must equal the bare draw bit for bit (on the leaves the
 posterior covers), and masked leaves must come back untouched.
 """
 
+import functools
+
 import cases
 import jax
 import jax.numpy as jnp
@@ -31,33 +33,47 @@ def assert_same(x, y):
   jax.tree.map(np.testing.assert_array_equal, x, y)
 
 
+def mc(kwargs):
+  return kwargs.get("mc_samples", 1)
+
+
+# name: (wrapper, the table's feature for it, what its refusal names).
 WRAPPERS = {
-    "chain_clip": lambda o: optax.chain(optax.clip_by_global_norm(1.0), o),
-    "named_chain": lambda o: optax.named_chain(
-        ("clip", optax.clip_by_global_norm(1.0)), ("blr", o)),
-    "multi_steps": lambda o: optax.MultiSteps(o, every_k_schedule=2),
-    "apply_if_finite": lambda o: optax.apply_if_finite(o, 3),
+    "chain_clip": (lambda o: optax.chain(optax.clip_by_global_norm(1.0), o),
+                   None, ""),
+    "named_chain": (lambda o: optax.named_chain(
+        ("clip", optax.clip_by_global_norm(1.0)), ("blr", o)), None, ""),
+    "multi_steps": (lambda o: optax.MultiSteps(o, every_k_schedule=2),
+                    cases.OPTAX_MULTI_STEPS, "`grads` leaf has shape"),
+    "apply_if_finite": (lambda o: optax.apply_if_finite(o, 3),
+                        cases.OPTAX_APPLY_IF_FINITE, ""),
 }
 
 
-@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS.keys())
+@pytest.mark.parametrize("wrapper", WRAPPERS.values(), ids=WRAPPERS.keys())
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
-def test_wrapped_draw_equals_bare_draw(wrap, name, factory, kwargs):
+def test_wrapped_draw_equals_bare_draw(wrapper, name, factory, kwargs):
+  wrap, feature, refusal = wrapper
   opt = wrap(factory(**kwargs))
   state = opt.init(PARAMS)
   assert_same(blrax.sample_params(PARAMS, state),
               bare_draw(factory, kwargs, PARAMS))
   assert_same(blrax.posterior_stddev(state),
               blrax.posterior_stddev(factory(**kwargs).init(PARAMS)))
-  if cases.per_example(factory) and wrap in (WRAPPERS["multi_steps"],
-                                             WRAPPERS["apply_if_finite"]):
-    return  # these wrappers need params-shaped grads; see README, Caveats
-  # and it trains: the draw moves with the state
-  theta = blrax.sample_params(PARAMS, state)
-  updates, state = opt.update(cases.grads(factory, loss, theta), state, PARAMS)
-  params = optax.apply_updates(PARAMS, updates)
-  assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))),
-                                   blrax.sample_params(params, state)))
+
+  def trains():  # the draw moves with the state
+    theta = blrax.sample_params(PARAMS, state)
+    updates, new = opt.update(cases.grads(name, loss, theta, mc(kwargs)),
+                              state, PARAMS, **cases.update_kwargs(name, loss))
+    params = optax.apply_updates(PARAMS, updates)
+    assert jax.tree.all(jax.tree.map(
+        lambda x: bool(jnp.all(jnp.isfinite(x))),
+        blrax.sample_params(params, new)))
+
+  if feature is None:
+    trains()
+  else:  # optax's wrappers need params-shaped grads; see README, Caveats
+    cases.check_cell(name, feature, trains, refusal)
 
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
@@ -70,37 +86,48 @@ def test_inject_hyperparams(name, factory, kwargs):
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
 def test_multi_steps_shares_noise_within_accumulation(name, factory, kwargs):
-  if cases.per_example(factory):
-    pytest.skip("MultiSteps accumulates params-shaped grads only")
   opt = optax.MultiSteps(factory(**kwargs), every_k_schedule=2)
 
   @jax.jit
   def step(params, state):
     theta = blrax.sample_params(params, state)
-    grads = cases.grads(factory, loss, theta)
-    updates, state = opt.update(grads, state, params)
+    grads = cases.grads(name, loss, theta, mc(kwargs))
+    updates, state = opt.update(grads, state, params,
+                                **cases.update_kwargs(name, loss))
     return optax.apply_updates(params, updates), state, theta
 
-  state = opt.init(PARAMS)
-  params = PARAMS
-  draws = []
-  for _ in range(4):
-    params, state, theta = step(params, state)
-    draws.append(theta)
-  offset = lambda d, p: jax.tree.map(jnp.subtract, d, p)
-  assert_same(offset(draws[0], PARAMS), offset(draws[1], PARAMS))
-  assert not np.allclose(draws[1]["a"], draws[2]["a"])
+  def shares():
+    state = opt.init(PARAMS)
+    params = PARAMS
+    draws = []
+    for _ in range(4):
+      params, state, theta = step(params, state)
+      draws.append(theta)
+    offset = lambda d, p: jax.tree.map(jnp.subtract, d, p)  # noqa: E731
+    assert_same(offset(draws[0], PARAMS), offset(draws[1], PARAMS))
+    assert not np.allclose(draws[1]["a"], draws[2]["a"])
+
+  # optax.MultiSteps accumulates params-shaped grads only.
+  cases.check_cell(name, cases.OPTAX_MULTI_STEPS, shares,
+                   "`grads` leaf has shape")
 
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
 def test_apply_if_finite_rejects_nan_and_continues(name, factory, kwargs):
-  if cases.per_example(factory):
-    pytest.skip("apply_if_finite's reject branch returns params-shaped zeros")
+  # optax's reject branch returns zeros shaped like the grads: where they
+  # have a sample or batch axis the table says it is unsupported.
+  cases.check_cell(name, cases.OPTAX_APPLY_IF_FINITE,
+                   lambda: rejects_nan_and_continues(name, factory, kwargs))
+
+
+def rejects_nan_and_continues(name, factory, kwargs):
   opt = optax.apply_if_finite(factory(**kwargs), 3)
   state = opt.init(PARAMS)
-  step = jax.jit(opt.update)
-  nan_grads = cases.lift(
-      factory, jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), PARAMS))
+  step = jax.jit(functools.partial(opt.update,
+                                   **cases.update_kwargs(name, loss)))
+  lead = (mc(kwargs),) if mc(kwargs) > 1 else ()
+  nan_grads = cases.lift(name, jax.tree.map(
+      lambda p: jnp.full(lead + p.shape, jnp.nan), PARAMS), mc(kwargs))
   updates, bad_state = step(nan_grads, state, PARAMS)
   assert int(bad_state.notfinite_count) == 1
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(
@@ -111,8 +138,8 @@ def test_apply_if_finite_rejects_nan_and_continues(name, factory, kwargs):
       bad_state.inner_state, state.inner_state)
   assert_same(updates, jax.tree.map(jnp.zeros_like, PARAMS))
   theta = blrax.sample_params(PARAMS, bad_state)
-  updates, good_state = step(cases.grads(factory, loss, theta), bad_state,
-                             PARAMS)
+  updates, good_state = step(cases.grads(name, loss, theta, mc(kwargs)),
+                             bad_state, PARAMS)
   assert int(good_state.notfinite_count) == 0
   assert not np.allclose(updates["a"], 0.0)
 
@@ -120,10 +147,13 @@ def test_apply_if_finite_rejects_nan_and_continues(name, factory, kwargs):
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
 def test_masked_params_get_no_noise(name, factory, kwargs):
   mask = {"a": True, "b": False}
-  opt = optax.masked(factory(**kwargs), mask)
+  # mask_compatible_extra_args: bSAM's adversarial_grads are masked too.
+  opt = optax.masked(factory(**kwargs), mask, mask_compatible_extra_args=True)
   state = opt.init(PARAMS)
   theta = blrax.sample_params(PARAMS, state)
-  np.testing.assert_array_equal(theta["b"], PARAMS["b"])
+  lead = (mc(kwargs),) if mc(kwargs) > 1 else ()
+  np.testing.assert_array_equal(theta["b"],
+                                np.broadcast_to(PARAMS["b"], lead + (2,)))
   np.testing.assert_array_equal(
       theta["a"], bare_draw(factory, kwargs, {"a": PARAMS["a"]})["a"])
   std = blrax.posterior_stddev(state, PARAMS)
@@ -132,7 +162,9 @@ def test_masked_params_get_no_noise(name, factory, kwargs):
   samples = blrax.sample_posterior(jax.random.key(1), PARAMS, state, 5)
   np.testing.assert_array_equal(samples["b"], np.broadcast_to(PARAMS["b"], (5, 2)))
   assert samples["a"].shape == (5, 2, 3)
-  updates, state = opt.update(cases.grads(factory, loss, theta), state, PARAMS)
+  grads = cases.grads(name, loss, theta, mc(kwargs))
+  updates, state = opt.update(grads, state, PARAMS, **cases.update_kwargs(
+      name, loss, PARAMS, state, grads))
   assert updates["a"].shape == (2, 3)
 
 
@@ -143,17 +175,22 @@ def test_partition_two_posteriors_and_a_frozen_part(name, factory, kwargs):
   opt = optax.partition(
       {"first": factory(**dict(kwargs, key=1)),
        "second": factory(**dict(kwargs, key=2)),
-       "frozen": optax.set_to_zero()}, labels)
+       "frozen": optax.set_to_zero()}, labels,
+      mask_compatible_extra_args=True)
   state = opt.init(params)
   theta = blrax.sample_params(params, state)
   np.testing.assert_array_equal(
       theta["a"], bare_draw(factory, dict(kwargs, key=1), {"a": params["a"]})["a"])
   np.testing.assert_array_equal(
       theta["b"], bare_draw(factory, dict(kwargs, key=2), {"b": params["b"]})["b"])
-  np.testing.assert_array_equal(theta["c"], params["c"])
+  lead = (mc(kwargs),) if mc(kwargs) > 1 else ()
+  np.testing.assert_array_equal(theta["c"],
+                                np.broadcast_to(params["c"], lead + (4,)))
   assert len(blrax.find_posteriors(state)) == 2
-  grads = cases.grads(factory, lambda p: loss(p) + jnp.sum(p["c"] ** 2), theta)
-  updates, state = opt.update(grads, state, params)
+  full_loss = lambda p: loss(p) + jnp.sum(p["c"] ** 2)  # noqa: E731
+  grads = cases.grads(name, full_loss, theta, mc(kwargs))
+  updates, state = opt.update(grads, state, params, **cases.update_kwargs(
+      name, full_loss, params, state, grads))
   assert not np.any(updates["c"])
 
 
@@ -164,10 +201,12 @@ def test_mc_samples_leading_axis(name, factory, kwargs):
   theta = blrax.sample_params(PARAMS, state)
   assert theta["a"].shape == (3, 2, 3) and theta["b"].shape == (3, 2)
   assert not np.allclose(theta["a"][0], theta["a"][1])
-  updates, state = opt.update(cases.grads(factory, loss, theta, 3), state, PARAMS)
+  extra = cases.update_kwargs(name, loss)
+  updates, state = opt.update(cases.grads(name, loss, theta, 3), state, PARAMS,
+                              **extra)
   assert updates["a"].shape == (2, 3)
   with pytest.raises(ValueError, match="grads"):
-    opt.update(cases.grads(factory, loss, PARAMS), state, PARAMS)
+    opt.update(cases.grads(name, loss, PARAMS), state, PARAMS, **extra)
 
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))

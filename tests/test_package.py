@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import cases
 import pytest
 
 import blrax
@@ -184,8 +185,9 @@ def test_core_works_without_flax_and_orbax():
   assert result.stdout.strip().endswith("OK"), result.stdout
 
 
-FACTORIES = ("ivon", "von", "vadam", "vogn", "scale_by_ivon", "scale_by_von",
-             "scale_by_vadam", "scale_by_vogn", "scale_by_full_von")
+# Every optimizer and scale_by_* transform of the table (tests/cases.py).
+FACTORIES = sorted({f.__name__ for v in cases.VARIANTS
+                    for f in (v.factory, v.transform)})
 
 
 @pytest.mark.parametrize("name", FACTORIES)

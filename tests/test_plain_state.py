@@ -25,8 +25,7 @@ from blrax._src.noise import generators as noise_lib
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(2)}
 
-CASES = [c for c in cases.OPTIMIZERS if c[0] != "vadam_flip"] + [
-    ("bsam", blrax.bsam, dict(learning_rate=1e-2, ess=1e6, rho=0.05)),
+CASES = [c for c in cases.OPTIMIZERS if c.id != "vadam_flip"] + [
     ("ivon_rbg", blrax.ivon,
      dict(learning_rate=1e-2, ess=1e6, key=jax.random.key(3, impl="rbg"))),
     ("ivon_unsafe_rbg_flip", blrax.ivon,
@@ -48,8 +47,8 @@ def make(factory, kwargs):
   def step(params, state):
     theta = blrax.sample_params(params, state)
     grads = cases.grads(factory, loss, theta, kwargs.get("mc_samples", 1))
-    extra = {"grad_fn": jax.grad(loss)} if factory is blrax.bsam else {}
-    updates, state = opt.update(grads, state, params, **extra)
+    updates, state = opt.update(grads, state, params,
+                                **cases.update_kwargs(factory, loss))
     return optax.apply_updates(params, updates), state
 
   return opt, step
