@@ -271,17 +271,15 @@ def test_multisteps_refuses_mixing_hessian_and_no_hessian():
   assert np.all(np.isfinite(updates)) and int(state.gradient_step) == 1
 
 
-@pytest.mark.parametrize("make", [
-    lambda: blrax.von(0.1, ess=10.0, covariance="full"),
-])
-def test_multisteps_refusal_names_the_posterior_it_cannot_accumulate(make):
-  """#11: bSAM / full VON were refused as holding "no posterior" (bSAM now
-  accumulates: tests/test_bsam.py)."""
-  with pytest.raises(ValueError) as info:
-    blrax.MultiSteps(make(), every_k_schedule=2).init(jnp.zeros(2))
-  message = str(info.value)
-  assert "no posterior" not in message and "holds no" not in message
-  assert "Gaussian" in message and "optax.MultiSteps" in message
+def test_multisteps_accumulates_full_von_instead_of_refusing():
+  """#11: bSAM / full VON were refused as holding "no posterior". Both now
+  accumulate (tests/test_bsam.py, tests/test_full_von.py); the accumulator
+  of full VON holds the (D,) gradient and (D, D) Price sums."""
+  state = blrax.MultiSteps(blrax.von(0.1, ess=10.0, covariance="full"),
+                           every_k_schedule=2).init(jnp.zeros(2))
+  accumulator = state.inner_state[0].accumulator
+  assert accumulator.gradient.shape == (2,)
+  assert accumulator.statistic.shape == (2, 2)
 
 
 def test_nested_multisteps_is_a_clear_value_error():
