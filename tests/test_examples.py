@@ -202,8 +202,11 @@ def test_char_gpt_sweep_table(tmp_path):
 
 
 def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+  # The script calls `python`: this interpreter, venv activated or not.
+  path = os.pathsep.join([os.path.dirname(sys.executable),
+                          os.environ.get("PATH", "")])
   env = dict(os.environ, OUT=str(tmp_path), BLRAX_CHECK_PLATFORM="cpu",
-             BLRAX_CHECK_NO_INSTALL="1")
+             BLRAX_CHECK_NO_INSTALL="1", PATH=path)
   result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks",
                                                 "gpu_check.sh")],
                           capture_output=True, text=True, env=env,

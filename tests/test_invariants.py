@@ -108,7 +108,11 @@ def _replace_key(state, key):
 
 @pytest.mark.parametrize("name,factory,kwargs", WIDE, ids=ids(WIDE))
 def test_sample_params_moments_match_stddev(name, factory, kwargs):
-  """The per-step draws are N(m, sigma^2) too (over state keys)."""
+  """The per-step draws are N(m, sigma^2) too (over state keys).
+
+  Flip noise stores the magnitudes |z| of its normal draw in the state and the
+  key only flips signs (its marginals over steps are N(0, 1):
+  tests/test_fast_noise.py), so over keys its draws are m +- sigma |z|."""
   params = jnp.linspace(-1.0, 1.0, 8)
   state = factory(**kwargs).init(params)
   draw = jax.jit(jax.vmap(
@@ -116,6 +120,13 @@ def test_sample_params_moments_match_stddev(name, factory, kwargs):
   n = 20_000
   samples = np.asarray(draw(jax.random.split(jax.random.key(3), n)), np.float64)
   std = np.asarray(blrax.posterior_stddev(state))
+  flip = [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, blrax.noise.FlipNoiseState))
+          if isinstance(x, blrax.noise.FlipNoiseState)]
+  if flip:
+    std = std * np.abs(np.asarray(flip[0].base_noise))
+    np.testing.assert_allclose(np.abs(samples - np.asarray(params)),
+                               np.broadcast_to(std, samples.shape), rtol=1e-5)
   np.testing.assert_allclose(samples.mean(0), params, atol=5 * std.max() / np.sqrt(n))
   np.testing.assert_allclose(samples.std(0), std, rtol=5 / np.sqrt(2 * n))
 
