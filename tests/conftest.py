@@ -40,8 +40,8 @@ SLOW_TESTS = {
     "test_linearized.py::test_linear_model_equals_the_ordinary_bma_draw_for_draw",
     "test_linearized.py::test_predictor_in_the_uncertainty_report",
 }
-# Single cases (`*` matches any characters) whose sibling case (mc_samples=1, the price estimator) stays
-# in the fast tier.
+# Single cases (`*` matches any characters) whose sibling case
+# (mc_samples=1, the price estimator) stays in the fast tier.
 SLOW_CASES = {
     "test_equinox.py::test_equinox_module_trains_like_the_plain_pytree[2]",
     "test_gradients.py::test_nnx_grads_at_each_draw_with_batchnorm_and_dropout[2]",
@@ -53,8 +53,8 @@ SLOW_CASES = {
 SWEEP_FILES = {
     "test_nesting.py", "test_optax_battery.py", "test_feature_matrix.py",
     "test_single_draw.py", "test_invariants.py", "test_plain_state.py",
-    "test_checkpoint.py", "test_calibration.py", "test_ensembles.py", "test_health.py", "test_merging.py",
-    "test_accumulation.py",
+    "test_checkpoint.py", "test_calibration.py", "test_ensembles.py",
+    "test_health.py", "test_merging.py", "test_accumulation.py",
 }
 FAST_VARIANTS = {"ivon"}
 
