@@ -41,7 +41,24 @@ bases uniquely (for distinct eigenvalues and full-rank power iterates).
 
 Extensions (documented, not in the official code): a 0-D parameter with
 whitening on is treated as a vector of length 1 (its update becomes
-``u / max(|u|, eps)``); the official code raises an IndexError there.
+``u / max(|u|, eps)``); the official code raises an IndexError there. And
+the options that ``blrax.evon`` keeps beyond the official algorithm, each
+off by default here (the official behaviour):
+
+- ``null_space="complete"`` (``"lapack"``: official): the determinism rule
+  of ``blrax.evon``. In the first eigh, the eigenvectors of eigenvalues at
+  most ``n * eps * lambda_max`` (``eps`` of the precision in use) are
+  replaced by a completion of the others: the QR of the eigenvectors with
+  those columns taken from :func:`fixed_start` (an integer hash), each new
+  column signed like its start column. In a QR refresh, a column whose
+  ``|R_jj|`` is at most ``n * eps`` times the largest (its image ``L q_j``
+  depends on the earlier ones) is replaced by ``q_j`` and the QR redone;
+  that column is then signed like ``q_j``.
+- ``refresh="eigh"`` (``"qr"``: official): a full :func:`initial_basis` at
+  every refresh instead of one power iteration.
+- ``reproject=True`` (False: official): at a refresh, ``h`` becomes the
+  diagonal, in the new bases, of the old curvature matrix (mode products
+  with ``(Q_new^T Q_old)**2``) instead of keeping its index.
 """
 
 from __future__ import annotations
@@ -82,6 +99,9 @@ DEFAULTS = {
     # Of this transcription, not of the official optimizer:
     "exact": True,
     "signs": "lapack",
+    "null_space": "lapack",
+    "refresh": "qr",
+    "reproject": False,
 }
 
 
@@ -120,6 +140,10 @@ def make_hyper(ess: float, hess_init: float, **overrides: Any) -> dict:
   if hyper["signs"] not in ("lapack", "canonical"):
     raise ValueError(f"signs must be 'lapack' or 'canonical', got "
                      f"{hyper['signs']!r}")
+  if hyper["null_space"] not in ("lapack", "complete"):
+    raise ValueError(f"bad null_space {hyper['null_space']!r}")
+  if hyper["refresh"] not in ("qr", "eigh"):
+    raise ValueError(f"bad refresh {hyper['refresh']!r}")
   hyper["factor_beta"] = b2 if sb == -1 else float(sb)
   return hyper
 
@@ -271,40 +295,94 @@ def mode_gram(x: np.ndarray, mode: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+def fixed_start(n: int) -> np.ndarray:
+  """A fixed n x n matrix with entries in [-0.5, 0.5) from an integer hash
+  of (row, column) (the start of ``null_space="complete"``)."""
+  with np.errstate(over="ignore"):
+    i = np.arange(n, dtype=np.uint32)[:, None]
+    j = np.arange(n, dtype=np.uint32)[None, :]
+    x = (i * np.uint32(0x9E3779B1) + j * np.uint32(0x85EBCA77)
+         + np.uint32(0x27D4EB2F))
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    x = x ^ (x >> np.uint32(16))
+  return (x >> np.uint32(8)).astype(np.float64) * 2.0 ** -24 - 0.5
+
+
+def _null_tolerance(n: int, dtype) -> float:
+  return max(n, 1) * float(np.finfo(dtype).eps)
+
+
+def _qr(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  return scipy.linalg.qr(a, mode="economic")
+
+
 def initial_basis(factor: np.ndarray, exact: bool = True,
-                  signs: str = "lapack") -> np.ndarray:
+                  signs: str = "lapack", null_space: str = "lapack"
+                  ) -> np.ndarray:
   """Eigenvectors of a Kronecker factor, by decreasing eigenvalue.
 
   ``eigh`` of ``factor + 1e-30 I`` (float32 when not ``exact``, retried in
   float64 if that fails), columns reversed from LAPACK's ascending order.
+  ``null_space="complete"``: see the module docstring.
   """
   dtype = np.float64 if exact else np.float32
   n = factor.shape[0]
   m = np.asarray(factor, dtype) + dtype(EIGH_JITTER) * np.eye(n, dtype=dtype)
   try:
-    _, vectors = scipy.linalg.eigh(m, driver="evd")
+    values, vectors = scipy.linalg.eigh(m, driver="evd")
   except np.linalg.LinAlgError:
-    _, vectors = scipy.linalg.eigh(m.astype(np.float64), driver="evd")
-    vectors = vectors.astype(dtype)
-  vectors = vectors[:, ::-1]
+    values, vectors = scipy.linalg.eigh(m.astype(np.float64), driver="evd")
+    values, vectors = values.astype(dtype), vectors.astype(dtype)
+  values, vectors = values[::-1], vectors[:, ::-1]
   if signs == "canonical":
     rows = np.argmax(np.abs(vectors), axis=0)
     flip = vectors[rows, np.arange(n)] < 0
     vectors = vectors * np.where(flip, -1.0, 1.0).astype(dtype)
+  if null_space == "complete":
+    null = values <= _null_tolerance(n, dtype) * values[0]
+    if null.any():
+      start = fixed_start(n).astype(dtype)
+      q, _ = _qr(np.where(null[None, :], start, vectors))
+      sign = np.sign(np.sum(q * start, axis=0))
+      q = q * np.where(sign == 0, 1.0, sign).astype(dtype)
+      vectors = np.where(null[None, :], q, vectors)
   return _f64(vectors)
 
 
 def qr_refresh(factor: np.ndarray, basis: np.ndarray, exact: bool = True,
-               signs: str = "lapack") -> np.ndarray:
+               signs: str = "lapack", null_space: str = "lapack"
+               ) -> np.ndarray:
   """One power iteration of SOAP's refresh: ``Q <- qr(L @ Q)`` (float32
-  when not ``exact``). No reordering of the columns."""
+  when not ``exact``). No reordering of the columns.
+  ``null_space="complete"``: see the module docstring."""
   dtype = np.float64 if exact else np.float32
-  iterate = np.asarray(factor, dtype) @ np.asarray(basis, dtype)
-  q, r = scipy.linalg.qr(iterate, mode="economic")
+  start = np.asarray(basis, dtype)
+  iterate = np.asarray(factor, dtype) @ start
+  q, r = _qr(iterate)
+  dependent = np.zeros(iterate.shape[1], bool)
+  if null_space == "complete":
+    size = np.abs(np.diag(r))
+    dependent = size <= _null_tolerance(len(size), dtype) * size.max()
+    if dependent.any():
+      q, r = _qr(np.where(dependent[None, :], start, iterate))
   if signs == "canonical":
     d = np.sign(np.diag(r))
     q = q * np.where(d == 0, 1.0, d).astype(dtype)
+  sign = np.sign(np.sum(q * start, axis=0))
+  q = np.where(dependent[None, :] & (sign < 0), -q, q)
   return _f64(q)
+
+
+def reproject(h: np.ndarray, old: list, new: list, hyper: dict) -> np.ndarray:
+  """``h`` as the diagonal, in the ``new`` bases, of the curvature matrix
+  that it is in the ``old`` ones: the mode products with
+  ``(Q_new^T Q_old)**2`` (the ``reproject`` option)."""
+  maps = [None if q is None else np.square(n.T @ q)
+          for q, n in zip(old, new)]
+  return unrotate(h, maps, hyper)
 
 
 # ---------------------------------------------------------------------------
@@ -489,8 +567,8 @@ def _step_leaf(leaf: dict, grads: list, noises: list, hyper: dict) -> None:
     leaf["factors"] = [None if n is None else np.zeros((n, n))
                        for n in factor_sizes(shape, hyper)]
     _update_factors(leaf, gbar, hyper)
-    leaf["bases"] = [None if f is None else initial_basis(f, exact, signs)
-                     for f in leaf["factors"]]
+    leaf["bases"] = [None if f is None else initial_basis(
+        f, exact, signs, hyper["null_space"]) for f in leaf["factors"]]
     if hyper["max_precond_dim"] > 0:
       return
 
@@ -540,10 +618,18 @@ def _step_leaf(leaf: dict, grads: list, noises: list, hyper: dict) -> None:
       leaf["momentum"] = unrotate(leaf["momentum"], bases, hyper)
     _update_factors(leaf, gbar, hyper)
     if refresh:
-      leaf["bases"] = [None if q is None else qr_refresh(f, q, exact, signs)
-                       for f, q in zip(leaf["factors"], bases)]
+      if hyper["refresh"] == "qr":
+        leaf["bases"] = [None if q is None else qr_refresh(
+            f, q, exact, signs, hyper["null_space"])
+                         for f, q in zip(leaf["factors"], bases)]
+      else:  # an extension: a full eigh at every refresh
+        leaf["bases"] = [None if q is None else initial_basis(
+            f, exact, signs, hyper["null_space"])
+                         for f, q in zip(leaf["factors"], bases)]
       leaf["momentum"] = rotate(leaf["momentum"], leaf["bases"], hyper)
-      # h is not touched: entry (i, j, ...) keeps its index.
+      # Official: h is not touched (entry (i, j, ...) keeps its index).
+      if hyper["reproject"]:  # an extension
+        leaf["h"] = reproject(leaf["h"], bases, leaf["bases"], hyper)
 
 
 def step(state: dict, grads_at_draws: list, draws_noise: list | None) -> dict:

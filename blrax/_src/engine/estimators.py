@@ -53,6 +53,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from blrax._src import validation
 from blrax._src.numerics import bounded, finite, limits  # noqa: F401
 
 
@@ -306,28 +307,30 @@ def ema(curvature, estimate, rho, weight_decay):
   return bounded((1.0 - rho) * curvature + rho * estimate, weight_decay)
 
 
-def positive_ema(curvature, estimate, rho, weight_decay):
+def positive_ema(curvature, estimate, rho, weight_decay, eps=0.0):
   r"""Curvature EMA with the correction that keeps it positive.
 
   .. math::
 
     h \leftarrow (1-\rho) h + \rho \hat h
-      + \tfrac{1}{2}\rho^2 (h - \hat h)^2 / (h + \delta)
+      + \tfrac{1}{2}\rho^2 (h - \hat h)^2 / (h + \delta + \varepsilon)
 
   This is the Riemannian-gradient step of Lin et al. (2020) used by IVON.
   It is evaluated in the equivalent form
-  :math:`h + \delta \leftarrow \tfrac12 (a + c^2/a)` with
-  :math:`a = h + \delta` and :math:`c = (1-\rho)a + \rho(\hat h + \delta)`,
-  a sum of positive terms: the textbook form cancels catastrophically when
-  :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can then
-  round to a negative :math:`h`. Guarantees :math:`h+\delta \ge
-  (h_{old}+\delta)/2`; the result is ``bounded``.
+  :math:`h + s \leftarrow \tfrac12 (a + c^2/a)` with :math:`s = \delta +
+  \varepsilon`, :math:`a = h + s` and :math:`c = (1-\rho)a + \rho(\hat h
+  + s)`, a sum of positive terms: the textbook form cancels catastrophically
+  when :math:`|\rho \hat h| \gg h` (large ``ess``, large gradients) and can
+  then round to a negative :math:`h`. Guarantees :math:`h+s \ge
+  (h_{old}+s)/2`; the result is ``bounded``.
 
   Args:
     curvature: :math:`h`.
     estimate: :math:`\hat h` (any sign).
     rho: the step :math:`\rho`.
     weight_decay: :math:`\delta`.
+    eps: :math:`\varepsilon` (0, IVON's, by default; EVON's official code
+      uses 1e-10).
 
   Returns:
     The new :math:`h` (:math:`h + \delta > 0`).
@@ -338,8 +341,11 @@ def positive_ema(curvature, estimate, rho, weight_decay):
     >>> print(engine.positive_ema(jnp.array(1.0), -3.0, 0.5, 0.0))
     1.0
   """
-  a = curvature + weight_decay
-  c = (1.0 - rho) * a + rho * (estimate + weight_decay)
+  shift = weight_decay
+  if validation.concrete_float(eps) != 0.0:  # keeps IVON's graph as it was
+    shift = weight_decay + eps
+  a = curvature + shift
+  c = (1.0 - rho) * a + rho * (estimate + shift)
   # c**2 overflows only where the exact result exceeds the ceiling anyway
   # ((a + c^2/a)/2 >= |c|), so saturating it is exact.
-  return bounded(0.5 * (a + jnp.square(c) / a) - weight_decay, weight_decay)
+  return bounded(0.5 * (a + jnp.square(c) / a) - shift, weight_decay)

@@ -10,8 +10,8 @@ with :math:`h` the *new* curvature. The learning rate is applied after
 step        direction :math:`\Delta` (and momentum :math:`g`)
 ==========  ==================================================================
 ``ivon``    :math:`g \leftarrow \beta_1 g + (1-\beta_1)\bar g`;
-            :math:`\mathrm{clip}((g/(1-\beta_1^t) + \delta m)/(h+\delta),
-            \pm\xi)\,(h_0+\delta)`
+            :math:`\mathrm{clip}((g/(1-\beta_1^t) + \delta m)/(h+\delta
+            +\varepsilon), \pm\xi)\,(h_0+\delta)`
 ``newton``  :math:`(\bar g + \delta m)/(h + \delta)` (no momentum)
 ``adam``    :math:`g \leftarrow \beta_1 g + (1-\beta_1)(\bar g + \delta m)`;
             :math:`(g/(1-\beta_1^t)) / (\sqrt{\hat h} + \delta)`,
@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from blrax._src import validation
 from blrax._src.engine import estimators as curvature_lib
 from blrax._src.posteriors import diagonal as gaussian
 
@@ -70,14 +71,14 @@ class Step:
   precondition: Callable | None = None
 
 
-def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
+def ivon(b1, *, debias: bool, clip_radius, scale, eps=0.0) -> Step:
   r"""IVON's step: momentum of the gradient, debiased, prior term after, clip.
 
   .. math::
 
     g \leftarrow \beta_1 g + (1-\beta_1)\bar g, \qquad
-    \Delta = \mathrm{clip}\Big(\frac{g/(1-\beta_1^t) + \delta m}{h+\delta},
-      \pm\xi\Big)\, c
+    \Delta = \mathrm{clip}\Big(\frac{g/(1-\beta_1^t) + \delta m}
+      {h+\delta+\varepsilon}, \pm\xi\Big)\, c
 
   Args:
     b1: momentum decay :math:`\beta_1`.
@@ -85,6 +86,8 @@ def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
     clip_radius: :math:`\xi` (``math.inf``: no clipping).
     scale: :math:`c`, a number (:math:`h_0+\delta` when ``rescale_lr``), or a
       function of the leaf's :math:`\delta` when the weight decay is per leaf.
+    eps: :math:`\varepsilon` in the denominator (0, IVON's, by default;
+      EVON's official code uses 1e-10).
 
   Returns:
     A :class:`Step` that keeps a momentum.
@@ -113,8 +116,10 @@ def ivon(b1, *, debias: bool, clip_radius, scale) -> Step:
             + weight_decay * mean.astype(dtype)), momentum
 
   def precondition(numerator, curvature, weight_decay):
-    direction = jnp.clip(numerator / (curvature + weight_decay),
-                         -clip_radius, clip_radius)
+    denominator = curvature + weight_decay
+    if validation.concrete_float(eps) != 0.0:  # keeps IVON's graph as it was
+      denominator = denominator + eps
+    direction = jnp.clip(numerator / denominator, -clip_radius, clip_radius)
     return direction * (scale(weight_decay) if callable(scale) else scale)
 
   def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
