@@ -108,6 +108,9 @@ class Variant:
     family: the row it varies (its name for a family's own row).
     slow: the row repeats its family's engine with another noise generator:
       its cases in the shared tests are marked slow.
+    fixed_step_length: the step's length is the learning rate whatever the
+      gradient (EVON's whitening): its mean reaches a minimum only as the
+      learning rate is annealed to 0.
   """
 
   name: str
@@ -120,6 +123,7 @@ class Variant:
   unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)
   family: str = ""
   slow: bool = False
+  fixed_step_length: bool = False
 
   def __post_init__(self):
     if not self.family:
@@ -178,7 +182,8 @@ VOGN = Variant("vogn", blrax.vogn, blrax.scale_by_vogn,
 EVON = Variant("evon", blrax.evon, blrax.scale_by_evon,
                narrow=dict(learning_rate=1e-2, ess=1e6,
                            precondition_frequency=3),
-               wide=dict(_WIDE, precondition_frequency=3))
+               wide=dict(_WIDE, precondition_frequency=3),
+               fixed_step_length=True)
 BSAM = Variant("bsam", blrax.bsam, blrax.scale_by_bsam,
                narrow=dict(learning_rate=1e-2, ess=1e6, rho=1e-3, damping=1e-2),
                wide=dict(_WIDE, rho=0.05), call=GRAD_FN,

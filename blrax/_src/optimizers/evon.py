@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -752,6 +753,13 @@ def scale_by_evon(
 
     # 3. The bases, after the direction: the first eigh on the first call;
     # every f steps a refresh (h' keeps its index, or is re-projected).
+    def one_at_a_time(fn):
+      # Under jax.vmap (an ensemble, seeds) the eigh/QR run one member after
+      # another: batched LAPACK calls inside the refresh's conditional can
+      # deadlock XLA's CPU thread pool (measured with 3 members on 2 cores).
+      return jax.custom_batching.sequential_vmap(functools.partial(
+          fn, dtype=basis_dtype, canonical_signs=canonical_signs))
+
     def per_basis(fn):
       def each(h, fs, qs):
         return tuple(fn(f, q) if eigenbasis.is_rotated(q) else q
@@ -763,13 +771,11 @@ def scale_by_evon(
 
     def start(operands):
       bases, h_tree = operands
-      return per_basis(lambda f, q: initial_basis(
-          f, q, basis_dtype, canonical_signs))(bases), h_tree
+      return per_basis(one_at_a_time(initial_basis))(bases), h_tree
 
     def refresh_bases(operands):
       bases, h_tree = operands
-      new = per_basis(lambda f, q: new_basis(
-          f, q, basis_dtype, canonical_signs))(bases)
+      new = per_basis(one_at_a_time(new_basis))(bases)
       if reproject_curvature:
         h_tree = jax.tree.map(_reproject, h_tree, bases, new, decays)
       return new, h_tree
