@@ -93,7 +93,7 @@ IVON_GRID = tuple((lr, wd) for lr in (0.03, 0.1, 0.3) for wd in (1e-4, 1e-3))
 IVON_REGRESSION_GRID = tuple((lr, wd) for lr in (1e-3, 3e-3, 1e-2)
                              for wd in (1e-4, 1e-3))
 # The documented starting learning rates (benchmarks/digits_family.py).
-FAMILY = {"von": 0.3, "vogn": 0.3, "evon": 0.2}
+FAMILY = {"von": 0.3, "vogn": 0.3, "evon": 1e-3}
 IVON_OPTIONS: dict = {}  # --ivon-options, for experiments
 TASKS = ("digits", "digits25", "digits10", "cancer", "wine", "moons",
          "diabetes", "gap1d")

@@ -103,8 +103,9 @@ def parse_args(argv=None):
   parser.add_argument("--lr-ivon", type=float, default=3e3,
                       help="peak step is lr x (hess_init + wd) x clip_radius")
   parser.add_argument("--wd-ivon", type=float, default=1e-6)
-  parser.add_argument("--lr-evon", type=float, default=3e3,
-                      help="EVON's lr (it shares IVON's other settings)")
+  parser.add_argument("--lr-evon", type=float, default=3e-3,
+                      help="EVON's learning rate: the length of its whitened "
+                           "step (official defaults otherwise)")
   parser.add_argument("--hess-init", type=float, default=1e-3)
   parser.add_argument("--clip-radius", type=float, default=1e-3)
   parser.add_argument("--b2", type=float, default=0.99999, help="IVON's b2")
@@ -291,10 +292,9 @@ def make_optimizer(name, args, params, lr, ess=None, key=0):
     opt = blrax.ivon(_schedule(lr, args), ess=ess, hess_init=args.hess_init,
                      b2=args.b2, clip_radius=args.clip_radius, key=key,
                      weight_decay=args.wd_ivon, weight_decay_mask=mask)
-  elif name == "EVON":
-    opt = blrax.evon(_schedule(lr, args), ess=ess, hess_init=args.hess_init,
-                     b2=args.b2, clip_radius=args.clip_radius, key=key,
-                     weight_decay=args.wd_ivon, weight_decay_mask=mask)
+  elif name == "EVON":  # the official defaults; the lr is a step length
+    opt = blrax.evon(_schedule(lr, args), ess=ess, key=key,
+                     weight_decay_mask=mask)
   else:
     raise ValueError(f"`optimizers` must name adamw, ivon or evon, got "
                      f"{name!r}.")
@@ -554,6 +554,7 @@ def main(args):
 # ---------------------------------------------------------------- the sweep
 
 SWEEP_ADAMW_LR = (2e-3, 6e-3, 2e-2)
+SWEEP_EVON_LR = (1e-3, 3e-3, 1e-2)  # whitened step lengths
 SWEEP_PEAK_STEP = (2e-3, 6e-3, 2e-2)  # IVON lr x (h0 + wd) x clip_radius
 SWEEP_ESS = ("cold", "10N", "100N")  # at the best lr of ess = N
 SWEEP_SEEDS = (1, 2)
@@ -577,7 +578,7 @@ def _load(path):
 def sweep(args):
   """AdamW over SWEEP_ADAMW_LR, IVON (ess = N) over SWEEP_PEAK_STEP, IVON at
   SWEEP_ESS at the best of those, then each lr grid extended by one 3x step
-  past an edge winner; EVON (if asked) over IVON's grid at ess = N and cold
+  past an edge winner; EVON (if asked) over SWEEP_EVON_LR at ess = N and cold
   at its best; then SWEEP_SEEDS for the best of each optimizer and the best
   at ess = N; appends to ``args.sweep`` and writes the table."""
   done = {_key(r["optimizer"], r["lr"], r.get("ess"), r["seed"])
@@ -627,8 +628,8 @@ def sweep(args):
     for ess in SWEEP_ESS:  # at the best lr of the 3-point grid
       run("IVON", at_n, ess, args.seed)
     best_lr("IVON", "N", ivon_lr)
-  if "evon" in wanted:  # IVON's grid and its best ess, at ess = N and cold
-    at_n = best_lr("EVON", "N", ivon_lr)
+  if "evon" in wanted:  # its own grid at ess = N, and cold at its best
+    at_n = best_lr("EVON", "N", SWEEP_EVON_LR)
     run("EVON", at_n, "cold", args.seed)
   grid = [r for r in _load(args.sweep) if r["seed"] == args.seed]
   best = []
