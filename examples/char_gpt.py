@@ -282,8 +282,8 @@ def _multi_steps(opt, k, variational):
 def make_optimizer(name, args, params, lr, ess=None, key=0):
   """The optimizer for ``"AdamW"``, ``"IVON"`` or ``"EVON"`` (``lr``, ``ess``
   and ``key`` may be traced), wrapped in the grad clip and the accumulation.
-  EVON gets IVON's recipe, run in SOAP's eigenbasis (default refresh every
-  10 steps)."""
+  EVON runs with the official defaults (its ``lr`` is the length of its
+  whitened step) and IVON's decay mask."""
   mask = decay_mask(params)
   if name == "AdamW":
     opt = optax.adamw(_schedule(lr, args), b1=0.9, b2=args.b2_adamw,
@@ -310,7 +310,10 @@ def optimizer_info(name, args, n_train):
   if name == "AdamW":
     return {"lr": args.lr_adamw, "wd": args.wd_adamw, "b2": args.b2_adamw}
   ess = parse_ess(args.ess, n_train)
-  lr = args.lr_ivon if name == "IVON" else args.lr_evon
+  if name == "EVON":  # official defaults; the lr is the whitened step length
+    return {"lr": args.lr_evon, "wd": 1e-6, "b2": 0.9999, "ess": args.ess,
+            "ess_value": ess, "hess_init": 1.0, "peak_step": args.lr_evon}
+  lr = args.lr_ivon
   return {"lr": lr, "wd": args.wd_ivon, "b2": args.b2,
           "ess": args.ess, "ess_value": ess, "hess_init": args.hess_init,
           "clip_radius": args.clip_radius,
