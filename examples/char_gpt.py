@@ -37,6 +37,7 @@ and activations in bfloat16; IVON's curvature and momentum stay float32.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -310,9 +311,12 @@ def optimizer_info(name, args, n_train):
   if name == "AdamW":
     return {"lr": args.lr_adamw, "wd": args.wd_adamw, "b2": args.b2_adamw}
   ess = parse_ess(args.ess, n_train)
-  if name == "EVON":  # official defaults; the lr is the whitened step length
-    return {"lr": args.lr_evon, "wd": 1e-6, "b2": 0.9999, "ess": args.ess,
-            "ess_value": ess, "hess_init": 1.0, "peak_step": args.lr_evon}
+  if name == "EVON":  # its defaults; the lr is the whitened step length
+    defaults = {k: v.default for k, v in
+                inspect.signature(blrax.evon).parameters.items()}
+    return {"lr": args.lr_evon, "wd": defaults["weight_decay"],
+            "b2": defaults["b2"], "ess": args.ess, "ess_value": ess,
+            "hess_init": defaults["hess_init"], "peak_step": args.lr_evon}
   lr = args.lr_ivon
   return {"lr": lr, "wd": args.wd_ivon, "b2": args.b2,
           "ess": args.ess, "ess_value": ess, "hess_init": args.hess_init,

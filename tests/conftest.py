@@ -61,7 +61,7 @@ FAST_VARIANTS = {"ivon"}
 
 def _variant_names():
   import cases  # pylint: disable=import-outside-toplevel
-  return {v.name for v in cases.VARIANTS} | {"von", "ivon_tight", "von_diag"}
+  return {v.name for v in cases.VARIANTS}
 
 
 def pytest_collection_modifyitems(config, items):
