@@ -59,8 +59,8 @@ def make_step(opt, mc_samples=1):
   return step
 
 
-def run(opt, step, params, state, shard_data=None):
-  for t in range(STEPS):
+def run(opt, step, params, state, shard_data=None, steps=STEPS):
+  for t in range(steps):
     x, y = DATA_X[t], DATA_Y[t]
     if shard_data is not None:
       x, y = jax.device_put(x, shard_data), jax.device_put(y, shard_data)
@@ -181,18 +181,30 @@ def main():
   #    w1's right factor (64 x 64) and w2's left one are rank-deficient for
   #    several steps (a null space whose LAPACK eigenvectors, and whose QR
   #    power iterates, move with rounding); EVON completes a null space from
-  #    a fixed start, so every program draws the same weights. Reproducible
-  #    across programs needs two settings off the official defaults:
-  #    canonical_signs (LAPACK's eigenvector signs differ between these
-  #    programs: the runs part by 0.08 in 12 steps) and whitening in float32
-  #    (bfloat16 rounding turns the programs' last-bit differences into
-  #    0.4% ones: 0.012 in 12 steps). Even in float32, Newton-Schulz
-  #    multiplies a difference in the update's small singular directions by
-  #    up to a^5 = 490 (its slope at 0): the params drift apart by about
-  #    1e-6 per step (measured 2.1e-5 after 25 steps), hence atol 1e-4.
+  #    a fixed start, so every program draws the same weights.
+  #    At the defaults: the first call's bases, and so the next draw, agree
+  #    to rounding. With LAPACK's own signs (canonical_signs=False, as the
+  #    official code) two columns of w1's left basis flip between the
+  #    programs: the next draws part by 0.16.
   evon = blrax.evon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
-                    precondition_frequency=5, canonical_signs=True,
-                    whiten_dtype=jnp.float32)
+                    precondition_frequency=5)
+  draw = jax.jit(blrax.sample_params)
+  one_ref = run(evon, jax.jit(make_step(evon)), params0, evon.init(params0),
+                steps=1)
+  params = jax.device_put(params0, replicated)
+  state = jax.jit(evon.init, out_shardings=replicated)(params)
+  one_dp = run(evon, jax.jit(make_step(evon), out_shardings=replicated),
+               params, state, shard_data=batch, steps=1)
+  assert_close(draw(*one_dp), draw(*one_ref), "evon next draw at defaults",
+               atol=1e-5)
+  #    Over many steps the defaults' bfloat16 Newton-Schulz turns the
+  #    programs' last-bit differences into 0.4% ones (the params part by
+  #    0.012 in 12 steps), so the long check whitens in float32. Even then
+  #    Newton-Schulz multiplies a difference in the update's small singular
+  #    directions by up to a^5 = 490 (its slope at 0): the params drift
+  #    apart by about 1e-6 per step (measured 2.1e-5 after 25), hence 1e-4.
+  evon = blrax.evon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
+                    precondition_frequency=5, whiten_dtype=jnp.float32)
   evon_ref, evon_ref_state = run(evon, jax.jit(make_step(evon)), params0,
                                  evon.init(params0))
   bases = posterior_of(evon_ref_state).bases

@@ -386,10 +386,11 @@ def test_first_call_only_starts_the_factors_and_bases():
   np.testing.assert_allclose(state[0].momentum, 0.05 * g, rtol=1e-5)
 
 
-def test_canonical_signs_option():
-  """With ``canonical_signs`` each eigenvector's largest entry is positive
-  (eigh's and QR's own signs depend on the LAPACK or cuSOLVER build)."""
-  opt = blrax.evon(0.1, ess=100.0, key=2, canonical_signs=True)
+def test_canonical_signs_by_default():
+  """By default each eigenvector's largest entry is positive (eigh's and
+  QR's own signs depend on the LAPACK or cuSOLVER build, and flip with
+  last-bit changes of the factor)."""
+  opt = blrax.evon(0.1, ess=100.0, key=2)
   params = jnp.zeros((5, 4))
   grads = jax.random.normal(jax.random.key(0), (5, 4))
   _, state = jax.jit(opt.update)(grads, opt.init(params), params)
@@ -401,6 +402,29 @@ def test_canonical_signs_option():
     # The left factor (5 x 5, rank 4) has a null column: completed, and
     # signed like its fixed start column, not canonically.
     assert np.sum(largest > 0) >= len(basis) - 1, largest
+
+
+def test_column_signs_do_not_change_the_step():
+  """Flipping a basis column flips the rotated gradient and the rotated
+  step alike, so the step in the weights' space is unchanged: with
+  ``ess=inf`` and a given rotated curvature (no noise) the mean moves the
+  same with canonical and LAPACK signs, although the bases differ."""
+  a = jax.random.normal(jax.random.key(3), (6, 4))
+  loss = lambda w: jnp.sum(jnp.sin(w) * a) + 0.5 * jnp.sum(w ** 2)
+  runs = []
+  for signs in (True, False):
+    opt = blrax.evon(0.05, ess=jnp.inf, key=0, precondition_frequency=2,
+                     canonical_signs=signs)
+    update = jax.jit(functools.partial(opt.update, hessian=jnp.ones((6, 4))))
+    w, state = jnp.zeros((6, 4)), opt.init(jnp.zeros((6, 4)))
+    for _ in range(7):
+      step, state = update(jax.grad(loss)(w), state, w)
+      w = optax.apply_updates(w, step)
+    runs.append((w, blrax.find_posteriors(state)[0].bases))
+  (w_canonical, bases_canonical), (w_lapack, bases_lapack) = runs
+  assert max(float(jnp.abs(q - p).max()) for q, p in
+             zip(bases_canonical, bases_lapack)) > 0.5  # some columns flip
+  np.testing.assert_allclose(w_canonical, w_lapack, rtol=1e-5, atol=1e-6)
 
 
 def test_refresh_carries_the_curvature_matrix_through_a_permuted_basis():

@@ -415,7 +415,7 @@ def scale_by_evon(
     rescale_lr: bool = False,
     refresh: str = "qr",
     reproject_curvature: bool = False,
-    canonical_signs: bool = False,
+    canonical_signs: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
@@ -547,9 +547,13 @@ def scale_by_evon(
       as the diagonal of the old curvature matrix instead of keeping its
       index (off by default, as official).
     canonical_signs: fix the column signs of the bases (largest entry of an
-      eigenvector positive, non-negative diagonal of :math:`R`), so a run
-      does not depend on the LAPACK or cuSOLVER sign convention (off by
-      default: the signs do not change the distribution).
+      eigenvector positive, non-negative diagonal of :math:`R`; on by
+      default). LAPACK's eigenvector signs flip with last-bit changes of the
+      factor, so without this a data-parallel run draws different weights
+      from a one-device run with the same key. ``False`` keeps the
+      LAPACK or cuSOLVER signs, as the official code. The signs change which
+      weights a key draws, never their distribution or the mean's step for
+      a given draw.
     mc_samples: samples per step; ``> 1`` adds a leading axis to the draws
       and grads. Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples", "max_precond_dim")``.
@@ -829,7 +833,7 @@ def evon(
     rescale_lr: bool = False,
     refresh: str = "qr",
     reproject_curvature: bool = False,
-    canonical_signs: bool = False,
+    canonical_signs: bool = True,
     mc_samples: int = 1,
     key: int | jax.Array = 0,
     noise: str | noise_lib.Generator = "normal",
@@ -911,7 +915,8 @@ def evon(
     rescale_lr: multiply the learning rate by :math:`h_0 + \delta`.
     refresh: ``"qr"`` (one power iteration, official) or ``"eigh"``.
     reproject_curvature: carry :math:`h'` into a new basis as a matrix.
-    canonical_signs: fix the bases' column signs.
+    canonical_signs: fix the bases' column signs (default; ``False``: the
+      LAPACK or cuSOLVER signs, as official).
     mc_samples: weight samples per step (leading axis of draws and grads).
       Under ``optax.inject_hyperparams`` pass
       ``static_args=("mc_samples", "max_precond_dim")``.
