@@ -9,6 +9,7 @@ after update; the noise is drawn shard by shard (no full-size draw on any
 device).
 """
 
+import functools
 import os
 import re
 import sys
@@ -186,8 +187,9 @@ def main():
   #    to rounding. With LAPACK's own signs (canonical_signs=False, as the
   #    official code) two columns of w1's left basis flip between the
   #    programs: the next draws part by 0.16.
-  evon = blrax.evon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
-                    precondition_frequency=5)
+  evon_with = functools.partial(blrax.evon, 0.05, ess=1000.0, hess_init=0.5,
+                                b2=0.999, key=7, precondition_frequency=5)
+  evon = evon_with()
   draw = jax.jit(blrax.sample_params)
   one_ref = run(evon, jax.jit(make_step(evon)), params0, evon.init(params0),
                 steps=1)
@@ -203,8 +205,7 @@ def main():
   #    Newton-Schulz multiplies a difference in the update's small singular
   #    directions by up to a^5 = 490 (its slope at 0): the params drift
   #    apart by about 1e-6 per step (measured 2.1e-5 after 25), hence 1e-4.
-  evon = blrax.evon(0.05, ess=1000.0, hess_init=0.5, b2=0.999, key=7,
-                    precondition_frequency=5, whiten_dtype=jnp.float32)
+  evon = evon_with(whiten_dtype=jnp.float32)
   evon_ref, evon_ref_state = run(evon, jax.jit(make_step(evon)), params0,
                                  evon.init(params0))
   bases = posterior_of(evon_ref_state).bases
