@@ -63,6 +63,12 @@ def _trained_state(opt, params=PARAMS, steps=30):
 
 def _brute_force_nll(params, state, x, y, tau, kappa=1.0):
   """NLL of the model average, the tempered posterior sampled afresh."""
+  return float(-np.mean(_brute_force_logliks(params, state, x, y, tau,
+                                             kappa)))
+
+
+def _brute_force_logliks(params, state, x, y, tau, kappa=1.0):
+  """Per-example log model average, the tempered posterior sampled afresh."""
   tempered = blrax.tempered(state, tau, kappa)
   draws = blrax.sample_posterior(jax.random.key(KEY), params, tempered,
                                  SAMPLES)
@@ -71,7 +77,7 @@ def _brute_force_nll(params, state, x, y, tau, kappa=1.0):
                      for s in range(SAMPLES)])
   log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
   picked = log_probs[:, np.arange(len(y)), np.asarray(y)]  # (S, n)
-  return float(-np.mean(np.logaddexp.reduce(picked, axis=0) - np.log(SAMPLES)))
+  return np.logaddexp.reduce(picked, axis=0) - np.log(SAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,8 @@ def test_matches_brute_force_grid(ivon_state):
   taus = [0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 8.0]
   result = blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, batches,
                                      key=KEY, num_samples=SAMPLES,
-                                     temperatures=taus, refine=False)
+                                     temperatures=taus, refine=False,
+                                     selection="minimum")
   brute = {tau: _brute_force_nll(PARAMS, ivon_state, x, y, tau) for tau in taus}
   for tau, nll in zip(result.temperatures, result.nlls):
     np.testing.assert_allclose(nll, brute[float(tau)], rtol=2e-5)
@@ -141,7 +148,8 @@ def test_refined_search_reaches_dense_grid_minimum(ivon_state):
   minimum over a dense brute-force grid, and never above the mean's NLL."""
   x, y = _data(7)
   result = blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [(x, y)],
-                                     key=KEY, num_samples=SAMPLES)
+                                     key=KEY, num_samples=SAMPLES,
+                                     selection="minimum")
   dense = [0.0] + list(np.geomspace(1e-4, 10.0, 81))
   brute = min(_brute_force_nll(PARAMS, ivon_state, x, y, t) for t in dense)
   assert result.nll <= brute + 1e-3
@@ -156,7 +164,7 @@ def test_prior_scale_search_matches_brute_force(ivon_state):
   result = blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [(x, y)],
                                      key=KEY, num_samples=SAMPLES,
                                      temperatures=taus, prior_scales=kappas,
-                                     refine=False)
+                                     refine=False, selection="minimum")
   brute = {(t, k): _brute_force_nll(PARAMS, ivon_state, x, y, t, k)
            for t in taus for k in kappas}
   for tau, kappa, nll in zip(result.temperatures, result.prior_scales,
@@ -166,6 +174,48 @@ def test_prior_scale_search_matches_brute_force(ivon_state):
   best = min(brute, key=lambda p: (brute[p], p[0]))
   assert (result.temperature, result.prior_scale) == best or np.isclose(
       brute[(result.temperature, result.prior_scale)], brute[best], rtol=1e-6)
+
+
+def _one_standard_error_choice(logliks):
+  """The rule written out: {tau: per-example log-likelihoods} -> tau."""
+  nll = {t: -np.mean(v) for t, v in logliks.items()}
+  best = min(nll, key=lambda t: (nll[t], t))
+  for tau in sorted(nll):
+    diff = logliks[best] - logliks[tau]
+    stderr = np.std(diff, ddof=1) / np.sqrt(diff.size)
+    if nll[tau] <= min(nll[best] + stderr, nll[0.0]):
+      return tau
+  return best
+
+
+@pytest.mark.parametrize("n,seed,outcome", [(24, 1, "mean"),
+                                             (48, 2, "between"),
+                                             (200, 2, "minimum")])
+def test_one_standard_error_rule_matches_brute_force(ivon_state, n, seed,
+                                                     outcome):
+  """selection="one_se": the smallest tau within one paired standard error
+  of the brute-force grid's minimum. An overconfident mean (last layer x4),
+  so that tempered draws help: with 24 examples the gain (0.72 -> 0.59) is
+  within the noise and the mean is kept; with 48 a tau between 0 and the
+  minimum is chosen; with 200 the minimum itself."""
+  params = dict(PARAMS, w2=4 * PARAMS["w2"])
+  x, y = _data(seed, n=n)
+  taus = [0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 8.0]
+  result = blrax.calibrate_posterior(apply_fn, params, ivon_state, [(x, y)],
+                                     key=KEY, num_samples=SAMPLES,
+                                     temperatures=taus, refine=False,
+                                     selection="one_se")
+  logliks = {t: _brute_force_logliks(params, ivon_state, x, y, t)
+             for t in taus}
+  expected = _one_standard_error_choice(logliks)
+  minimum = min(taus, key=lambda t: (-np.mean(logliks[t]), t))
+  assert result.temperature == expected
+  assert minimum > 0
+  assert outcome == ("mean" if expected == 0 else
+                     "minimum" if expected == minimum else "between")
+  assert result.nll <= result.mean_nll
+  np.testing.assert_allclose(result.nll, -np.mean(logliks[expected]),
+                             rtol=2e-5)
 
 
 def test_gaussian_likelihood_matches_numpy():
@@ -240,6 +290,7 @@ def test_nnx_model():
     (dict(likelihood="gaussian"), "noise_variance"),
     (dict(likelihood="gaussian", noise_variance=-1.0), "noise_variance=-1.0"),
     (dict(num_samples=0), "num_samples"),
+    (dict(selection="best"), "selection='best'"),
 ])
 def test_bad_arguments(ivon_state, kwargs, match):
   x, y = _data(0)

@@ -32,6 +32,27 @@ The search is a log-spaced grid over :math:`\tau` (times the grid over
 :math:`\kappa` when asked), each point one jit-compiled pass over the
 batches, followed by a finer grid between the best point's neighbours.
 
+A few hundred held-out examples measure these NLLs only to within a
+standard error, and the minimum over a grid is biased low: a temperature
+that wins on the calibration data by less than its noise may lose on new
+data. ``selection="one_se"`` follows the **one-standard-error rule**
+(Hastie et al., 2009, §7.10) instead: the smallest :math:`\tau` (the mean
+first) whose NLL is within one standard error of the minimum, the standard
+error of the per-example difference to the minimum (paired, so the common
+draws cancel):
+
+.. math::
+
+  \tau^\star = \min\{\tau : \mathrm{NLL}(\tau) \le \mathrm{NLL}(\tau_{\min})
+    + \mathrm{sd}_n(\ell_n(\tau_{\min}) - \ell_n(\tau))/\sqrt N,\
+    \mathrm{NLL}(\tau) \le \mathrm{NLL}(0)\},
+
+with :math:`\ell_n` the per-example log model average: the posterior is
+used only where the calibration data show that it helps. It is the safer
+and the default (``"minimum"``) the better choice on average: over the
+posterior benchmark's 6 classification tasks the minimum gave the lower test
+NLL on 4 (``docs/posterior.md``).
+
 References:
   Wenzel et al., `How Good is the Bayes Posterior in Deep Neural Networks
   Really? <https://arxiv.org/abs/2002.02405>`_, ICML 2020.
@@ -39,6 +60,8 @@ References:
   <https://arxiv.org/abs/1706.04599>`_, ICML 2017.
   Immer, Korzepa & Bauer, `Improving predictions of Bayesian neural nets via
   local linearization <https://arxiv.org/abs/2008.08400>`_, AISTATS 2021.
+  Hastie, Tibshirani & Friedman, `The Elements of Statistical Learning
+  <https://hastie.su.domains/ElemStatLearn/>`_, 2nd ed., 2009, §7.10.
 """
 
 from __future__ import annotations
@@ -67,7 +90,9 @@ class Calibration(NamedTuple):
       ``opt_state``).
     temperature: :math:`\\tau`; 0 means the posterior mean predicts best.
     prior_scale: :math:`\\kappa` (1.0 unless ``prior_scales`` were searched).
-    nll: the calibration batches' model-averaged NLL at the chosen point.
+    nll: the calibration batches' model-averaged NLL at the chosen point
+      (with ``selection="one_se"`` up to one standard error above the
+      smallest NLL evaluated, never above ``mean_nll``).
     mean_nll: their NLL at the posterior mean (:math:`\\tau = 0`).
     uncalibrated_nll: their NLL of the posterior as trained
       (:math:`\\tau = \\kappa = 1`).
@@ -200,7 +225,7 @@ def _is_float(x: Any) -> bool:
 def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
                           noise_variance, key, *, apply_fn, log_p,
                           num_samples, linearized):
-  """Sum over the batch of the log model average, for each tau; (taus,)."""
+  """Per-example log model average for each tau: (taus, batch)."""
   # One set of draws at tau = 1; tau scales their offsets (exactly the
   # draws of the tempered posterior with the same key).
   draws = lookup.sample_posterior(key, params, tempered(opt_state, 1.0, kappa),
@@ -220,8 +245,7 @@ def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
 
     per_draw = jax.lax.map(one_linear_draw, draws)
     total = jax.nn.logsumexp(per_draw, axis=0) - jnp.log(num_samples)
-    return jnp.sum(total, axis=-1), total.shape[-1], _bad_labels(
-        log_p, at_mean, targets)
+    return total, _bad_labels(log_p, at_mean, targets)
 
   def one_draw(draw):
     def at(tau):
@@ -234,8 +258,7 @@ def _batch_log_likelihood(params, opt_state, taus, kappa, inputs, targets,
 
   per_draw = jax.lax.map(one_draw, draws)  # (S, taus, batch)
   total = jax.nn.logsumexp(per_draw, axis=0) - jnp.log(num_samples)
-  return jnp.sum(total, axis=-1), total.shape[-1], _bad_labels(
-      log_p, apply_fn(params, inputs), targets)
+  return total, _bad_labels(log_p, apply_fn(params, inputs), targets)
 
 
 def _bad_labels(log_p, outputs, targets):
@@ -259,12 +282,15 @@ def calibrate_posterior(
     noise_variance: Any = None,
     refine: bool = True,
     linearized: bool = False,
+    selection: str = "minimum",
 ) -> Calibration:
   r"""Fits the posterior's temperature (and prior precision) on held-out data.
 
   Minimises the model-averaged NLL of ``batches`` over :math:`\tau` (and
-  :math:`\kappa`); see the module docstring for the objective. :math:`\tau=0`
-  (the mean) is always evaluated, so ``result.nll <= result.mean_nll``.
+  :math:`\kappa`), or, with ``selection="one_se"``, takes the smallest
+  :math:`\tau` within one standard error of the minimum; see the module
+  docstring for the objective and the rule. :math:`\tau=0` (the mean) is
+  always evaluated, so ``result.nll <= result.mean_nll``.
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs`` (logits for
@@ -292,15 +318,19 @@ def calibrate_posterior(
       outputs are :math:`f(x; m) + \sqrt\tau J(\theta - m)`, with one
       linearisation per batch and one JVP per draw (``apply_fn`` must return
       an array).
+    selection: ``"minimum"`` (default): the smallest NLL evaluated;
+      ``"one_se"``: the smallest :math:`\tau` within one standard error of
+      it (the module docstring).
 
   Returns:
     A :class:`Calibration` with the calibrated ``opt_state``.
 
   Raises:
-    ValueError: a bad grid value, likelihood, ``num_samples``, no batches,
-      a batch that is not an ``(inputs, targets)`` pair, non-integer or
-      out-of-range labels for ``"categorical"``, a mean whose NLL is not
-      finite, or a state without a blrax posterior.
+    ValueError: a bad grid value, likelihood, ``selection``,
+      ``num_samples``, no batches, a batch that is not an ``(inputs,
+      targets)`` pair, non-integer or out-of-range labels for
+      ``"categorical"``, a mean whose NLL is not finite, or a state without a
+      blrax posterior.
 
   Examples:
     >>> import jax, jax.numpy as jnp, blrax
@@ -325,6 +355,9 @@ def calibrate_posterior(
                        "pass noise_variance=... (> 0).")
     _check_nonnegative("noise_variance", noise_variance, positive=True)
   validation.check_flag("linearized", linearized)
+  if selection not in ("one_se", "minimum"):
+    raise ValueError("`selection` must be 'one_se' or 'minimum', got "
+                     f"selection={selection!r}.")
   if likelihood not in _LIKELIHOODS:
     raise ValueError("`likelihood` must be 'categorical' or 'gaussian', got "
                      f"likelihood={likelihood!r}.")
@@ -350,7 +383,9 @@ def calibrate_posterior(
                        f"targets of dtype {targets.dtype}.")
   key = noise.canonicalize_key(key)
 
+  # (tau, kappa) -> the NLL and the per-example log-likelihoods.
   cache: dict[tuple[float, float], float] = {}
+  per_example: dict[tuple[float, float], np.ndarray] = {}
 
   def evaluate(tau_values, kappa: float) -> None:
     todo = [float(t) for t in tau_values if (float(t), float(kappa)) not in cache]
@@ -358,9 +393,9 @@ def calibrate_posterior(
       return
     # Padded to one length: one compilation per batch shape.
     padded = np.resize(np.asarray(todo), max(width, len(todo)))
-    totals, count = np.zeros(len(padded)), 0
+    parts = []
     for inputs, targets in batches:
-      value, n, bad = _batch_log_likelihood(
+      values, bad = _batch_log_likelihood(
           params, opt_state, jnp.asarray(padded), float(kappa), inputs,
           targets, noise_variance, key, apply_fn=apply_fn, log_p=log_p,
           num_samples=num_samples, linearized=bool(linearized))
@@ -368,10 +403,10 @@ def calibrate_posterior(
         raise ValueError(
             "`batches` hold labels outside [0, classes) for "
             f"likelihood='categorical': targets={np.asarray(targets)!r}.")
-      totals += np.asarray(value, np.float64)
-      count += int(n)
-    for t, total in zip(todo, totals):
-      nll = float(-total / count)
+      parts.append(np.asarray(values, np.float64))
+    values = np.concatenate(parts, axis=-1)
+    for t, logliks in zip(todo, values):
+      nll = float(-np.mean(logliks))
       if not math.isfinite(nll):
         if t == 0.0:
           raise ValueError(
@@ -379,6 +414,7 @@ def calibrate_posterior(
               f"({nll}): NaN or inf outputs of apply_fn, or NaN targets.")
         nll = math.inf  # a draw overflowed: never the chosen temperature
       cache[(t, float(kappa))] = nll
+      per_example[(t, float(kappa))] = logliks
 
   def nll(tau: float, kappa: float) -> float:
     evaluate([tau], kappa)
@@ -398,12 +434,30 @@ def calibrate_posterior(
     high = grid_taus[index + 1] if index + 1 < len(grid_taus) else best[0] * 10
     low = max(low, best[0] / 10)  # low = 0 would not be log-spaced.
     evaluate(np.geomspace(low, high, 10)[1:-1], best[1])
-    best = min(cache, key=lambda p: (cache[p], p[0]))
+  chosen = _select(cache, per_example, selection)
   points = list(cache)
   return Calibration(
-      opt_state=tempered(opt_state, best[0], best[1]),
-      temperature=best[0], prior_scale=best[1], nll=cache[best],
+      opt_state=tempered(opt_state, chosen[0], chosen[1]),
+      temperature=chosen[0], prior_scale=chosen[1], nll=cache[chosen],
       mean_nll=mean_nll, uncalibrated_nll=uncalibrated_nll,
       temperatures=np.array([p[0] for p in points]),
       prior_scales=np.array([p[1] for p in points]),
       nlls=np.array([cache[p] for p in points]))
+
+
+def _select(cache: dict, per_example: dict, selection: str) -> tuple:
+  """The chosen (tau, kappa): the minimum, or the one-standard-error rule."""
+  best = min(cache, key=lambda p: (cache[p], p[0]))
+  if selection == "minimum":
+    return best
+  mean_nll = cache[(0.0, 1.0)]
+  # Simplest first: the smallest tau (0 is the mean), then the prior as
+  # trained (kappa closest to 1).
+  for point in sorted(cache, key=lambda p: (p[0], abs(math.log(p[1])))):
+    excess = per_example[best] - per_example[point]  # Paired, per example.
+    count = excess.size
+    stderr = (float(np.std(excess, ddof=1)) / math.sqrt(count)
+              if count > 1 else 0.0)
+    if cache[point] <= min(cache[best] + stderr, mean_nll):
+      return point
+  return best
