@@ -154,9 +154,9 @@ def main():
       blrax.posterior_stddev(calibration.opt_state))])
   print(f"calibrated posterior stddev: median {float(jnp.median(std)):.4f}, "
         f"min {float(std.min()):.4f}, max {float(std.max()):.4f}")
-  # Is the posterior the data's, the prior's or still hess_init's?
-  print(blrax.posterior_health(mean, calibration.opt_state, hess_init=1.0,
-                               b2=0.999, warn=False))
+  # Is the trained posterior the data's, the prior's or still hess_init's?
+  print(blrax.posterior_health(mean, state, hess_init=1.0, b2=0.999,
+                               warn=False))
 
 
 if __name__ == "__main__":

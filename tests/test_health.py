@@ -1,5 +1,7 @@
 """`blrax.posterior_health` on runs where the answer is known."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,42 @@ def test_short_run_with_slow_ema_is_flagged_as_initialisation():
   # decay alone; the share is not fooled by it.
   h = blrax.posterior_summary(state)["curvature/a"]["median"]
   assert abs(float(h) - 1.0) > 1e-3
+
+
+def test_initialisation_warning_gives_the_data_width_against_the_weights():
+  """The warning's sigma from the data alone, 1/sqrt(ess (h_data + delta)),
+  and, when that exceeds the median |mean|, the clause saying so; a point
+  mass (temperature 0) says what it is instead."""
+  def data_width(health, ess, delta):  # debiased: h_data / (1 - b2^t)
+    debiased = health.overall["data_curvature"] / (1 - 0.99999 ** 300)
+    return 1 / np.sqrt(ess * (debiased + delta))
+
+  opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99999)
+  w, state = train(opt, 300)
+  health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99999,
+                                  warn=False)
+  message = health.warnings[0]
+  assert f"would give sigma ~ {data_width(health, N, 1e-4):.3g}." in message
+  assert "wider than the weights" not in message   # sigma ~ 0.08, |w| ~ 1
+  # ess = 0.1: the data alone would give sigma ~ 2, wider than |w| ~ 1.
+  opt = blrax.ivon(0.05, ess=0.1, hess_init=1.0, b2=0.99999, clip_radius=1.0)
+  w, state = train(opt, 300)
+  health = blrax.posterior_health(w, state, hess_init=1.0, b2=0.99999,
+                                  warn=False)
+  message = health.warnings[0]
+  magnitude = np.median(np.abs(np.concatenate(jax.tree.leaves(w))))
+  assert data_width(health, 0.1, 1e-4) > magnitude
+  assert (f"would give sigma ~ {data_width(health, 0.1, 1e-4):.3g}, wider "
+          f"than the weights (median |mean| {magnitude:.3g})") in message
+  assert "calibrate_posterior" in message
+  # Debiased, the data's curvature is the closed form's median diag(X^T X)/N.
+  stated = float(re.search(r"median ([0-9.e+-]+), debiased", message)[1])
+  np.testing.assert_allclose(stated, np.median([s ** 2 for s in
+                                                SCALES.values()]), rtol=0.1)
+  point_mass = blrax.posterior_health(w, blrax.tempered(state, 0.0),
+                                      hess_init=1.0, b2=0.99999, warn=False)
+  assert "point mass" in point_mass.warnings[0]
+  assert "would give" not in point_mass.warnings[0]
 
 
 def test_long_run_with_fast_ema_is_the_data():

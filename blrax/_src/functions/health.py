@@ -193,7 +193,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
   steps = max(t for t, _ in owners)
   leaves: dict[str, dict[str, float]] = {}
   pooled: dict[str, list[np.ndarray]] = {}
-  ess_values, decay_values = [], []
+  ess_values, decay_values, magnitudes = [], [], []
   for index, (t, posterior) in enumerate(owners):
     prefix = "" if index == 0 else f"posterior{index}/"
     decayed = h0 * curvature.init_share(beta, t, hess_init_steps)
@@ -233,6 +233,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
       leaves[name] = {k: _median(v) for k, v in stats.items()}
       for k, v in stats.items():
         pooled.setdefault(k, []).append(v)
+      magnitudes.append(mean)
   overall = {k: _median(np.concatenate(pooled[k])) if k in pooled
              else float("nan") for k in _FIELDS}
   ess, delta = max(ess_values), max(decay_values, default=0.0)
@@ -255,15 +256,38 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
     else:
       remedy = (f"Lower hess_init_steps (now {float(hess_init_steps):g}) "
                 "well below the number of steps, or train longer")
-    found.append(
+    message = (
         f"The posterior is still its initialisation: after {steps} steps "
         f"hess_init*w_t = {h0 * weight:.3g} is {overall['init_share']:.0%}"
         " of the curvature (median over all weights), so sigma ~ "
         "1/sqrt(ess*hess_init*w_t) measures hess_init, not the data. "
-        f"{remedy}; a smaller hess_init also lets the data show sooner. The "
-        f"data's curvature alone (median {overall['data_curvature']:.3g}) "
-        "would give sigma ~ "
-        f"{width(ess * (overall['data_curvature'] + delta)):.3g}.")
+        f"{remedy}; a smaller hess_init also lets the data show sooner.")
+    # The data's part of h so far weighs 1 - w_t: debiased, it is the
+    # curvature the data alone would give.
+    data_alone = (overall["data_curvature"] / (1.0 - weight) if weight < 1.0
+                  else 0.0)
+    data_width = width(ess * (data_alone + delta))
+    magnitude = _median(np.concatenate(magnitudes)) if magnitudes else 0.0
+    if math.isinf(ess):
+      message += (" (ess = inf: this state is a point mass, e.g. a "
+                  "temperature of 0 from calibrate_posterior; pass the "
+                  "trained state to see the data's width.)")
+    elif weight < 1.0:
+      message += (f" The data's curvature alone (median "
+                  f"{data_alone:.3g}, debiased) would give sigma ~ "
+                  f"{data_width:.3g}")
+      if data_width > magnitude:
+        # Measured in docs/posterior.md: such a run trains under noise
+        # larger than the weights, and small data sets stop learning.
+        message += (
+            f", wider than the weights (median |mean| {magnitude:.3g}): "
+            "the data constrain most weights too little for that posterior "
+            "to predict well, and training under its noise can fail on "
+            "small data sets. Keeping hess_init as the prior and fitting "
+            "the temperature on held-out data (calibrate_posterior) is the "
+            "alternative")
+      message += "."
+    found.append(message)
   if steps and overall["prior_share"] > share_threshold:
     found.append(
         f"The prior dominates: weight_decay = {delta:.3g} is "
