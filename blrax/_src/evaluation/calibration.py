@@ -49,9 +49,9 @@ draws cancel):
 
 with :math:`\ell_n` the per-example log model average: the posterior is
 used only where the calibration data show that it helps. It is the safer
-and the default (``"minimum"``) the better choice on average: over the
-posterior benchmark's 6 classification tasks the minimum gave the lower test
-NLL on 4 (``docs/posterior.md``).
+choice; the default, ``"minimum"``, is the better one on average: over the
+posterior benchmark's 6 classification tasks it gave the lower test NLL on 4
+(``docs/posterior.md``).
 
 References:
   Wenzel et al., `How Good is the Bayes Posterior in Deep Neural Networks
@@ -383,7 +383,8 @@ def calibrate_posterior(
                        f"targets of dtype {targets.dtype}.")
   key = noise.canonicalize_key(key)
 
-  # (tau, kappa) -> the NLL and the per-example log-likelihoods.
+  # (tau, kappa) -> the NLL, and the per-example log-likelihoods that the
+  # one-standard-error rule needs (kept only for it: N floats per point).
   cache: dict[tuple[float, float], float] = {}
   per_example: dict[tuple[float, float], np.ndarray] = {}
 
@@ -414,7 +415,8 @@ def calibrate_posterior(
               f"({nll}): NaN or inf outputs of apply_fn, or NaN targets.")
         nll = math.inf  # a draw overflowed: never the chosen temperature
       cache[(t, float(kappa))] = nll
-      per_example[(t, float(kappa))] = logliks
+      if selection == "one_se":
+        per_example[(t, float(kappa))] = logliks
 
   def nll(tau: float, kappa: float) -> float:
     evaluate([tau], kappa)
