@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import os
@@ -97,17 +98,22 @@ IVON_REGRESSION_GRID = tuple((lr, wd) for lr in (1e-3, 3e-3, 1e-2)
 # --wide-grids: 12 points each; IVON's add b2 = 0.999, whose curvature EMA
 # (1/(1-b2) = 1000 steps) moves within the run (configs are (lr, wd,
 # ensemble member, b2)).
+IVON_B2 = inspect.signature(blrax.ivon).parameters["b2"].default
 WIDE_ADAMW_GRID = tuple((lr, wd) for lr in (3e-4, 1e-3, 3e-3, 1e-2)
                         for wd in (1e-4, 1e-2, 1e-1))
 WIDE_IVON_GRID = tuple((lr, wd, 0, b2) for lr, wd in IVON_GRID
-                       for b2 in (0.99999, 0.999))
+                       for b2 in (IVON_B2, 0.999))
 WIDE_IVON_REGRESSION_GRID = tuple((lr, wd, 0, b2)
                                   for lr, wd in IVON_REGRESSION_GRID
-                                  for b2 in (0.99999, 0.999))
+                                  for b2 in (IVON_B2, 0.999))
 # The documented starting learning rates (benchmarks/digits_family.py).
 FAMILY = {"von": 0.3, "vogn": 0.3, "evon": 1e-3}
 IVON_OPTIONS: dict = {}  # --ivon-options, for experiments
 CALIBRATION: dict = {}  # --selection
+# What defines a run besides its tasks: kept when runs are merged, and named
+# in the table's first line when not the default.
+RUN_OPTIONS = ("seeds", "steps", "family", "wide_grids", "selection",
+               "ivon_options")
 TASKS = ("digits", "digits25", "digits10", "cancer", "wine", "moons",
          "diabetes", "gap1d")
 
@@ -311,7 +317,7 @@ def train(task, method, configs, steps, seeds, early_stopping=False):
   lrs = jnp.asarray([c[0] for c in configs], jnp.float32)
   wds = jnp.asarray([c[1] for c in configs], jnp.float32)
   members = jnp.asarray([c[2] if len(c) > 2 else 0 for c in configs])
-  b2s = jnp.asarray([c[3] if len(c) > 3 else 0.99999 for c in configs],
+  b2s = jnp.asarray([c[3] if len(c) > 3 else IVON_B2 for c in configs],
                     jnp.float32)
   args = (lrs, wds, members, b2s, jnp.asarray(seeds), task["x_train"],
           task["y_train"], task["x_val"], task["y_val"])
@@ -657,11 +663,17 @@ def main(argv=None):
   log = lambda msg: print(msg, flush=True)
   results = {}
   if args.merge:
+    options = None
     for path in args.merge:
       with open(path) as f:
         saved = json.load(f)
       results.update(saved["results"])
-      args.seeds, args.steps = saved["args"]["seeds"], saved["args"]["steps"]
+      run = {k: saved["args"].get(k, getattr(args, k)) for k in RUN_OPTIONS}
+      if options not in (None, run):
+        raise ValueError(f"{path} is a different run: {run} vs {options}")
+      options = run
+    for name, value in options.items():
+      setattr(args, name, value)
     results = {t: results[t] for t in TASKS if t in results}
   for name in [] if args.merge else args.tasks:
     start = time.perf_counter()
@@ -669,7 +681,15 @@ def main(argv=None):
     results[name] = run_task(name, args.seeds, args.steps, args.family, log)
     log(f"  {time.perf_counter() - start:.0f}s")
   summary = summarise(results)
-  text = (f"seeds {args.seeds}, {args.steps} steps, jax {jax.__version__}\n"
+  flags = "".join(
+      [" --wide-grids" if args.wide_grids else "",
+       f" --selection {args.selection}" if args.selection != "minimum" else "",
+       f" --ivon-options '{json.dumps(args.ivon_options)}'"
+       if args.ivon_options else "",
+       " --family" + "".join(f" {m}" for m in args.family)
+       if list(args.family) != list(FAMILY) else ""])
+  text = (f"seeds {args.seeds}, {args.steps} steps, jax {jax.__version__}"
+          + (f"; options{flags}" if flags else "") + "\n"
           "\n### Test NLL (mean of the seeds)\n\n" + compact(summary)
           + "\n" + table(summary) + "\n" + verdict(summary))
   print(text)
