@@ -394,7 +394,7 @@ def calibrate_posterior(
       return
     # Padded to one length: one compilation per batch shape.
     padded = np.resize(np.asarray(todo), max(width, len(todo)))
-    parts = []
+    totals, count, parts = np.zeros(len(padded)), 0, []
     for inputs, targets in batches:
       values, bad = _batch_log_likelihood(
           params, opt_state, jnp.asarray(padded), float(kappa), inputs,
@@ -404,10 +404,14 @@ def calibrate_posterior(
         raise ValueError(
             "`batches` hold labels outside [0, classes) for "
             f"likelihood='categorical': targets={np.asarray(targets)!r}.")
-      parts.append(np.asarray(values, np.float64))
-    values = np.concatenate(parts, axis=-1)
-    for t, logliks in zip(todo, values):
-      nll = float(-np.mean(logliks))
+      values = np.asarray(values, np.float64)
+      totals += values.sum(axis=-1)
+      count += values.shape[-1]
+      if selection == "one_se":  # Else a stream: only the sums are kept.
+        parts.append(values)
+    logliks = np.concatenate(parts, axis=-1) if parts else None
+    for i, t in enumerate(todo):
+      nll = float(-totals[i] / count)
       if not math.isfinite(nll):
         if t == 0.0:
           raise ValueError(
@@ -415,8 +419,8 @@ def calibrate_posterior(
               f"({nll}): NaN or inf outputs of apply_fn, or NaN targets.")
         nll = math.inf  # a draw overflowed: never the chosen temperature
       cache[(t, float(kappa))] = nll
-      if selection == "one_se":
-        per_example[(t, float(kappa))] = logliks
+      if logliks is not None:
+        per_example[(t, float(kappa))] = logliks[i]
 
   def nll(tau: float, kappa: float) -> float:
     evaluate([tau], kappa)
