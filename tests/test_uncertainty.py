@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -536,10 +537,31 @@ def test_fit_temperature_matches_scipy():
                              atol=1e-5)
 
 
-def test_separable_data_gives_the_lower_bound():
-  logits = np.array([[5.0, 0.0], [0.0, 5.0]])
-  t = U.fit_temperature(logits, np.array([0, 1]), bounds=(0.1, 10.0))
-  np.testing.assert_allclose(t, 0.1, rtol=1e-6)
+def test_separated_data_leave_the_logits_unscaled():
+  # Every label has the largest logit (the last row: tied): the NLL falls
+  # as T -> 0 with no minimiser, so T = 1, clipped to the bounds, warned.
+  logits = np.array([[5.0, 0.0, 1.0], [0.0, 5.0, 4.0], [2.0, 0.0, 3.0],
+                     [1.0, 1.0, 0.0]])
+  labels = np.array([0, 1, 2, 1])
+  nll = [_nll_at(logits, labels, t) for t in (100.0, 1.0, 0.1, 0.01)]
+  assert nll[0] > nll[1] > nll[2] > nll[3]  # The lower bound: the "minimum".
+  for bounds, want in (((0.01, 100.0), 1.0), ((2.0, 10.0), 2.0),
+                       ((0.1, 0.5), 0.5)):
+    with pytest.warns(UserWarning, match="cannot set T"):
+      np.testing.assert_allclose(
+          U.fit_temperature(logits, labels, bounds=bounds), want, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(U.fit_temperature)(logits, labels), 1.0)
+  # One label below its row's maximum: a finite minimiser (the scipy
+  # oracle's), no warning.
+  labels[3] = 2
+  want = optimize.minimize_scalar(lambda t: _nll_at(logits, labels, t),
+                                  bounds=(0.01, 100), method="bounded",
+                                  options={"xatol": 1e-9}).x
+  assert 0.05 < want < 50
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    np.testing.assert_allclose(U.fit_temperature(logits, labels), want,
+                               rtol=1e-4)
 
 
 def test_temperature_predictor_scales_the_bma():

@@ -55,6 +55,7 @@ from __future__ import annotations
 import fractions
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -152,9 +153,16 @@ def fit_temperature(logits: Any, labels: Any, *,
   NLL in :math:`\beta = 1/T` (module docstring), in :math:`\log\beta` over
   ``1 / bounds``: after ``num_iterations`` halvings the bracket is
   :math:`\log(T_{\max}/T_{\min}) / 2^{\text{iterations}}` wide. When the
-  minimum lies outside the bounds (e.g. a model that separates every
-  example, whose NLL keeps falling as :math:`T \to 0`) the nearest bound
-  is returned. Works under ``jax.jit``.
+  minimum lies outside the bounds the nearest bound is returned. Works under
+  ``jax.jit``.
+
+  When every example's label has the largest logit (ties included: a model
+  that classifies all the held-out data right, common on small validation
+  splits), the NLL
+  keeps falling as :math:`T \to 0` and has no minimiser: the data cannot
+  set :math:`T`, and the lower bound would make every later mistake cost
+  :math:`\sim 1/T_{\min}` nats. Then :math:`T = 1` (no rescaling; clipped
+  to ``bounds``) is returned, with a ``UserWarning`` outside ``jit``.
 
   Args:
     logits: ``(n, k)`` logits, or log-probabilities of any predictive
@@ -199,7 +207,26 @@ def fit_temperature(logits: Any, labels: Any, *,
                      f"bounds={bounds!r}.")
   num_iterations = validation.check_integer("num_iterations", num_iterations,
                                             low=1)
-  return _fit(logits, labels, -math.log(high), -math.log(low), num_iterations)
+  temperature = _fit(logits, labels, -math.log(high), -math.log(low),
+                     num_iterations)
+  if not validation.is_traced(logits) and bool(_separated(logits, labels)):
+    warnings.warn(
+        "fit_temperature: every example's label has the largest logit, so "
+        "the NLL falls without bound as T -> 0 and these data cannot set T; "
+        f"returning T = {float(temperature):g} (no rescaling). Fit it on a "
+        "larger held-out set.", UserWarning, stacklevel=2)
+  return temperature
+
+
+def _separated(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """True when each row's label logit is (one of) its largest.
+
+  Then the NLL's slope in 1/T is negative for every T (it tends to 0 from
+  below), so there is no minimiser; one row whose label is below its maximum
+  makes the slope's limit positive and the minimiser finite.
+  """
+  z_label = jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
+  return jnp.all(z_label >= jnp.max(logits, axis=1))
 
 
 def _valid_labels(labels: jax.Array, k: int) -> jax.Array:
@@ -223,12 +250,15 @@ def _fit(logits, labels, lo, hi, num_iterations):
     up = slope(mid) > 0  # Past the minimum: it lies below mid.
     return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
 
+  # Separated data: no minimiser (fit_temperature's docstring), so T = 1.
+  unscaled = jnp.clip(1.0, jnp.exp(-hi), jnp.exp(-lo)).astype(z.dtype)
   lo, hi = jax.lax.fori_loop(0, num_iterations, halve,
                              (jnp.asarray(lo, z.dtype), jnp.asarray(hi, z.dtype)))
+  fitted = jnp.where(_separated(z, labels), unscaled, jnp.exp(-0.5 * (lo + hi)))
   # Under jit the checks of fit_temperature cannot raise: NaN, not a bound.
   valid = (jnp.all(~jnp.isnan(logits) & (logits != jnp.inf))
            & _valid_labels(labels, logits.shape[1]))
-  return metrics.nan_unless(valid, jnp.exp(-0.5 * (lo + hi)))
+  return metrics.nan_unless(valid, fitted)
 
 
 def temperature_predictor(predictor: Any, temperature: Any) -> Predictor:
