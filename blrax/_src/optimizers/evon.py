@@ -246,9 +246,12 @@ def qr_refresh(factor: jax.Array, basis: jax.Array, dtype: Any,
   q, r = jnp.linalg.qr(image)
   size = jnp.abs(jnp.diagonal(r))
   dependent = size <= _rank_tolerance(n, dtype) * jnp.max(size)
-  q2, r2 = jnp.linalg.qr(jnp.where(dependent[None, :], start, image))
-  redo = jnp.any(dependent)
-  q, r = jnp.where(redo, q2, q), jnp.where(redo, r2, r)
+  # Only a rank-deficient image needs the second QR (under vmap, cond runs
+  # both branches and selects, as jnp.where would).
+  q, r = jax.lax.cond(
+      jnp.any(dependent),
+      lambda: tuple(jnp.linalg.qr(jnp.where(dependent[None, :], start, image))),
+      lambda: (q, r))
   if canonical_signs:
     diagonal = jnp.sign(jnp.diagonal(r))
     q = q * jnp.where(diagonal == 0, 1.0, diagonal).astype(q.dtype)
