@@ -562,6 +562,8 @@ def test_separated_data_leave_the_logits_unscaled():
     warnings.simplefilter("error")
     np.testing.assert_allclose(U.fit_temperature(logits, labels), want,
                                rtol=1e-4)
+    # A label of probability 0 (every logit -inf) is not a correct one.
+    U.fit_temperature(np.array([[-np.inf, -np.inf], [1.0, 0.0]]), [0, 0])
 
 
 def test_temperature_predictor_scales_the_bma():
