@@ -344,9 +344,7 @@ def calibrate_posterior(
   """
   apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
                                                       opt_state)
-  if not callable(apply_fn):
-    raise ValueError("`apply_fn` must be a function (params, inputs) -> "
-                     f"outputs, got apply_fn={apply_fn!r}.")
+  prediction_inputs.check_apply_fn(apply_fn)
   lookup.find_posteriors(opt_state)  # Raises if there is none.
   num_samples = validation.check_integer("num_samples", num_samples, low=1)
   if likelihood == "gaussian":

@@ -51,6 +51,14 @@ def functional(apply_fn: Callable[..., Any] | None, params: Any,
   return apply_fn, params, opt_state
 
 
+def check_apply_fn(apply_fn: Any, returns: str = "outputs") -> None:
+  """Raises unless ``apply_fn`` is callable (``returns`` names its output)."""
+  if not callable(apply_fn):
+    raise _TypeError(
+        f"`apply_fn` must be a function (params, inputs) -> {returns}, got "
+        f"apply_fn={apply_fn!r}.")
+
+
 def check_apply_fn_and_key(apply_fn: Any, key: Any,
                            mean_only: Any) -> jax.Array | None:
   """Checks the arguments every predictive function shares.
@@ -64,10 +72,7 @@ def check_apply_fn_and_key(apply_fn: Any, key: Any,
   Returns:
     The key as a typed PRNG key, or None when ``mean_only``.
   """
-  if not callable(apply_fn):
-    raise _TypeError(
-        "`apply_fn` must be a function (params, inputs) -> outputs, got "
-        f"apply_fn={apply_fn!r}.")
+  check_apply_fn(apply_fn)
   if not isinstance(mean_only, (bool, np.bool_)):
     raise _TypeError(f"`mean_only` must be a bool, got mean_only={mean_only!r}.")
   if mean_only:

@@ -115,13 +115,6 @@ def check_members(out: Any) -> jax.Array:
   return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
 
-def _check_apply_fn(apply_fn: Any) -> None:
-  if not callable(apply_fn):
-    raise _TypeError(
-        "`apply_fn` must be a function (params, inputs) -> logits, got "
-        f"apply_fn={apply_fn!r}.")
-
-
 def _log_softmax(apply_fn, params, inputs):
   logits = apply_fn(params, inputs)
   prediction_inputs.check_logits(logits)
@@ -155,7 +148,7 @@ def point_predictor(apply_fn: Callable[[Any, Any], jax.Array],
     (1, 2, 3)
   """
   apply_fn, params, _ = prediction_inputs.functional(apply_fn, params, None)
-  _check_apply_fn(apply_fn)
+  prediction_inputs.check_apply_fn(apply_fn, returns="logits")
   return Predictor(
       lambda p, inputs: _log_softmax(apply_fn, p, inputs)[None], params)
 
@@ -186,7 +179,7 @@ def ensemble_predictor(apply_fn: Callable[[Any, Any], jax.Array],
     >>> ensemble_predictor(lambda w, x: x @ w, members)(jnp.ones((5, 3))).shape
     (2, 5, 3)
   """
-  _check_apply_fn(apply_fn)
+  prediction_inputs.check_apply_fn(apply_fn, returns="logits")
   try:
     members = list(params_list)
   except TypeError as e:
