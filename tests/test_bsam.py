@@ -51,19 +51,22 @@ def bsam_state(state):
   return [x for x in jax.tree.leaves(state, is_leaf=is_bsam) if is_bsam(x)][0]
 
 
-def hand_steps(theta_offsets, *, lr, ess, rho, b1, b2, damping, delta, h0):
-  """Algorithm 1 of the paper, transcribed in NumPy (float64), in s."""
+def hand_steps(theta_offsets, *, lr, ess, rho, b1, b2, damping, delta, h0,
+               n0=None):
+  """Algorithm 1 of the paper, transcribed in NumPy (float64), in s; with
+  n0 (hess_init_steps) the precision step is max(1 - b2, 1/(n0 + t))."""
   m = as_np(M0)
   s = {k: np.full_like(v, h0 + delta) for k, v in m.items()}
   gm = {k: np.zeros_like(v) for k, v in m.items()}
   history = []
-  for offsets in theta_offsets:  # e ~ N(0, 1/(ess s)), the state's draw
+  for t, offsets in enumerate(theta_offsets, 1):  # the state's draw
     g = np_grad({k: m[k] + offsets[k] for k in m})
     eps = {k: rho * g[k] / s[k] for k in m}
     g_eps = np_grad({k: m[k] + eps[k] for k in m})
     gm = {k: b1 * gm[k] + (1 - b1) * (g_eps[k] + delta * m[k]) for k in m}
-    s = {k: b2 * s[k] + (1 - b2) * (np.sqrt(s[k]) * np.abs(g[k]) + delta
-                                     + damping) for k in m}
+    r = 1 - b2 if n0 is None else max(1 - b2, 1 / (n0 + t))
+    s = {k: (1 - r) * s[k] + r * (np.sqrt(s[k]) * np.abs(g[k]) + delta
+                                  + damping) for k in m}
     m = {k: m[k] - lr * gm[k] / s[k] for k in m}
     history.append((m, s, gm))
   return history
@@ -114,7 +117,7 @@ def run(step, opt, n):
   return out
 
 
-def check_against_hand(trace, opt):
+def check_against_hand(trace, opt, n0=None):
   """Each step of ``trace`` (from ``run``) against the NumPy Algorithm 1."""
   # The draw is the posterior's: theta - m = eps / sqrt(ess s), eps the
   # state's standard normals (checked before each step).
@@ -127,7 +130,7 @@ def check_against_hand(trace, opt):
     for k in offset:
       np.testing.assert_allclose(offset[k], expect[k], rtol=1e-5, atol=1e-7)
     state = new_state
-  hand = hand_steps([as_np(o) for _, _, o in trace], **HYPER)
+  hand = hand_steps([as_np(o) for _, _, o in trace], **HYPER, n0=n0)
   for (params, state, _), (m, s, gm) in zip(trace, hand):
     st = bsam_state(state)
     h_plus_delta = jax.tree.map(lambda h: h + st.posterior.weight_decay,
@@ -152,6 +155,14 @@ def test_matches_hand_computed_steps(step_fns):
                                    trace[-1][1], 4)
   assert samples["b"].shape == (4, 2, 2)
   assert int(inner(trace[-1][1]).count) == 3
+
+
+def test_hess_init_steps_matches_hand_computed_steps(step_fns):
+  # n0 = 2: precision steps 1/3, 1/4, 1/5 before 1 - b2 = 0.1 takes over.
+  opt = make_bsam(**HYPER, hess_init_steps=2.0)
+  check_against_hand(run(step_fns[0](opt), opt, 3), opt, n0=2.0)
+  with pytest.raises(ValueError, match="hess_init_steps=-1"):
+    make_bsam(**HYPER, hess_init_steps=-1.0)
 
 
 def test_no_noise_fixed_preconditioner_is_sam(step_fns):

@@ -183,6 +183,7 @@ def scale_by_bsam(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""bSAM's direction, before the learning rate.
 
@@ -249,6 +250,11 @@ def scale_by_bsam(
       function of the params returning one): where False, :math:`\delta = 0`.
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params.
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))` in place of
+      :math:`1-\beta_2` (see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -284,7 +290,7 @@ def scale_by_bsam(
       hess_init=hess_init, b2=b2, weight_decay=weight_decay,
       mc_samples=mc_samples, key=key, noise=noise,
       weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,
-      step_gradient=_step_gradient,
+      hess_init_steps=hess_init_steps, step_gradient=_step_gradient,
       step_gradient_args=("grad_fn", "adversarial_grads"))
 
   def init_fn(params):
@@ -318,6 +324,7 @@ def bsam(
     noise: str | noise_lib.Generator = "normal",
     weight_decay_mask: Any = None,
     prior_mean: Any = None,
+    hess_init_steps: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""bSAM: sharpness-aware minimisation with a Gaussian posterior.
 
@@ -392,6 +399,11 @@ def bsam(
       where False, :math:`\delta = 0` (then ``hess_init`` must be > 0).
     prior_mean: None (a zero-mean prior), or the prior mean :math:`m_0`, a
       pytree like the params: the prior term becomes :math:`\delta(m-m_0)`.
+    hess_init_steps: None (a constant curvature step :math:`1-\beta_2`, the
+      published algorithm), or the number of updates' worth of data that
+      ``hess_init`` counts as, :math:`n_0`: the curvature step is
+      :math:`\rho_t = \max(1-\beta_2, 1/(n_0+t))` in place of
+      :math:`1-\beta_2` (see :func:`blrax.ivon`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`: :func:`scale_by_bsam`
@@ -426,7 +438,7 @@ def bsam(
                     weight_decay=weight_decay, hess_init=hess_init,
                     mc_samples=mc_samples, key=key, noise=noise,
                     weight_decay_mask=weight_decay_mask,
-                    prior_mean=prior_mean),
+                    prior_mean=prior_mean, hess_init_steps=hess_init_steps),
       learning_rate)
 
 
