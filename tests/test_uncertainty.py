@@ -547,7 +547,7 @@ def test_separated_data_leave_the_logits_unscaled():
   assert nll[0] > nll[1] > nll[2] > nll[3]  # The lower bound: the "minimum".
   for bounds, want in (((0.01, 100.0), 1.0), ((2.0, 10.0), 2.0),
                        ((0.1, 0.5), 0.5)):
-    with pytest.warns(UserWarning, match="cannot set T"):
+    with pytest.warns(UserWarning, match=f"cannot set T; returning T = {want:g}"):
       np.testing.assert_allclose(
           U.fit_temperature(logits, labels, bounds=bounds), want, rtol=1e-6)
   np.testing.assert_allclose(jax.jit(U.fit_temperature)(logits, labels), 1.0)

@@ -158,11 +158,11 @@ def fit_temperature(logits: Any, labels: Any, *,
 
   When every example's label has the largest logit (ties included: a model
   that classifies all the held-out data right, common on small validation
-  splits), the NLL
-  keeps falling as :math:`T \to 0` and has no minimiser: the data cannot
-  set :math:`T`, and the lower bound would make every later mistake cost
-  :math:`\sim 1/T_{\min}` nats. Then :math:`T = 1` (no rescaling; clipped
-  to ``bounds``) is returned, with a ``UserWarning`` outside ``jit``.
+  splits), the NLL keeps falling as :math:`T \to 0` and has no minimiser:
+  the data cannot set :math:`T`, and the lower bound would make every later
+  mistake cost :math:`\sim 1/T_{\min}` nats. Then :math:`T = 1` (no
+  rescaling; clipped to ``bounds``) is returned, with a ``UserWarning``
+  outside ``jit``.
 
   Args:
     logits: ``(n, k)`` logits, or log-probabilities of any predictive
@@ -210,11 +210,13 @@ def fit_temperature(logits: Any, labels: Any, *,
   temperature = _fit(logits, labels, -math.log(high), -math.log(low),
                      num_iterations)
   if not validation.is_traced(logits) and bool(_separated(logits, labels)):
+    t = float(temperature)
     warnings.warn(
         "fit_temperature: every example's label has the largest logit, so "
         "the NLL falls without bound as T -> 0 and these data cannot set T; "
-        f"returning T = {float(temperature):g} (no rescaling). Fit it on a "
-        "larger held-out set.", UserWarning, stacklevel=2)
+        f"returning T = {t:g} ("
+        + ("no rescaling" if t == 1.0 else "1 clipped to the bounds")
+        + "). Fit it on a larger held-out set.", UserWarning, stacklevel=2)
   return temperature
 
 
