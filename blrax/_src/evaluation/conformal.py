@@ -207,9 +207,9 @@ def fit_temperature(logits: Any, labels: Any, *,
                      f"bounds={bounds!r}.")
   num_iterations = validation.check_integer("num_iterations", num_iterations,
                                             low=1)
-  temperature = _fit(logits, labels, -math.log(high), -math.log(low),
-                     num_iterations)
-  if not validation.is_traced(logits) and bool(_separated(logits, labels)):
+  temperature, separated = _fit(logits, labels, -math.log(high),
+                                -math.log(low), num_iterations)
+  if not validation.is_traced(separated) and bool(separated):
     t = float(temperature)
     warnings.warn(
         "fit_temperature: every example's label has the largest logit, so "
@@ -220,15 +220,15 @@ def fit_temperature(logits: Any, labels: Any, *,
   return temperature
 
 
-def _separated(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def _separated(z: jax.Array, labels: jax.Array) -> jax.Array:
   """True when each row's label logit is finite and (one of) its largest.
 
   Then the NLL's slope in 1/T is negative for every T (it tends to 0 from
   below), so there is no minimiser; one row whose label is below its maximum
   makes the slope's limit positive and the minimiser finite.
   """
-  z_label = jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
-  return jnp.all((z_label >= jnp.max(logits, axis=1)) & jnp.isfinite(z_label))
+  z_label = jnp.take_along_axis(z, labels[:, None], 1)[:, 0]
+  return jnp.all((z_label >= jnp.max(z, axis=1)) & jnp.isfinite(z_label))
 
 
 def _valid_labels(labels: jax.Array, k: int) -> jax.Array:
@@ -256,11 +256,12 @@ def _fit(logits, labels, lo, hi, num_iterations):
   unscaled = jnp.clip(1.0, jnp.exp(-hi), jnp.exp(-lo)).astype(z.dtype)
   lo, hi = jax.lax.fori_loop(0, num_iterations, halve,
                              (jnp.asarray(lo, z.dtype), jnp.asarray(hi, z.dtype)))
-  fitted = jnp.where(_separated(z, labels), unscaled, jnp.exp(-0.5 * (lo + hi)))
+  separated = _separated(z, labels)
+  fitted = jnp.where(separated, unscaled, jnp.exp(-0.5 * (lo + hi)))
   # Under jit the checks of fit_temperature cannot raise: NaN, not a bound.
   valid = (jnp.all(~jnp.isnan(logits) & (logits != jnp.inf))
            & _valid_labels(labels, logits.shape[1]))
-  return metrics.nan_unless(valid, fitted)
+  return metrics.nan_unless(valid, fitted), separated
 
 
 def temperature_predictor(predictor: Any, temperature: Any) -> Predictor:
