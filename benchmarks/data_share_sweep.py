@@ -44,8 +44,7 @@ SETTINGS = [
     {"weight_decay": 1e-2, "hess_init": 0.01},
     {"weight_decay": 0.1, "hess_init": 0.01},
 ]
-QUICKSTART = {"b2": 0.999, "weight_decay": 1e-3, "hess_init": 1.0}
-EPOCHS, BATCH, LR = 60, 32, 0.3
+EPOCHS, BATCH = 60, 32  # the quickstart's defaults
 
 
 def run(setting, seed):
@@ -55,9 +54,9 @@ def run(setting, seed):
   params = nnx.as_pure(params)
   apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
   steps = EPOCHS * (len(x_train) // BATCH)
-  options = {**QUICKSTART, **setting}
-  ivon = blrax.ivon(optax.cosine_decay_schedule(LR, steps), ess=len(x_train),
-                    key=seed, **options)
+  options = {**quickstart.IVON_SETTINGS, **setting}
+  ivon = blrax.ivon(optax.cosine_decay_schedule(quickstart.IVON_LR, steps),
+                    ess=len(x_train), key=seed, **options)
   mean, state = quickstart.train(ivon, params, apply, jnp.asarray(x_train),
                                  jnp.asarray(y_train), EPOCHS, BATCH, seed,
                                  True, "IVON")
@@ -88,7 +87,8 @@ def main():
   args = parser.parse_args()
   columns = ("acc", "mean", "bma", "cal", "tau", "init_share", "data_share",
              "prior_share", "stddev", "relative_stddev")
-  print(f"seeds {args.seeds}; quickstart IVON {QUICKSTART}, lr {LR}, "
+  print(f"seeds {args.seeds}; quickstart IVON {quickstart.IVON_SETTINGS}, "
+        f"lr {quickstart.IVON_LR}, "
         f"{EPOCHS} epochs, batch {BATCH}; test metrics, medians of health")
   print("| setting | " + " | ".join(columns) + " |")
   print("|---" * (len(columns) + 1) + "|")

@@ -28,6 +28,12 @@ from tqdm import tqdm
 
 import blrax
 
+# IVON's settings: hess_init=1 (the default); b2 = 0.999 rather than 0.99999
+# so that the curvature EMA (1/(1-b2) = 1000 steps) moves within this
+# ~2000-step run; weight_decay = 1e-3 is a N(0, 1/(ess * 1e-3)) prior.
+IVON_LR = 0.3
+IVON_SETTINGS = {"hess_init": 1.0, "b2": 0.999, "weight_decay": 1e-3}
+
 
 class MLP(nnx.Module):
 
@@ -112,11 +118,8 @@ def main():
   adam_params, _ = train(adamw, params, apply, x_tr, y_tr, args.epochs,
                          args.batch, args.seed, False, "AdamW")
 
-  # hess_init=1 (the default); b2 = 0.999 rather than 0.99999 so that the
-  # curvature EMA (1/(1-b2) = 1000 steps) moves within this ~2000-step run;
-  # weight_decay = 1e-3 is a N(0, 1/(ess * 1e-3)) prior.
-  ivon = blrax.ivon(optax.cosine_decay_schedule(0.3, steps), ess=len(x_train),
-                    b2=0.999, weight_decay=1e-3, key=args.seed)
+  ivon = blrax.ivon(optax.cosine_decay_schedule(IVON_LR, steps),
+                    ess=len(x_train), key=args.seed, **IVON_SETTINGS)
   mean, state = train(ivon, params, apply, x_tr, y_tr, args.epochs,
                       args.batch, args.seed, True, "IVON")
 
@@ -155,8 +158,8 @@ def main():
   print(f"calibrated posterior stddev: median {float(jnp.median(std)):.4f}, "
         f"min {float(std.min()):.4f}, max {float(std.max()):.4f}")
   # Is the trained posterior the data's, the prior's or still hess_init's?
-  print(blrax.posterior_health(mean, state, hess_init=1.0, b2=0.999,
-                               warn=False))
+  print(blrax.posterior_health(mean, state, hess_init=IVON_SETTINGS["hess_init"],
+                               b2=IVON_SETTINGS["b2"], warn=False))
 
 
 if __name__ == "__main__":
