@@ -221,14 +221,16 @@ def fit_temperature(logits: Any, labels: Any, *,
 
 
 def _separated(z: jax.Array, labels: jax.Array) -> jax.Array:
-  """True when each row's label logit is finite and (one of) its largest.
+  """True when each row's label logit is (one of) its largest.
 
   Then the NLL's slope in 1/T is negative for every T (it tends to 0 from
   below), so there is no minimiser; one row whose label is below its maximum
-  makes the slope's limit positive and the minimiser finite.
+  makes the slope's limit positive and the minimiser finite. ``z`` is shifted
+  by each row's maximum, so a row of -inf logits (its label of probability
+  0) is NaN and never counts as right.
   """
   z_label = jnp.take_along_axis(z, labels[:, None], 1)[:, 0]
-  return jnp.all((z_label >= jnp.max(z, axis=1)) & jnp.isfinite(z_label))
+  return jnp.all(z_label >= jnp.max(z, axis=1))
 
 
 def _valid_labels(labels: jax.Array, k: int) -> jax.Array:
