@@ -1,13 +1,16 @@
 """Full-covariance VON with the Price estimator stays finite where float32
-cannot factor the curvature (unscaled breast-cancer features, b2 = 0.9)."""
+cannot factor the curvature (unscaled breast-cancer features, b2 = 0.9), and
+its Price estimate saturates where the products overflow float32."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from sklearn.datasets import load_breast_cancer
 
 import blrax
+from blrax._src.posteriors import full as full_gaussian
 
 
 def test_price_path_never_turns_nan_on_ill_conditioned_logistic_regression():
@@ -36,3 +39,54 @@ def test_price_path_never_turns_nan_on_ill_conditioned_logistic_regression():
   # The curvature did move (the guard keeps the last good S, not the first).
   curvature = np.asarray(state[0].posterior.curvature)
   assert np.abs(curvature - np.eye(31)).max() > 1.0
+
+
+_price = jax.jit(full_gaussian.price_curvature)
+
+
+def _price_float64(grads, noise, precision):
+  """The Price estimate in float64 NumPy (the oracle)."""
+  grads, noise = np.float64(grads), np.float64(noise)
+  scaled = noise @ np.linalg.cholesky(np.float64(precision)).T
+  outer = grads.T @ scaled / len(grads)
+  return 0.5 * (outer + outer.T)
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_price_estimate_of_huge_gradients_saturates_instead_of_nan(samples):
+  """Gradients of 3e38 with alternating signs: each product overflows
+  float32, and an unscaled outer product adds +inf to -inf, which gives NaN
+  or inf depending on how XLA orders the sums. The estimate is the float64
+  one saturated at float32's largest value, entry by entry."""
+  dim = 5
+  signs = np.where(np.arange(dim) % 2, 1.0, -1.0)
+  grads = np.stack([signs * 3e38, -signs * 2e38][:samples]).astype(np.float32)
+  noise = np.asarray(jax.random.normal(jax.random.key(1), (samples, dim)))
+  precision = 3.0 * np.eye(dim) + 0.5
+  got = np.asarray(_price(grads, noise, precision))
+  big = float(np.finfo(np.float32).max)
+  want = np.clip(_price_float64(grads, noise, precision), -big, big)
+  assert np.all(np.isfinite(got))
+  # float32 rounding of sums of terms up to ~1e38 (cancellations in the
+  # off-diagonal entries of two samples).
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * big)
+
+
+def test_price_estimate_of_ordinary_gradients_is_the_plain_formula():
+  """The power-of-two scaling is exact: the same bits as the unscaled
+  product, and the float64 estimate to float32 rounding."""
+  rng = np.random.default_rng(0)
+  grads = rng.standard_normal((3, 6)).astype(np.float32) * 7.0
+  noise = rng.standard_normal((3, 6)).astype(np.float32)
+  precision = np.float32(rng.standard_normal((6, 6)))
+  precision = precision @ precision.T + 6.0 * np.eye(6, dtype=np.float32)
+
+  @jax.jit
+  def plain(grads, noise, precision):
+    outer = grads.T @ (noise @ jnp.linalg.cholesky(precision).T) / len(grads)
+    return 0.5 * (outer + outer.T)
+
+  got = _price(grads, noise, precision)
+  np.testing.assert_array_equal(got, plain(grads, noise, precision))
+  np.testing.assert_allclose(got, _price_float64(grads, noise, precision),
+                             rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blrax._src import validation
+from blrax._src import numerics, validation
 from blrax._src.noise import generators as noise_lib
 from blrax._src.posteriors import diagonal as gaussian
 from blrax._src.posteriors import merge_rules
@@ -92,8 +92,30 @@ def price_curvature(grads: jax.Array, noise: jax.Array,
     precision: :math:`P`, ``(D, D)``.
   """
   scaled = noise @ jnp.linalg.cholesky(precision).T  # rows L eps_s
-  outer = grads.T @ scaled / grads.shape[0]
-  return 0.5 * (outer + outer.T)
+  # Both factors enter the product scaled by powers of two to below 4 in
+  # magnitude, and the scales are applied to each entry of the result: a
+  # huge finite gradient then saturates (numerics.finite) where the plain
+  # product could add +inf to -inf. The same bits for every other input.
+  grads_unit, grads_scale = _power_of_two_normalised(grads)
+  scaled_unit, scaled_scale = _power_of_two_normalised(scaled)
+  outer = grads_unit.T @ scaled_unit / grads.shape[0]
+  outer = 0.5 * (outer + outer.T)
+  return numerics.finite(numerics.finite(outer * grads_scale) * scaled_scale)
+
+
+def _power_of_two_normalised(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(x / c, c)``, ``c`` the power of two that takes ``max|x|`` below 4.
+
+  ``c`` is at least 1 (only overflow matters) and at most ``2**(maxexp-2)``,
+  so that the ``1/c`` XLA may multiply by is a normal number (CPUs flush
+  subnormals to zero).
+  """
+  largest = jnp.max(jnp.abs(x))
+  _, exponent = jnp.frexp(largest)  # largest = f 2^exponent, f in [0.5, 1)
+  exponent = jnp.where(jnp.isfinite(largest), exponent - 1, 0)
+  exponent = jnp.clip(exponent, 0, jnp.finfo(x.dtype).maxexp - 2)
+  scale = jnp.ldexp(jnp.ones((), x.dtype), exponent)
+  return x / scale, scale
 
 
 class FullGaussian(NamedTuple):
