@@ -20,6 +20,30 @@ if os.environ.get("BLRAX_TEST_JAX_CACHE", "1") != "0":
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+# The fast tier compiles with XLA's quick CPU pipeline: without LLVM's
+# optimisations and with the older loop emitters its compile time halves
+# (the tier took 345 s on 2 cores, 175 s with it), and the programs are too
+# small for unoptimised code to cost much. Its numbers differ from the default
+# pipeline's by rounding only. The slow tier compiles with the default
+# pipeline (what users run); the bitwise golden trajectories belong to it.
+# BLRAX_TEST_QUICK_COMPILE=1 or 0 forces it on or off; an XLA_FLAGS of
+# your own is left alone.
+QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
+                       "--xla_cpu_use_fusion_emitters=false")
+
+
+def pytest_configure(config):
+  # Before any test module runs a computation: XLA reads XLA_FLAGS when the
+  # backend starts.
+  quick = os.environ.get("BLRAX_TEST_QUICK_COMPILE")
+  if quick is None:
+    quick = (config.getoption("markexpr", "") or "").strip() == "not slow"
+  else:
+    quick = quick != "0"
+  if quick and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = QUICK_COMPILE_FLAGS
+
+
 # Two tiers. The README's test command runs the fast one (`-m "not slow"`):
 # every public function with its oracles, contracts and hostile inputs, the
 # shared contract tests for IVON, and every variant's own oracles. The slow
@@ -32,6 +56,8 @@ SLOW_FILES = {
     "test_examples.py", "test_notebooks.py", "test_multidevice.py",
     "test_family_trains.py", "test_posterior_benchmark.py", "test_lora.py",
     "test_docstrings.py",
+    # Bitwise golden files of the default compile pipeline (see above).
+    "test_trajectories.py",
 }
 SLOW_TESTS = {
     "test_api_docs.py::test_docs_build",
