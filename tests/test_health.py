@@ -117,6 +117,23 @@ def test_initialisation_warning_gives_the_data_width_against_the_weights():
   assert "would give" not in point_mass.warnings[0]
 
 
+def test_negative_curvature_leaves_the_prior_all_of_the_precision():
+  """VON with a fixed hessian of -delta/2 for one leaf: h -> -delta/2, so
+  delta/(h + delta) = 2; the prior's share is capped at 1 there."""
+  delta, b2 = 0.1, 0.9
+  hessian = {k: jnp.full(1, -delta / 2 if k == "a" else SCALES[k] ** 2)
+             for k in SCALES}
+  opt = blrax.von(0.1, ess=float(N), hess_init=1.0, b2=b2, weight_decay=delta)
+  w, state = train(opt, 300, hessian)
+  health = blrax.posterior_health(w, state, hess_init=1.0, b2=b2, warn=False)
+  np.testing.assert_allclose(
+      blrax.find_posteriors(state)[0].curvature["a"], -delta / 2, rtol=1e-4)
+  assert health.leaves["a"]["prior_share"] == 1.0
+  for k in "bcd":
+    np.testing.assert_allclose(health.leaves[k]["prior_share"],
+                               delta / (SCALES[k] ** 2 + delta), rtol=1e-4)
+
+
 def test_long_run_with_fast_ema_is_the_data():
   opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99, weight_decay=0.0)
   w, state = train(opt, 3000)

@@ -51,7 +51,7 @@ class PosteriorHealth:
     leaves: per params leaf (``"path/to/leaf"``), medians over its entries:
       ``init_share`` (:math:`\\min(1, h_0 w_t / h)`), ``data_share``
       (:math:`1 -` ``init_share`` where :math:`h > 0`), ``prior_share``
-      (:math:`\\delta/(h+\\delta)`), ``data_curvature``
+      (:math:`\\min(1, \\delta/(h+\\delta))`), ``data_curvature``
       (:math:`\\max(0, h - h_0 w_t)`), ``stddev`` (:math:`\\sigma`) and
       ``relative_stddev`` (:math:`\\sigma/|m|`).
     overall: the same medians over every entry of every leaf.
@@ -131,8 +131,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
     \beta_2^t` (``hess_init_steps=None``) or :math:`\prod_{s\le t}
     (1-\rho_s)`, :math:`\rho_s = \max(1-\beta_2, 1/(n_0+s))`;
   - ``data_share`` :math:`= 1 -` ``init_share``, the data's part;
-  - ``prior_share`` :math:`= \delta/(h+\delta)`, the prior's part of the
-    precision;
+  - ``prior_share`` :math:`= \min(1, \delta/(h+\delta))`, the prior's part
+    of the precision (all of it where :math:`h < 0`);
   - ``data_curvature`` :math:`= \max(0, h - h_0 w_t)`;
   - ``stddev`` :math:`\sigma` and ``relative_stddev`` :math:`\sigma/|m|`.
 
@@ -223,7 +223,9 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
                                    1.0 if decayed > 0 else 0.0),
             "data_share": np.where(h > 0, 1.0 - np.minimum(1.0, decayed / h),
                                    0.0),
-            "prior_share": np.where(h + delta > 0, delta / (h + delta), 0.0),
+            # h < 0 (a concave direction) leaves the prior all of h + delta.
+            "prior_share": np.where(h + delta > 0, np.minimum(
+                1.0, delta / (h + delta)), 0.0),
             "data_curvature": np.maximum(h - decayed, 0.0),
             "stddev": sigma,
             "relative_stddev": np.where(mean > 0, sigma / mean, np.inf),
