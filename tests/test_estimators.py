@@ -46,10 +46,13 @@ def test_full_price_estimator_is_unbiased():
     chol = jnp.linalg.cholesky(precision)
     theta = m + jax.scipy.linalg.solve_triangular(chol.T, eps.T, lower=False).T
     grads = jax.vmap(jax.grad(loss))(theta)
-    got = np.asarray(full_gaussian.price_curvature(grads, eps, precision))
+    # The estimator takes the factor of S + D = precision / ess, and ess.
+    ess = 2.0
+    factor = jnp.linalg.cholesky(precision / ess)
+    got = np.asarray(full_gaussian.price_curvature(grads, eps, factor, ess))
     want = np.asarray(c) + 3 * np.diag(np.asarray(m) ** 2 + np.diag(cov))
     # standard errors of each entry, from per-sample estimates
     per_sample = jax.vmap(lambda g, e: full_gaussian.price_curvature(
-        g[None], e[None], precision))(grads[:20_000], eps[:20_000])
+        g[None], e[None], factor, ess))(grads[:20_000], eps[:20_000])
     se = np.asarray(per_sample).std(0) / np.sqrt(n)
     np.testing.assert_array_less(np.abs(got - want), 5 * se)

@@ -45,10 +45,12 @@ _price = jax.jit(full_gaussian.price_curvature)
 
 
 def _price_float64(grads, noise, precision):
-  """The Price estimate in float64 NumPy (the oracle)."""
+  """The Price estimate in float64 NumPy (the oracle): mean over samples of
+  sym(g_s (theta_s - m)^T P), with theta_s - m = C^-T eps_s, C C^T = P."""
   grads, noise = np.float64(grads), np.float64(noise)
-  scaled = noise @ np.linalg.cholesky(np.float64(precision)).T
-  outer = grads.T @ scaled / len(grads)
+  chol = np.linalg.cholesky(np.float64(precision))
+  offsets = np.linalg.solve(chol.T, noise.T).T
+  outer = grads.T @ (offsets @ precision) / len(grads)
   return 0.5 * (outer + outer.T)
 
 
@@ -58,14 +60,14 @@ def test_price_estimate_of_huge_gradients_saturates_instead_of_nan(samples):
   float32, and an unscaled outer product adds +inf to -inf, which gives NaN
   or inf depending on how XLA orders the sums. The estimate is the float64
   one saturated at float32's largest value, entry by entry."""
-  dim = 5
+  dim, ess = 5, 7.0
   signs = np.where(np.arange(dim) % 2, 1.0, -1.0)
   grads = np.stack([signs * 3e38, -signs * 2e38][:samples]).astype(np.float32)
   noise = np.asarray(jax.random.normal(jax.random.key(1), (samples, dim)))
-  precision = 3.0 * np.eye(dim) + 0.5
-  got = np.asarray(_price(grads, noise, precision))
+  curvature = 3.0 * np.eye(dim) + 0.5  # S + D
+  got = np.asarray(_price(grads, noise, np.linalg.cholesky(curvature), ess))
   big = float(np.finfo(np.float32).max)
-  want = np.clip(_price_float64(grads, noise, precision), -big, big)
+  want = np.clip(_price_float64(grads, noise, ess * curvature), -big, big)
   assert np.all(np.isfinite(got))
   # float32 rounding of sums of terms up to ~1e38 (cancellations in the
   # off-diagonal entries of two samples).
@@ -78,15 +80,17 @@ def test_price_estimate_of_ordinary_gradients_is_the_plain_formula():
   rng = np.random.default_rng(0)
   grads = rng.standard_normal((3, 6)).astype(np.float32) * 7.0
   noise = rng.standard_normal((3, 6)).astype(np.float32)
-  precision = np.float32(rng.standard_normal((6, 6)))
-  precision = precision @ precision.T + 6.0 * np.eye(6, dtype=np.float32)
+  curvature = np.float32(rng.standard_normal((6, 6)))
+  curvature = curvature @ curvature.T + 6.0 * np.eye(6, dtype=np.float32)
+  factor, ess = np.linalg.cholesky(curvature), np.float32(30.0)
 
   @jax.jit
-  def plain(grads, noise, precision):
-    outer = grads.T @ (noise @ jnp.linalg.cholesky(precision).T) / len(grads)
+  def plain(grads, noise, factor, ess):
+    outer = grads.T @ (noise @ factor.T * jnp.sqrt(ess)) / len(grads)
     return 0.5 * (outer + outer.T)
 
-  got = _price(grads, noise, precision)
-  np.testing.assert_array_equal(got, plain(grads, noise, precision))
-  np.testing.assert_allclose(got, _price_float64(grads, noise, precision),
-                             rtol=1e-5, atol=1e-5)
+  got = _price(grads, noise, factor, ess)
+  np.testing.assert_array_equal(got, plain(grads, noise, factor, ess))
+  np.testing.assert_allclose(
+      got, _price_float64(grads, noise, ess * np.float64(curvature)),
+      rtol=1e-5, atol=1e-4)

@@ -359,9 +359,11 @@ def scale_by_full_von(
     grads = curvature.finite(grads.astype(s_old.dtype).reshape(-1, dim))
     # 1. The micro-batch's statistics, linear in its samples: the mean
     # gradient and the curvature estimate (Price, or the given hessian).
+    # The draw's factor of S + D (its sqrt(ess) multiple is P's).
+    chol_draw = posterior.factor()
     if hessian is None:
       estimate = curvature.finite(full_gaussian.price_curvature(
-          grads, posterior.noise().reshape(-1, dim), posterior.precision()))
+          grads, posterior.noise().reshape(-1, dim), chol_draw, posterior.ess))
     else:
       _full_hessian_shape(hessian, dim, mc_samples)
       if jnp.iscomplexobj(hessian):
@@ -381,7 +383,9 @@ def scale_by_full_von(
     rho = curvature.step_size(b2, optax.safe_increment(state.count),
                               hess_init_steps)
     a = s_old + decays
-    chol_old = jnp.linalg.cholesky(a)
+    # The same factor, unless inject_hyperparams changed weight_decay since.
+    chol_old = jax.lax.cond(jnp.all(decays == posterior.decay_matrix()),
+                            lambda: chol_draw, lambda: jnp.linalg.cholesky(a))
     if hessian is None:
       # S + D <- (A + C'A^-1 C)/2 with A = S + D, C = (1-rho)A + rho(H + D):
       # the correction of Lin et al. (2020) as a PD matrix plus a Gram
@@ -393,15 +397,12 @@ def scale_by_full_von(
       s_new = (1.0 - rho) * s_old + rho * estimate
     s_new = 0.5 * (s_new + s_new.T)
     chol_new = jnp.linalg.cholesky(s_new + decays)
-    new_posterior = posterior.advanced(s_new, ess, decay)
     # Keep the old curvature where the new one is not numerically PD in the
-    # state's precision: both this step's solve and the next draw's
-    # factorisation (of P = ess (S + D)) must succeed.
-    # (With ess = inf there is no draw: only the solve matters.)
+    # state's precision: its factor serves this step's solve and the next
+    # draw, which divides by its diagonal.
     # NaN inputs are not rescued: like the diagonal variants, they show.
-    ok = jnp.any(jnp.isnan(estimate)) | jnp.all(jnp.isfinite(chol_new)) & (
-        ~jnp.isfinite(new_posterior.ess)
-        | jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_posterior.precision()))))
+    ok = jnp.any(jnp.isnan(estimate)) | (
+        jnp.all(jnp.isfinite(chol_new)) & jnp.all(jnp.diag(chol_new) > 0))
     s_new = jnp.where(ok, s_new, s_old)
     chol = jnp.where(ok, chol_new, chol_old)
     # 3. The Newton step (S + D)^-1 (g_bar + D (m - m0)), solved for the rhs

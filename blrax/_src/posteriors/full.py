@@ -11,9 +11,12 @@ weight decay: :math:`\delta I` for one scalar :math:`\delta`, or a diagonal
 of per-coordinate decays (a per-leaf ``weight_decay`` or a
 ``weight_decay_mask``); the prior is :math:`N(m_0, (\lambda D_\delta)^{-1})`.
 A draw is
-:math:`\theta = m + L^{-\top}\epsilon` with :math:`LL^\top = P` (Cholesky), whose
-covariance is :math:`L^{-\top}L^{-1} = P^{-1}`. Cost: :math:`O(D^2)` memory and
-an :math:`O(D^3)` factorisation per step, so it is for small models.
+:math:`\theta = m + L^{-\top}\epsilon/\sqrt\lambda` with :math:`LL^\top =
+S + D_\delta` (Cholesky), whose covariance is :math:`L^{-\top}L^{-1}/\lambda =
+P^{-1}`. One factor of :math:`S + D_\delta` serves the draw, the Price estimate
+and the covariance (:math:`\sqrt\lambda L` is the factor of :math:`P`, and
+never overflows where :math:`P` would). Cost: :math:`O(D^2)` memory and
+:math:`O(D^3)` factorisations (three per train step), so it is for small models.
 """
 
 from __future__ import annotations
@@ -77,21 +80,24 @@ def decay_matrix(weight_decay: Any, dim: int, dtype: Any) -> jax.Array:
   return jnp.diag(jnp.asarray(weight_decay, dtype))
 
 
-def price_curvature(grads: jax.Array, noise: jax.Array,
-                    precision: jax.Array) -> jax.Array:
+def price_curvature(grads: jax.Array, noise: jax.Array, factor: jax.Array,
+                    ess: jax.Array) -> jax.Array:
   r"""Price estimate :math:`\hat H = \mathrm{mean}_s\,\mathrm{sym}(\hat g_s
   (\theta_s - m)^\top P)`.
 
-  With :math:`\theta_s - m = L^{-\top}\epsilon_s` and :math:`LL^\top = P`,
-  :math:`(\theta_s - m)^\top P = (L\epsilon_s)^\top`, so no inverse is
-  needed. Unbiased for :math:`E_q[\nabla^2\bar\ell]` (Stein's lemma).
+  With :math:`\theta_s - m = L^{-\top}\epsilon_s/\sqrt\lambda` and
+  :math:`LL^\top = S + D_\delta`, :math:`(\theta_s - m)^\top P =
+  \sqrt\lambda\,(L\epsilon_s)^\top`, so no inverse is needed. Unbiased for
+  :math:`E_q[\nabla^2\bar\ell]` (Stein's lemma).
 
   Args:
     grads: ``(S, D)`` gradients at the draws.
     noise: ``(S, D)`` standard-normal draws :math:`\epsilon_s`.
-    precision: :math:`P`, ``(D, D)``.
+    factor: :math:`L`, the ``(D, D)`` lower Cholesky factor of
+      :math:`S + D_\delta`.
+    ess: :math:`\lambda`.
   """
-  scaled = noise @ jnp.linalg.cholesky(precision).T  # rows L eps_s
+  scaled = numerics.finite((noise @ factor.T) * jnp.sqrt(ess))  # sqrt(l) L e
   # Both factors enter the product scaled by powers of two to below 4 in
   # magnitude, and the scales are applied to each entry of the result: a
   # huge finite gradient then saturates (numerics.finite) where the plain
@@ -164,6 +170,11 @@ class FullGaussian(NamedTuple):
     """:math:`P = \\lambda (S + D_\\delta)`."""
     return self.ess * (self.curvature + self.decay_matrix())
 
+  def factor(self) -> jax.Array:
+    """:math:`L`, the lower Cholesky factor of :math:`S + D_\\delta`
+    (:math:`\\sqrt\\lambda L` is :math:`P`'s)."""
+    return jnp.linalg.cholesky(self.curvature + self.decay_matrix())
+
   def decay_matrix(self) -> jax.Array:
     """:math:`D_\\delta`, the ``(D, D)`` prior precision over ``ess``."""
     return decay_matrix(self.weight_decay, self.curvature.shape[0],
@@ -181,8 +192,8 @@ class FullGaussian(NamedTuple):
     eye = jnp.eye(self.curvature.shape[0], dtype=self.curvature.dtype)
     return jax.lax.cond(
         jnp.isfinite(self.ess),
-        lambda: jax.scipy.linalg.cho_solve(
-            (jnp.linalg.cholesky(self.precision()), True), eye),
+        lambda: jax.scipy.linalg.cho_solve((self.factor(), True), eye)
+        / self.ess,
         lambda: 0.0 * self.curvature)
 
   def noise(self) -> jax.Array:
@@ -207,13 +218,13 @@ class FullGaussian(NamedTuple):
                          ess=gaussian.scalar(ess), weight_decay=decay)
 
   def flat_offset(self, noise: jax.Array) -> jax.Array:
-    """:math:`L^{-\\top}\\epsilon` for each row of ``noise`` (zeros if ess=inf)."""
+    """:math:`L^{-\\top}\\epsilon/\\sqrt\\lambda` for each row of ``noise``
+    (zeros if ess=inf)."""
 
     def solve():
-      chol = jnp.linalg.cholesky(self.precision())
       return jax.scipy.linalg.solve_triangular(
-          chol.T, noise.reshape(-1, noise.shape[-1]).T, lower=False
-      ).T.reshape(noise.shape)
+          self.factor().T, noise.reshape(-1, noise.shape[-1]).T, lower=False
+      ).T.reshape(noise.shape) / jnp.sqrt(self.ess)
 
     return jax.lax.cond(jnp.isfinite(self.ess), solve, lambda: 0.0 * noise)
 
