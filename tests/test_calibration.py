@@ -307,6 +307,18 @@ def test_bad_state_and_batches(ivon_state):
                               [(x, y)])
   with pytest.raises(ValueError, match="temperature=-2"):
     blrax.tempered(ivon_state, -2)
+  # Not numbers, or beyond the range every factory accepts for the state
+  # (ess 40 / 1e-20 = 4e21 > 4.6e18; weight_decay 1e-2 * 1e30 = 1e28).
+  for kwargs, match in [
+      (dict(temperature="2"), "temperature='2'"),
+      (dict(temperature=True), "temperature=True"),
+      (dict(temperature=1.0, prior_scale=True), "prior_scale=True"),
+      (dict(temperature=1e39), "temperature=1e"),
+      (dict(temperature=1e-20), "temperature` takes ess"),
+      (dict(temperature=1.0, prior_scale=1e30), "prior_scale` takes"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      blrax.tempered(ivon_state, **kwargs)
 
 
 def test_linearized_matches_explicit_jacobian(ivon_state):

@@ -45,6 +45,8 @@ COMMON_BAD = [
     # Finite in float64 but beyond what the float32 state can hold.
     ("learning_rate", 1e39), ("ess", 1e39), ("ess", 1e20),
     ("hess_init", 1e30), ("weight_decay", 1e39),
+    # Positive but subnormal in float32: XLA on CPU flushes them to 0.
+    ("ess", 1e-40), ("hess_init", 1e-39), ("weight_decay", 1e-39),
 ]
 SPECIFIC_BAD = {
     "ivon": [("b1", 1.0), ("b1", 0.9999999999), ("b1", math.nan),
@@ -88,6 +90,35 @@ def test_numpy_scalars_and_inf_ess_are_accepted(name):
                        key=np.int64(3)))
   assert blrax.find_posteriors(opt.init(jnp.zeros(2)))[0].mc_samples == 2
   factory(**dict(kwargs, ess=math.inf))  # the deterministic limit
+
+
+def test_engine_refuses_a_posterior_without_precision():
+  """hess_init = weight_decay = 0 gives sigma = 1/sqrt(0) at the first draw
+  (the named optimizers refuse it too)."""
+  parts = dict(estimator=blrax.engine.PRICE,
+               precision=blrax.engine.positive_ema,
+               step=blrax.engine.newton_step(), ess=100.0, b2=0.9999,
+               mc_samples=1, key=0, noise="normal")
+  with pytest.raises(ValueError, match="hess_init=0.0, weight_decay=0.0"):
+    blrax.engine.scale_by_blr(hess_init=0.0, weight_decay=0.0, **parts)
+  tx = blrax.engine.scale_by_blr(hess_init=0.0, weight_decay=1e-4, **parts)
+  grads = jnp.array([1.0, -1.0])
+  updates, state = tx.update(grads, tx.init(jnp.zeros(2)), jnp.zeros(2))
+  assert np.all(np.isfinite(updates))
+  assert np.all(np.isfinite(blrax.posterior_stddev(state)))
+
+
+def test_smallest_normal_hess_init_stays_finite():
+  """The smallest accepted hess_init (float32's smallest normal) with no
+  prior: the positivity correction divides by it, and stays finite."""
+  tiny = float(np.finfo(np.float32).tiny)
+  grads = jnp.array([1.0, -1.0, 0.5])
+  for factory in (blrax.ivon, blrax.von):
+    opt = factory(0.1, ess=100.0, hess_init=tiny, weight_decay=0.0)
+    updates, state = opt.update(grads, opt.init(jnp.ones(3)), jnp.ones(3))
+    for leaf in jax.tree.leaves((updates, state)):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert np.all(np.isfinite(leaf)), factory
 
 
 def test_scalar_generators_accept_numpy_ints():

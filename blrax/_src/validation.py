@@ -27,6 +27,9 @@ import numpy as np
 # whose curvature is bounded by sqrt(max) (curvature.limits). Use ess=inf for
 # the deterministic limit.
 STATE_LIMIT = float(np.sqrt(np.finfo(np.float32).max)) / 4
+# The smallest positive value of such a hyperparameter: float32's smallest
+# normal number (subnormals are flushed to 0 on CPU).
+STATE_TINY = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -178,6 +181,12 @@ def check_state_scale(name: str, value: Any, *, positive: bool = False,
   ``>= 0`` (``> 0`` if ``positive``) and at most :data:`STATE_LIMIT`."""
   check_range(name, value, low=0.0, low_open=positive, allow_inf=allow_inf)
   number = concrete_float(value)
+  if number is not None and 0.0 < number < STATE_TINY:
+    floor = "" if positive else "0 or "
+    raise ValueError(
+        f"`{name}` must be {floor}at least {STATE_TINY:.3g}, float32's smallest "
+        "normal number (XLA on CPU flushes smaller ones to 0, and the state "
+        f"would divide by it), got {name}={value!r}.")
   if number is not None and not math.isinf(number) and number > STATE_LIMIT:
     hint = " (ess=inf is the deterministic limit)" if name == "ess" else ""
     raise ValueError(

@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blrax._src import validation
@@ -175,6 +176,27 @@ class Setup(NamedTuple):
   decay_in_state: bool
 
 
+def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
+                          weight_decay_mask: Any = None) -> None:
+  """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 unless ess = inf."""
+  validation.check_state_scale("hess_init", hess_init)
+  h = validation.concrete_float(hess_init)
+  if weight_decay_mask is not None:
+    d = 0.0  # masked leaves have no prior precision
+  elif prior_lib.is_per_leaf(weight_decay):
+    leaves = [np.min(np.asarray(x)) for x in jax.tree.leaves(weight_decay)
+              if not validation.is_traced(x) and np.size(x)]
+    d = float(min(leaves)) if leaves else None
+  else:
+    d = validation.concrete_float(weight_decay)
+  e = validation.concrete_float(ess)
+  if h is not None and d is not None and h + d <= 0 and e != float("inf"):
+    raise ValueError(
+        "`hess_init` + `weight_decay` must be > 0 so the initial posterior "
+        f"variance is finite, got hess_init={hess_init!r}, "
+        f"weight_decay={weight_decay!r}.")
+
+
 def configure(*, ess, hess_init, b2, weight_decay, weight_decay_mask=None,
               prior_mean=None, mc_samples=1, key=0, noise="normal",
               hess_init_steps=None, positive_hess_init=False) -> Setup:
@@ -186,6 +208,8 @@ def configure(*, ess, hess_init, b2, weight_decay, weight_decay_mask=None,
                                positive=positive_hess_init)
   validation.check_unit_interval("b2", b2)
   prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
+  if weight_decay_mask is None:  # else per leaf at init, where known
+    check_curvature_floor(hess_init, weight_decay, ess)
   mc_samples = validation.check_mc_samples(mc_samples)
   if not validation.is_traced(key):
     noise_lib.canonicalize_key(key)

@@ -152,15 +152,14 @@ def tempered(opt_state: Any, temperature: Any,
     >>> print(blrax.posterior_stddev(blrax.tempered(state, 4.0)))
     [0.2 0.2]
   """
-  if not validation.is_traced(temperature):
-    _check_nonnegative("temperature", temperature)
-  if not validation.is_traced(prior_scale):
-    _check_nonnegative("prior_scale", prior_scale, positive=True)
+  validation.check_nonnegative("temperature", temperature)
+  validation.check_positive("prior_scale", prior_scale)
   opt_state = _pure_state(opt_state)
 
   def temper(x):
     if not _is_posterior(x):
       return x
+    _check_tempered_state(x, temperature, prior_scale)
     ess = x.ess / jnp.asarray(temperature, x.ess.dtype)
     decay = jax.tree.map(
         lambda d: (d * jnp.asarray(prior_scale, d.dtype)).astype(d.dtype),
@@ -168,6 +167,31 @@ def tempered(opt_state: Any, temperature: Any,
     return x._replace(ess=ess.astype(x.ess.dtype), weight_decay=decay)
 
   return jax.tree.map(temper, opt_state, is_leaf=_is_posterior)
+
+
+def _check_tempered_state(posterior: Any, temperature: Any,
+                          prior_scale: Any) -> None:
+  """The tempered ``ess`` and weight decay within the range every factory
+  accepts (where all are concrete): the state's guarantees hold for it."""
+  tau = validation.concrete_float(temperature)
+  kappa = validation.concrete_float(prior_scale)
+  ess = validation.concrete_float(posterior.ess)
+  if tau is not None and ess is not None and tau > 0 and math.isfinite(ess):
+    new = ess / tau
+    if not validation.STATE_TINY <= new <= validation.STATE_LIMIT:
+      raise ValueError(
+          f"`temperature` takes ess = {ess:.3g} to {new:.3g}, outside "
+          f"[{validation.STATE_TINY:.3g}, {validation.STATE_LIMIT:.3g}] "
+          f"(the float32 state's range), got temperature={temperature!r}.")
+  decays = [np.asarray(d) for d in jax.tree.leaves(posterior.weight_decay)
+            if not validation.is_traced(d) and np.size(d)]
+  if kappa is not None and decays:
+    largest = max(float(np.max(d)) for d in decays) * kappa
+    if largest > validation.STATE_LIMIT:
+      raise ValueError(
+          f"`prior_scale` takes the largest weight_decay to {largest:.3g}, "
+          f"above {validation.STATE_LIMIT:.3g} (the float32 state's range), "
+          f"got prior_scale={prior_scale!r}.")
 
 
 def _pure_state(opt_state: Any) -> Any:
@@ -351,7 +375,7 @@ def calibrate_posterior(
     if noise_variance is None:
       raise ValueError("likelihood='gaussian' needs the observation noise: "
                        "pass noise_variance=... (> 0).")
-    _check_nonnegative("noise_variance", noise_variance, positive=True)
+    validation.check_positive("noise_variance", noise_variance)
   validation.check_flag("linearized", linearized)
   if selection not in ("one_se", "minimum"):
     raise ValueError("`selection` must be 'one_se' or 'minimum', got "

@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from blrax._src import validation
@@ -17,27 +16,6 @@ from blrax._src.noise import generators as noise_lib
 from blrax._src.posteriors import prior as prior_lib
 
 ScaleByVadamState = engine.ScaleByBLRState
-
-
-def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
-                          weight_decay_mask: Any = None) -> None:
-  """sigma = 1/sqrt(ess (s + delta)) needs s + delta > 0 unless ess = inf."""
-  validation.check_state_scale("hess_init", hess_init)
-  h = validation.concrete_float(hess_init)
-  if weight_decay_mask is not None:
-    d = 0.0  # masked leaves have no prior precision
-  elif prior_lib.is_per_leaf(weight_decay):
-    leaves = [np.min(np.asarray(x)) for x in jax.tree.leaves(weight_decay)
-              if not validation.is_traced(x) and np.size(x)]
-    d = float(min(leaves)) if leaves else None
-  else:
-    d = validation.concrete_float(weight_decay)
-  e = validation.concrete_float(ess)
-  if h is not None and d is not None and h + d <= 0 and e != float("inf"):
-    raise ValueError(
-        "`hess_init` + `weight_decay` must be > 0 so the initial posterior "
-        f"variance is finite, got hess_init={hess_init!r}, "
-        f"weight_decay={weight_decay!r}.")
 
 
 def resolve_batch_size(batch_size: Any, ess: Any, stacklevel: int = 3) -> Any:
@@ -136,7 +114,7 @@ def scale_by_vadam(
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2, include_one=False)
   prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
-  check_curvature_floor(hess_init, weight_decay, ess, weight_decay_mask)
+  engine.check_curvature_floor(hess_init, weight_decay, ess, weight_decay_mask)
   return engine.scale_by_blr(
       estimator=curvature.squared_gradient(batch_size),
       precision=curvature.ema, step=steps.adam(b1, b2, hess_init), ess=ess,
