@@ -108,6 +108,28 @@ def test_engine_refuses_a_posterior_without_precision():
   assert np.all(np.isfinite(blrax.posterior_stddev(state)))
 
 
+@pytest.mark.parametrize("name", ["vadam", "bsam"])
+@pytest.mark.parametrize("params,prior", [
+    ([1e33, 1.0], dict(weight_decay=1e6)),            # delta * m = 1e39
+    ([3e38, 1.0], dict(prior_mean=np.array([-3e38, 0.0]))),  # m - m0 = 6e38
+])
+def test_momentum_of_the_prior_term_saturates(name, params, prior):
+  """The steps whose momentum holds g + delta (m - m0) saturate it: an
+  overflow there turned Vadam's momentum inf and its params NaN."""
+  factory, kwargs = FACTORIES[name]
+  opt = factory(**dict(kwargs, **prior))
+  params = jnp.asarray(params, jnp.float32)
+  state = opt.init(params)
+  for _ in range(5):
+    grads = jnp.ones(2)
+    extra = cases.update_kwargs(VARIANTS[name][0], cases.linear_loss(grads))
+    updates, state = opt.update(grads, state, params, **extra)
+    params = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves((params, state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert np.all(np.isfinite(leaf)), (name, leaf)
+
+
 def test_smallest_normal_hess_init_stays_finite():
   """The smallest accepted hess_init (float32's smallest normal) with no
   prior: the positivity correction divides by it, and stays finite."""

@@ -190,8 +190,9 @@ def adam(b1, b2, hess_init) -> Step:
 
   def leaf(g_bar, curvature, momentum, mean, weight_decay, scalars):
     debias1, debias2, prior = (x.astype(curvature.dtype) for x in scalars)
-    momentum = b1 * momentum + (1.0 - b1) * (
-        g_bar + weight_decay * mean.astype(curvature.dtype))
+    # Saturated, as VOGN's: delta * m can overflow for huge params.
+    momentum = curvature_lib.finite(b1 * momentum + (1.0 - b1) * (
+        g_bar + weight_decay * mean.astype(curvature.dtype)))
     second_moment = prior + (curvature - prior) / debias2
     direction = (momentum / debias1) / (jnp.sqrt(second_moment) + weight_decay)
     return direction, momentum
