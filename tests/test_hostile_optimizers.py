@@ -130,6 +130,24 @@ def test_momentum_of_the_prior_term_saturates(name, params, prior):
       assert np.all(np.isfinite(leaf)), (name, leaf)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight_decay={"w": None, "b": 1e-4}), "`weight_decay` leaf.*None"),
+    (dict(weight_decay={"w": {"a": 1.0}, "b": 1e-4}),
+     "`weight_decay` leaf.*'a'"),
+    (dict(weight_decay_mask={"w": np.ones(5, bool), "b": True}),
+     r"`weight_decay_mask` leaf of shape \(5,\).*\(2, 3\)"),
+])
+def test_bad_prior_leaves_are_named_at_init(name, kwargs, match):
+  """A weight_decay leaf that is not a number, or a mask leaf that does not
+  broadcast to its param, is named at init (a bad mask used to be stored
+  and fail at the first update)."""
+  factory, base = FACTORIES[name]
+  params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+  with pytest.raises(ValueError, match=match):
+    factory(**dict(base, **kwargs)).init(params)
+
+
 def test_smallest_normal_hess_init_stays_finite():
   """The smallest accepted hess_init (float32's smallest normal) with no
   prior: the positivity correction divides by it, and stays finite."""

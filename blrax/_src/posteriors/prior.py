@@ -135,8 +135,13 @@ def _match(name: str, tree: Any, params: Any, fn: Callable) -> Any:
 
 
 def _shaped(name: str, param: Any, value: Any, dtype) -> jax.Array:
-  value = jnp.asarray(value, dtype)
   shape = tuple(np.shape(param))
+  try:
+    value = jnp.asarray(value, dtype)
+  except (TypeError, ValueError) as error:
+    raise validation.ArgumentTypeError(
+        f"`{name}` leaf for a param of shape {shape} must be a number or an "
+        f"array broadcastable to it, got {value!r}.") from error
   try:
     fits = np.broadcast_shapes(value.shape, shape) == shape
   except ValueError:
@@ -176,7 +181,8 @@ def decay_tree(weight_decay: Any, weight_decay_mask: Any, params: Any,
   mask = (weight_decay_mask(params) if callable(weight_decay_mask)
           else weight_decay_mask)
   _check_mask(mask)
-  masked = _match("weight_decay_mask", mask, params, lambda p, m: m)
+  masked = _match("weight_decay_mask", mask, params,
+                  lambda p, m: _shaped("weight_decay_mask", p, m, bool))
   return jax.tree.map(
       lambda d, m: d if _hole(d) else jnp.where(m, d, jnp.zeros_like(d)),
       tree, masked, is_leaf=_hole)
