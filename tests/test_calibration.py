@@ -289,6 +289,8 @@ def test_nnx_model():
     (dict(likelihood="poisson"), "likelihood='poisson'"),
     (dict(likelihood="gaussian"), "noise_variance"),
     (dict(likelihood="gaussian", noise_variance=-1.0), "noise_variance=-1.0"),
+    (dict(likelihood="gaussian", noise_variance=True), "noise_variance=True"),
+    (dict(likelihood="gaussian", noise_variance="1"), "noise_variance='1'"),
     (dict(num_samples=0), "num_samples"),
     (dict(selection="best"), "selection='best'"),
 ])
@@ -360,3 +362,14 @@ def test_bad_batches_are_named(ivon_state):
                               [(x.at[0, 0].set(jnp.nan), y)])
   with pytest.raises(ValueError, match="pair"):
     blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [x])
+  # Targets that do not fit apply_fn's (48, 2) outputs, and an empty batch.
+  for batch, kwargs, match in [
+      ((x, y[:, None]), {}, r"labels of shape \(48,\).*\(48, 1\)"),
+      ((x, y[:5]), {}, r"labels of shape \(48,\).*\(5,\)"),
+      ((x, jnp.zeros(5)), dict(likelihood="gaussian", noise_variance=1.0),
+       r"targets of shape \(48, 2\).*\(5,\)"),
+      ((x[:0], y[:0]), {}, "no rows"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      blrax.calibrate_posterior(apply_fn, PARAMS, ivon_state, [batch],
+                                **kwargs)

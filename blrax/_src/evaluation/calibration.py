@@ -194,6 +194,26 @@ def _check_tempered_state(posterior: Any, temperature: Any,
           f"got prior_scale={prior_scale!r}.")
 
 
+def _check_targets(outputs: tuple, targets: tuple, likelihood: str) -> None:
+  """Targets shaped for apply_fn's outputs: (n, ...) labels for (n, ..., k)
+  logits; for a Gaussian, n rows of as many values as the outputs."""
+  if likelihood == "categorical":
+    want, what = outputs[:-1], "integer labels"
+    fits = targets == want
+  else:
+    want, what = outputs, "targets"  # reshaped to the outputs' shape
+    fits = (math.prod(targets) == math.prod(outputs)
+            and targets[:1] == outputs[:1])
+  if not fits:
+    raise ValueError(
+        f"likelihood={likelihood!r} needs {what} of shape {want} for "
+        f"apply_fn's outputs of shape {outputs}, got targets of shape "
+        f"{targets}.")
+  if not outputs or outputs[0] == 0:
+    raise ValueError(f"a batch has no rows: apply_fn's outputs have shape "
+                     f"{outputs}.")
+
+
 def _pure_state(opt_state: Any) -> Any:
   """The optax state inside an ``nnx.Optimizer`` (else ``opt_state``)."""
   _, _, pure = prediction_inputs.functional(None, None, opt_state)
@@ -403,6 +423,8 @@ def calibrate_posterior(
                                                           jnp.integer):
       raise ValueError("likelihood='categorical' needs integer labels, got "
                        f"targets of dtype {targets.dtype}.")
+    _check_targets(jax.eval_shape(apply_fn, params, batch[0]).shape,
+                   targets.shape, likelihood)
   key = noise.canonicalize_key(key)
 
   # (tau, kappa) -> the NLL, and the per-example log-likelihoods that the
