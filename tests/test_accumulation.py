@@ -233,6 +233,8 @@ def test_memory_one_more_buffer_than_optax():
 def test_refuses_what_it_cannot_accumulate():
   with pytest.raises(ValueError, match="every_k_schedule"):
     blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), every_k_schedule=0)
+  with pytest.raises(ValueError, match="every_k_schedule=2147483648"):
+    blrax.MultiSteps(blrax.ivon(0.1, ess=10.0), every_k_schedule=2**31)
   with pytest.raises(ValueError, match="no blrax posterior"):
     blrax.MultiSteps(optax.adam(0.1), every_k_schedule=2).init(jnp.zeros(2))
   opt = blrax.ivon(0.1, ess=10.0)

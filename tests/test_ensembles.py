@@ -129,6 +129,9 @@ def test_fold_in_keys_refuses_bad_input():
     blrax.fold_in_keys(state, 1.5)
   with pytest.raises(ValueError, match="data=-1"):
     blrax.fold_in_keys(state, -1)
+  with pytest.raises(ValueError, match="data=8589934592"):  # 2**33 > 32 bits
+    blrax.fold_in_keys(state, 2**33)
+  blrax.fold_in_keys(state, 2**32 - 1)  # the largest
   with pytest.raises(ValueError, match="holds no PRNG key"):
     blrax.fold_in_keys(optax.adam(0.1).init(jnp.zeros(2)), 0)
   with pytest.raises(ValueError, match="leading axis"):

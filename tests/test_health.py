@@ -134,6 +134,19 @@ def test_negative_curvature_leaves_the_prior_all_of_the_precision():
                                delta / (SCALES[k] ** 2 + delta), rtol=1e-4)
 
 
+def test_b2_zero_is_all_data_after_one_step():
+  """b2 = 0 (which every factory accepts): h is the last estimate, so
+  hess_init has no share after the first update."""
+  hessian = {k: jnp.full(1, SCALES[k] ** 2) for k in SCALES}
+  opt = blrax.von(0.1, ess=float(N), hess_init=5.0, b2=0.0, weight_decay=0.0)
+  w, state = train(opt, 3, hessian)
+  health = blrax.posterior_health(w, state, hess_init=5.0, b2=0.0, warn=False)
+  assert health.overall["init_share"] == 0.0
+  assert health.overall["data_share"] == 1.0
+  with pytest.raises(ValueError, match="warn='no'"):
+    blrax.posterior_health(w, state, hess_init=5.0, b2=0.0, warn="no")
+
+
 def test_long_run_with_fast_ema_is_the_data():
   opt = blrax.ivon(0.05, ess=float(N), hess_init=1.0, b2=0.99, weight_decay=0.0)
   w, state = train(opt, 3000)
@@ -201,7 +214,7 @@ def test_full_covariance_uses_the_diagonal():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"hess_init": -1.0, "b2": 0.9}, "hess_init"),
-    ({"hess_init": 1.0, "b2": 0.0}, "b2"),
+    ({"hess_init": 1.0, "b2": -0.1}, "b2"),
     ({"hess_init": 1.0, "b2": 1.5}, "b2"),
     ({"hess_init": 1.0, "b2": float("nan")}, "b2"),
     ({"hess_init": 1.0, "b2": 0.9, "share_threshold": 1.0}, "share_threshold"),

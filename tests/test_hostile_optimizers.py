@@ -148,6 +148,31 @@ def test_bad_prior_leaves_are_named_at_init(name, kwargs, match):
     factory(**dict(base, **kwargs)).init(params)
 
 
+@pytest.mark.parametrize("part,value", [
+    ("step", None), ("step", "newton"), ("step", blrax.engine.newton_step),
+    ("estimator", "price"), ("precision", None), ("precision", "ema"),
+])
+def test_engine_parts_are_named(part, value):
+  parts = dict(estimator=blrax.engine.PRICE,
+               precision=blrax.engine.positive_ema,
+               step=blrax.engine.newton_step(), ess=100.0, hess_init=1.0,
+               b2=0.9999, weight_decay=0.0, mc_samples=1, key=0,
+               noise="normal")
+  with pytest.raises(ValueError, match=rf"`{part}` must be .*{part}="):
+    blrax.engine.scale_by_blr(**dict(parts, **{part: value}))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_params_of_another_shape_are_blamed_not_the_grads(name):
+  factory, kwargs = FACTORIES[name]
+  opt = factory(**dict(kwargs, mc_samples=1))
+  state = opt.init(jnp.ones((2, 3)))
+  grads = jnp.ones((2, 3))
+  extra = cases.update_kwargs(cases.variant(name), cases.linear_loss(grads))
+  with pytest.raises(ValueError, match=r"`params` leaf has shape \(1, 2, 3\)"):
+    opt.update(grads, state, jnp.ones((1, 2, 3)), **extra)
+
+
 def test_smallest_normal_hess_init_stays_finite():
   """The smallest accepted hess_init (float32's smallest normal) with no
   prior: the positivity correction divides by it, and stays finite."""

@@ -197,6 +197,20 @@ def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
         f"weight_decay={weight_decay!r}.")
 
 
+def _check_parts(estimator: Any, precision: Any, step: Any) -> None:
+  """The engine's parts are objects of its modules, not their names."""
+  for name, value, ok, what in [
+      ("estimator", estimator, isinstance(estimator, curvature_lib.Estimator),
+       "an Estimator (engine.PRICE, engine.squared_gradient(n), ...)"),
+      ("precision", precision, callable(precision),
+       "a precision update (engine.positive_ema, engine.ema, ...)"),
+      ("step", step, isinstance(step, steps_lib.Step),
+       "a Step (engine.ivon_step(...), engine.newton_step(), ...)"),
+  ]:
+    if not ok:
+      raise ValueError(f"`{name}` must be {what}, got {name}={value!r}.")
+
+
 def configure(*, ess, hess_init, b2, weight_decay, weight_decay_mask=None,
               prior_mean=None, mc_samples=1, key=0, noise="normal",
               hess_init_steps=None, positive_hess_init=False) -> Setup:
@@ -228,9 +242,10 @@ def check_update(updates, params, like, *, mc_samples, hessian=None,
   ``like`` (a tree of the params' shapes), ``hessian=`` where accepted, and
   the ``ess=inf`` rule: without weight noise a noise-based estimate is
   undefined, so the curvature must be given."""
+  # params against the state first: grads are checked against params.
+  gaussian.check_params(params, like)
   gaussian.check_grads(updates, params, mc_samples,
                        batch_axis=batch_axis and hessian is None)
-  gaussian.check_params(params, like)
   if hessian is not None:
     if not accepts_hessian:
       raise ValueError(
@@ -342,6 +357,7 @@ def scale_by_blr(
     >>> print(blrax.posterior_stddev(tx.init(jnp.zeros(2))))
     [0.1 0.1]
   """
+  _check_parts(estimator, precision, step)
   mc_samples, generator, decay_in_state = configure(
       ess=ess, hess_init=hess_init, b2=b2, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, prior_mean=prior_mean,

@@ -151,7 +151,7 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
       or an ``nnx.Optimizer`` (then ``params`` may be the NNX model or its
       state).
     hess_init: the optimizer's ``hess_init`` (:math:`h_0 \ge 0`).
-    b2: the optimizer's ``b2`` (in ``(0, 1]``).
+    b2: the optimizer's ``b2`` (in ``[0, 1]``).
     hess_init_steps: the optimizer's ``hess_init_steps`` (None: a constant
       curvature step, as the reference IVON).
     warn: also emit each finding as a ``UserWarning``.
@@ -181,7 +181,8 @@ def posterior_health(params: Any, opt_state: Any, *, hess_init: float,
     The posterior is still its initialisation:
   """
   validation.check_nonnegative("hess_init", hess_init)
-  validation.check_range("b2", b2, low=0.0, high=1.0, low_open=True)
+  validation.check_range("b2", b2, low=0.0, high=1.0)
+  validation.check_flag("warn", warn)
   validation.check_range("share_threshold", share_threshold, low=0.0,
                          high=1.0, low_open=True, high_open=True)
   if hess_init_steps is not None:

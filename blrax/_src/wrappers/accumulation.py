@@ -234,7 +234,9 @@ class MultiSteps(optax.GradientTransformationExtraArgs):
   def __new__(cls, opt: optax.GradientTransformation,
               every_k_schedule: int | Callable[[jax.Array], jax.Array]):
     if not callable(every_k_schedule):
-      validation.check_integer("every_k_schedule", every_k_schedule, low=1)
+      # The step counters are int32.
+      validation.check_integer("every_k_schedule", every_k_schedule, low=1,
+                               high=2**31)
     inner = optax.with_extra_args_support(opt)
 
     def k_at(step):

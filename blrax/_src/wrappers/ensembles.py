@@ -53,7 +53,7 @@ def fold_in_keys(opt_state: Any, data: Any) -> Any:
 
   Raises:
     ValueError: if ``opt_state`` holds no PRNG key, or ``data`` is not an
-      integer scalar (or a negative int).
+      integer scalar (or an int outside [0, 2**32)).
 
   Examples:
     >>> import jax, jax.numpy as jnp, blrax
@@ -65,8 +65,8 @@ def fold_in_keys(opt_state: Any, data: Any) -> Any:
   """
   dtype = getattr(data, "dtype", None)
   if dtype is None and isinstance(data, int) and not isinstance(data, bool):
-    if data < 0:
-      raise ValueError(f"`data` must be a non-negative int, got data={data}.")
+    if not 0 <= data < 2**32:  # fold_in takes 32 bits
+      raise ValueError(f"`data` must be an int in [0, 2**32), got data={data}.")
     dtype = np.dtype(np.int32) if data < 2**31 else np.dtype(np.uint32)
   if (dtype is None or not jnp.issubdtype(dtype, jnp.integer)
       or np.shape(data) != ()):
