@@ -173,6 +173,17 @@ def test_params_of_another_shape_are_blamed_not_the_grads(name):
     opt.update(grads, state, jnp.ones((1, 2, 3)), **extra)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_another_optimizers_state_is_named(name):
+  factory, kwargs = FACTORIES[name]
+  opt = factory(**dict(kwargs, mc_samples=1))
+  params = jnp.ones(3)
+  extra = cases.update_kwargs(cases.variant(name), cases.linear_loss(params))
+  with pytest.raises(ValueError,
+                     match="`state` must be the state.*got a ScaleByAdamState"):
+    opt.update(params, optax.adam(0.1).init(params), params, **extra)
+
+
 def test_smallest_normal_hess_init_stays_finite():
   """The smallest accepted hess_init (float32's smallest normal) with no
   prior: the positivity correction divides by it, and stays finite."""

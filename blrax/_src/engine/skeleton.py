@@ -234,6 +234,21 @@ def configure(*, ess, hess_init, b2, weight_decay, weight_decay_mask=None,
                or weight_decay_mask is not None)
 
 
+def check_state(state: Any, state_type: type | None = None) -> None:
+  """``update``'s ``state`` is this transform's (not another optimizer's):
+  a ``state_type``, or (None) any state with a diagonal ``posterior``, as
+  the engine's and the states of configurations that extend it (bSAM's)."""
+  if state_type is None:
+    ok = isinstance(getattr(state, "posterior", None),
+                    gaussian.DiagonalGaussian)
+  else:
+    ok = isinstance(state, state_type)
+  if not ok:
+    raise ValueError(
+        "`state` must be the state that this optimizer's init returned, got "
+        f"a {type(state).__name__}.")
+
+
 def check_update(updates, params, like, *, mc_samples, hessian=None,
                  accepts_hessian=True, estimator_name="Price",
                  uses_noise=True, ess=None, batch_axis=False,
@@ -384,6 +399,7 @@ def scale_by_blr(
     accumulate = bool(extra_args.pop(ACCUMULATE, False))
     step_args = {name: extra_args.get(name) for name in step_gradient_args}
     del extra_args
+    check_state(state)
     check_update(updates, params, state.posterior.curvature,
                  mc_samples=mc_samples, hessian=hessian,
                  accepts_hessian=accepts_hessian,

@@ -302,6 +302,7 @@ def scale_by_bsam(
                             rho=gaussian.scalar(rho), posterior=state.posterior)
 
   def update_fn(updates, state, params=None, **extra_args):
+    engine.check_state(state, ScaleByBSAMState)
     # The new rho (under inject_hyperparams) already moves this step.
     state = state._replace(rho=jnp.asarray(rho, state.rho.dtype))
     return blr.update(updates, state, params, **extra_args)

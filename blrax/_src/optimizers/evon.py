@@ -657,6 +657,7 @@ def scale_by_evon(
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
+    engine.check_state(state, ScaleByEVONState)
     posterior = state.posterior
     engine.check_update(updates, params, posterior.curvature,
                         mc_samples=mc_samples, hessian=hessian, ess=ess,

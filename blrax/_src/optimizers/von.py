@@ -344,6 +344,7 @@ def scale_by_full_von(
   def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
     accumulate = bool(extra_args.pop(engine.ACCUMULATE, False))
     del extra_args
+    engine.check_state(state, ScaleByFullVONState)
     posterior = state.posterior
     engine.check_update(updates, params, jax.tree.map(
         lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype),
