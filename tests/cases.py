@@ -67,11 +67,12 @@ PROPERTY_FAILS = ("bug:", "limitation:")
 
 _FULL_VON = {
     SINGLE_DRAW:
-        "limitation: the draw's Cholesky factor of the precision is computed "
+        "limitation: the draw's Cholesky factor of S + D is computed "
         "twice per train step: sample_params factors it inside a lax.cond "
         "(FullGaussian.flat_offset), update again outside one "
-        "(price_curvature), and XLA does not merge the two: one extra "
-        "O(D^3) factorisation per step",
+        "(FullGaussian.factor, for the Price estimate and the curvature "
+        "update), and XLA does not merge the two: one extra O(D^3) "
+        "factorisation per step",
 }
 # The wrappers from optax keep params-shaped buffers.
 _OPTAX_SHAPED = {
