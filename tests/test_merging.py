@@ -195,6 +195,27 @@ def test_merged_state_samples_and_keeps_structure():
   assert theta["w"].shape == (2,)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_merged_mean_scales_with_huge_means(covariance):
+  """The merged mean is linear in the shards' means (and prior means): means
+  scaled by 2**110 (~1.3e33, where ess * h * m overflows float32) merge to
+  the merged mean scaled by 2**110, bit for bit (powers of two are exact)."""
+  opt = blrax.von(0.1, ess=1e6, covariance=covariance, hess_init=2.0,
+                  weight_decay=1e-4, prior_mean=jnp.array([0.5, -1.0, 0.25]))
+  means = [jnp.array([1.5, -2.0, 0.75]), jnp.array([1.0, -3.0, 0.5])]
+  states = [opt.init(m) for m in means]
+  factor = 2.0 ** 110
+  opt_big = blrax.von(0.1, ess=1e6, covariance=covariance, hess_init=2.0,
+                      weight_decay=1e-4,
+                      prior_mean=factor * jnp.array([0.5, -1.0, 0.25]))
+  big_states = [opt_big.init(m * factor) for m in means]
+  merged, _ = blrax.merge_posteriors(means, states)
+  merged_big, _ = blrax.merge_posteriors([m * factor for m in means],
+                                         big_states)
+  assert np.all(np.isfinite(merged_big))
+  np.testing.assert_array_equal(merged_big, merged * factor)
+
+
 def test_merge_errors():
   opt = blrax.ivon(0.1, ess=10.0, weight_decay=0.1)
   p = jnp.zeros(2)

@@ -50,3 +50,18 @@ def bounded(curvature: jax.Array, weight_decay) -> jax.Array:
   lowest = jnp.maximum(floor - weight_decay, -weight_decay
                        * (1.0 - 4.0 * jnp.finfo(curvature.dtype).eps))
   return jnp.clip(curvature, lowest, ceiling)
+
+
+def power_of_two_normalised(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(x / c, c)``, ``c`` the power of two that takes ``max|x|`` below 4.
+
+  ``c`` is at least 1 (only overflow matters) and at most ``2**(maxexp-2)``,
+  so that the ``1/c`` XLA may multiply by is a normal number (CPUs flush
+  subnormals to zero).
+  """
+  largest = jnp.max(jnp.abs(x))
+  _, exponent = jnp.frexp(largest)  # largest = f 2^exponent, f in [0.5, 1)
+  exponent = jnp.where(jnp.isfinite(largest), exponent - 1, 0)
+  exponent = jnp.clip(exponent, 0, jnp.finfo(x.dtype).maxexp - 2)
+  scale = jnp.ldexp(jnp.ones((), x.dtype), exponent)
+  return x / scale, scale

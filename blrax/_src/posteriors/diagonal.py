@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blrax._src import base, validation
+from blrax._src import base, numerics, validation
 from blrax._src.noise import generators as noise_lib
 from blrax._src.posteriors import merge_rules
 from blrax._src.posteriors import prior as prior_lib
@@ -168,18 +168,26 @@ class DiagonalGaussian(NamedTuple):
       if not is_trainable(m[0]):  # an int counter: shard 0's.
         return jnp.asarray(m[0]), sum(e * hk for e, hk in zip(ess, h)) / total
       dtype = h[0].dtype
+      # Every mean scaled by one power of two (exact) to below 4, so that
+      # the linear terms cannot overflow for huge means; the merged mean is
+      # scaled back and saturated.
+      means_ = [x.astype(dtype) for x in (m0, *m, *mk0)]
+      _, scale = numerics.power_of_two_normalised(
+          jnp.stack([jnp.max(jnp.abs(x)) for x in means_]))
+      m0, *means_ = (x / scale for x in means_)
+      m, mk0 = means_[:k], means_[k:]
       # The shards' likelihoods: precision e_k h_k, linear term e_k (h_k + d_k)
       # m_k - e_k d_k m0_k = e_k h_k m_k + e_k d_k (m_k - m0_k).
       lik = sum(e * hk for e, hk in zip(ess, h))
-      lin = sum(e * (hk * mk.astype(dtype) + dk * (mk.astype(dtype) - m0k))
+      lin = sum(e * (hk * mk + dk * (mk - m0k))
                 for e, hk, mk, dk, m0k in zip(ess, h, m, d, mk0))
       precision = lam0_ + lik
-      num = lam0_ * m0.astype(dtype) + lin
+      num = lam0_ * m0 + lin
       tiny = jnp.finfo(dtype).tiny
-      fallback = sum(mk.astype(dtype) for mk in m) / k
+      fallback = sum(m) / k
       mean = jnp.where(precision > tiny, num / jnp.maximum(precision, tiny),
                        fallback)
-      return mean, lik / total
+      return numerics.finite(numerics.finite(mean) * scale), lik / total
 
     out = jax.tree.map(leaf, lam0, merge_rules.leafwise(prior_mean, curv), *[
         c for c in (p.curvature for p in posteriors)], *means, *decays,

@@ -102,26 +102,11 @@ def price_curvature(grads: jax.Array, noise: jax.Array, factor: jax.Array,
   # magnitude, and the scales are applied to each entry of the result: a
   # huge finite gradient then saturates (numerics.finite) where the plain
   # product could add +inf to -inf. The same bits for every other input.
-  grads_unit, grads_scale = _power_of_two_normalised(grads)
-  scaled_unit, scaled_scale = _power_of_two_normalised(scaled)
+  grads_unit, grads_scale = numerics.power_of_two_normalised(grads)
+  scaled_unit, scaled_scale = numerics.power_of_two_normalised(scaled)
   outer = grads_unit.T @ scaled_unit / grads.shape[0]
   outer = 0.5 * (outer + outer.T)
   return numerics.finite(numerics.finite(outer * grads_scale) * scaled_scale)
-
-
-def _power_of_two_normalised(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(x / c, c)``, ``c`` the power of two that takes ``max|x|`` below 4.
-
-  ``c`` is at least 1 (only overflow matters) and at most ``2**(maxexp-2)``,
-  so that the ``1/c`` XLA may multiply by is a normal number (CPUs flush
-  subnormals to zero).
-  """
-  largest = jnp.max(jnp.abs(x))
-  _, exponent = jnp.frexp(largest)  # largest = f 2^exponent, f in [0.5, 1)
-  exponent = jnp.where(jnp.isfinite(largest), exponent - 1, 0)
-  exponent = jnp.clip(exponent, 0, jnp.finfo(x.dtype).maxexp - 2)
-  scale = jnp.ldexp(jnp.ones((), x.dtype), exponent)
-  return x / scale, scale
 
 
 class FullGaussian(NamedTuple):
@@ -283,8 +268,15 @@ class FullGaussian(NamedTuple):
           if prior_mean is None else
           flatten(merge_rules.leafwise(prior_mean, means[0])))
     lik = sum(e * p.curvature for e, p in zip(ess, posteriors))
-    lin = sum(e * (p.curvature @ m + p.weight_decay * (m - m0k)) for e, p, m, m0k
-              in zip(ess, posteriors, flat_means, prior_means))
+    # The means scaled by one power of two (exact) to below 4, so that the
+    # linear term cannot overflow for huge means; scaled back after.
+    _, scale = numerics.power_of_two_normalised(jnp.stack(
+        [jnp.max(jnp.abs(x)) for x in (m0.astype(dtype), *flat_means,
+                                        *prior_means)]))
+    scaled_m0 = m0.astype(dtype) / scale
+    lin = sum(e * (p.curvature @ (m / scale)
+                   + p.weight_decay * (m / scale - m0k / scale))
+              for e, p, m, m0k in zip(ess, posteriors, flat_means, prior_means))
     precision = decay_matrix(prior_precision, dim, dtype) + lik
     precision = 0.5 * (precision + precision.T)
     chol = jnp.linalg.cholesky(precision)
@@ -292,8 +284,9 @@ class FullGaussian(NamedTuple):
       raise ValueError(
           "`opt_states`: the merged precision diag(prior_precision) + "
           "sum_k ess_k S_k is not positive definite.")
-    mean = jax.scipy.linalg.cho_solve(
-        (chol, True), prior_precision * m0.astype(dtype) + lin)
+    mean = jax.scipy.linalg.cho_solve((chol, True),
+                                      prior_precision * scaled_m0 + lin)
+    mean = numerics.finite(numerics.finite(mean) * scale)
     mean = unflatten(first.template, mean)
     if jnp.ndim(first.weight_decay) == 0 and jnp.ndim(prior_precision) == 0:
       decay = gaussian.scalar(jnp.asarray(prior_precision) / total)
