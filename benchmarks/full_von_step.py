@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +30,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_init, mlp_loss  # noqa: E402
+from step_time import mlp_init, mlp_loss, print_ratio_table, time_rounds  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -88,22 +86,11 @@ def main():
     call = (params, opt.init(params), xs, ys)
     jax.block_until_ready(run(*call))  # compile and warm up
     runs[name] = (run, call)
-  times = {name: [] for name in runs}
-  for _ in range(args.rounds):
-    for name, (run, call) in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run(*call))
-      times[name].append((time.perf_counter() - start) / args.inner)
+  times = time_rounds(runs, args.rounds, args.inner)
   print(f"MLP {sizes}, {n_params:,} params, batch {args.batch}, "
         f"{jax.devices()[0].platform}, {args.rounds} rounds of {args.inner} "
         "steps\n")
-  print("| step | median ms | median / adamw | fastest / adamw |")
-  print("|---|---:|---:|---:|")
-  med = {n: statistics.median(t) for n, t in times.items()}
-  low = {n: min(t) for n, t in times.items()}
-  for name in runs:
-    print(f"| {name} | {1e3 * med[name]:.2f} | {med[name] / med['adamw']:.2f}"
-          f" | {low[name] / low['adamw']:.2f} |")
+  print_ratio_table(times)
 
 
 if __name__ == "__main__":

@@ -105,14 +105,35 @@ def benchmark_model(params, loss, xs, ys, rounds, variants):
     args = (params, opt.init(params), key, xs, ys)
     jax.block_until_ready(run(*args))  # compile and warm up
     runs[name] = (run, args)
+  times = time_rounds(runs, rounds, inner)
+  medians = {name: statistics.median(t) for name, t in times.items()}
+  return n_params, medians
+
+
+def time_rounds(runs, rounds, inner):
+  """Per-step seconds of each compiled ``name: (run, args)`` over ``rounds``
+  calls of ``inner`` steps, interleaved round by round so that the shared
+  machine's drift hits all alike: ``{name: [seconds]}``."""
   times = {name: [] for name in runs}
   for _ in range(rounds):
     for name, (run, args) in runs.items():
       start = time.perf_counter()
       jax.block_until_ready(run(*args))
       times[name].append((time.perf_counter() - start) / inner)
-  medians = {name: statistics.median(t) for name, t in times.items()}
-  return n_params, medians
+  return times
+
+
+def print_ratio_table(times, reference="adamw"):
+  """The median and the fastest round per step of each entry of
+  :func:`time_rounds`'s output, as ratios to ``reference``'s."""
+  print(f"| step | median ms | median / {reference} | fastest / {reference} |")
+  print("|---|---:|---:|---:|")
+  med = {n: statistics.median(t) for n, t in times.items()}
+  low = {n: min(t) for n, t in times.items()}
+  for name in times:
+    print(f"| {name} | {1e3 * med[name]:.2f} | "
+          f"{med[name] / med[reference]:.2f} | "
+          f"{low[name] / low[reference]:.2f} |")
 
 
 def default_variants(n_train=60_000, with_vogn=True):

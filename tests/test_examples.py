@@ -65,7 +65,8 @@ def test_partial_posterior():
   assert "layer2: max |sample - mean| = 0.0000" not in out
 
 
-@pytest.mark.parametrize("script", ["step_time.py"])
+@pytest.mark.parametrize("script", ["step_time.py", "bsam_step_time.py",
+                                    "full_von_step.py"])
 def test_benchmark_runs(script):
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", script), "--sizes",
