@@ -30,7 +30,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_init, mlp_loss, print_ratio_table, time_rounds  # noqa: E402
+from step_time import mlp_data, mlp_loss, print_ratio_table, time_rounds  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -66,11 +66,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=9)
   args = parser.parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
-  key = jax.random.key(0)
-  params = mlp_init(key, sizes)
+  params, xs, ys = mlp_data(sizes, args.batch, args.inner)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  xs = jax.random.normal(key, (args.inner, args.batch, sizes[0]))
-  ys = jax.random.randint(key, (args.inner, args.batch), 0, sizes[-1])
   n_train = 1_000
   full = lambda: blrax.von(1e-2, ess=n_train, covariance="full",  # noqa: E731
                            max_dim=max(n_params, 1))

@@ -80,12 +80,18 @@ def make_run(opt, kind, inner, loss=mlp_loss):
   return run
 
 
-def benchmark(sizes, batch, inner, rounds, variants):
-  """Median step times on the MLP ``sizes``: (param count, {name: seconds})."""
+def mlp_data(sizes, batch, inner):
+  """The MLP ``sizes``' params and ``inner`` random batches: (params, xs,
+  ys)."""
   key = jax.random.key(0)
-  params = mlp_init(key, sizes)
   xs = jax.random.normal(key, (inner, batch, sizes[0]))
   ys = jax.random.randint(key, (inner, batch), 0, sizes[-1])
+  return mlp_init(key, sizes), xs, ys
+
+
+def benchmark(sizes, batch, inner, rounds, variants):
+  """Median step times on the MLP ``sizes``: (param count, {name: seconds})."""
+  params, xs, ys = mlp_data(sizes, batch, inner)
   return benchmark_model(params, mlp_loss, xs, ys, rounds, variants)
 
 
