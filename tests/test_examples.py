@@ -246,3 +246,69 @@ def test_device_scaling_benchmark_runs(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| 2 |" in result.stdout
   assert (tmp_path / "devices.png").stat().st_size > 0
+
+
+def _headroom():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import posterior_headroom
+  finally:
+    sys.path.pop(0)
+  return posterior_headroom
+
+
+def test_posterior_headroom_curvatures_against_explicit_loops():
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import blrax
+  headroom = _headroom()
+  apply = lambda p, x: x @ p["w"] + p["b"]
+  params = {"w": jnp.array([[0.5, -1.0, 0.2], [0.3, 0.1, -0.4]]),
+            "b": jnp.array([0.1, 0.0, -0.2])}
+  x = jnp.array([[1.0, 2.0], [-1.0, 0.5], [0.3, -2.0], [2.0, 1.0]])
+  y = jnp.array([0, 2, 1, 1])
+  settings = headroom.quickstart.IVON_SETTINGS
+  state = blrax.ivon(0.1, ess=4.0, **settings).init(params)
+  h = {"w": jnp.full((2, 3), 0.5), "b": jnp.array([0.2, 0.9, 1.3])}
+  state = headroom.with_curvature(state, h)
+  np.testing.assert_array_equal(blrax.find_posteriors(state)[0].curvature["b"],
+                                h["b"])
+  steps = 7
+  got = headroom.curvatures(apply, params, state, x, y, steps, seed=0)
+  w = settings["b2"] ** steps
+  for leaf in ("w", "b"):
+    np.testing.assert_allclose(
+        got["data"][leaf],
+        np.maximum((np.asarray(h[leaf]) - settings["hess_init"] * w) / (1 - w),
+                   0.0), rtol=1e-5)
+  # The empirical Fisher: per-example gradients, one example at a time.
+  loss = lambda p, xi, yi: optax.softmax_cross_entropy_with_integer_labels(
+      apply(p, xi[None]), yi[None]).sum()
+  grads = [jax.grad(loss)(params, x[i], y[i]) for i in range(len(y))]
+  for leaf in ("w", "b"):
+    expected = np.mean([np.asarray(g[leaf]) ** 2 for g in grads], axis=0)
+    np.testing.assert_allclose(got["empirical_fisher"][leaf], expected,
+                               rtol=1e-5, atol=1e-8)
+  # The Monte Carlo Fisher: the same 8 label draws, one example at a time.
+  logits = apply(params, x)
+  draws = [jax.random.categorical(jax.random.key(i), logits) for i in range(8)]
+  for leaf in ("w", "b"):
+    expected = np.mean(
+        [np.asarray(jax.grad(loss)(params, x[i], labels[i])[leaf]) ** 2
+         for labels in draws for i in range(len(y))], axis=0)
+    np.testing.assert_allclose(got["fisher"][leaf], expected, rtol=1e-5,
+                               atol=1e-8)
+
+
+def test_posterior_headroom_runs():
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks",
+                                    "posterior_headroom.py"),
+       "--epochs", "1", "--seeds", "0"],
+      capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [r for r in result.stdout.splitlines()
+          if r.startswith("| ") and "curvature" not in r]
+  assert len(rows) == 8, result.stdout
