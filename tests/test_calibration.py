@@ -143,6 +143,36 @@ def test_matches_brute_force_grid(ivon_state):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_temperatures_past_the_state_range_become_its_edge():
+  # ess = 1e15: tau = 1e-10 would give ess/tau = 1e25, past the float32
+  # state's range (4.6e18), which tempered() refuses. It is evaluated (and
+  # returned) as the smallest tau within it, ess / 4.6e18; h is set so that
+  # there sigma is about 1, the best width for these labels.
+  limit = float(np.sqrt(np.finfo(np.float32).max)) / 4
+  ess = 1e15
+  floor = ess / limit
+  params = {"w": jnp.array([[2.0, -2.0]])}
+  apply = lambda p, x: x @ p["w"]
+  state = blrax.ivon(0.1, ess=ess, hess_init=floor / ess,
+                     weight_decay=0.0).init(params)
+  x = jnp.ones((40, 1))
+  y = jnp.asarray((np.arange(40) % 5 == 0).astype(np.int32))  # 20% class 1
+  result = blrax.calibrate_posterior(apply, params, state, [(x, y)], key=KEY,
+                                     num_samples=SAMPLES,
+                                     temperatures=(1e-10,), refine=False)
+  np.testing.assert_allclose(result.temperature, floor, rtol=1e-6)
+  np.testing.assert_allclose(sorted(result.temperatures), [0.0, floor, 1.0],
+                             rtol=1e-6)
+  assert float(blrax.find_posteriors(result.opt_state)[0].ess) <= limit
+  sample = lambda p, s, n: blrax.sample_posterior(jax.random.key(KEY), p, s, n)
+  draws = sample(params, blrax.tempered(state, floor), SAMPLES)
+  probs = jax.nn.softmax(jax.vmap(lambda w: apply({"w": w}, x))(draws["w"]))
+  brute = -np.mean(np.log(np.mean(np.asarray(probs, np.float64)[
+      :, np.arange(40), np.asarray(y)], axis=0)))
+  np.testing.assert_allclose(result.nll, brute, rtol=2e-5)
+  assert result.nll < min(result.mean_nll, result.uncalibrated_nll)
+
+
 def test_refined_search_reaches_dense_grid_minimum(ivon_state):
   """The default search (coarse grid, then refine) is within 1e-3 of the
   minimum over a dense brute-force grid, and never above the mean's NLL."""

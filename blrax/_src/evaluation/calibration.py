@@ -349,7 +349,9 @@ def calibrate_posterior(
     key: PRNG key or int seed of the draws, shared by every candidate.
     num_samples: posterior draws :math:`S` per candidate.
     temperatures: the :math:`\tau` grid (values ``>= 0``); default 0 and 25
-      log-spaced values from 1e-4 to 10.
+      log-spaced values from 1e-4 to 10. A :math:`\tau > 0` that would take
+      ``ess`` past the float32 state's range (``ess``/4.6e18, which only a
+      huge ``ess`` reaches) is evaluated as that smallest value instead.
     prior_scales: the :math:`\kappa` grid (values ``> 0``); default ``(1.0,)``
       (the prior as trained). E.g. ``np.logspace(-2, 2, 5)`` fits it too.
     likelihood: ``"categorical"`` (softmax over the last axis) or
@@ -389,7 +391,7 @@ def calibrate_posterior(
   apply_fn, params, opt_state = prediction_inputs.functional(apply_fn, params,
                                                       opt_state)
   prediction_inputs.check_apply_fn(apply_fn)
-  lookup.find_posteriors(opt_state)  # Raises if there is none.
+  posteriors = lookup.find_posteriors(opt_state)  # Raises if there is none.
   num_samples = validation.check_integer("num_samples", num_samples, low=1)
   if likelihood == "gaussian":
     if noise_variance is None:
@@ -408,6 +410,10 @@ def calibrate_posterior(
   if temperatures is None:
     temperatures = np.concatenate([[0.0], np.logspace(-4, 1, 25)])
   taus = _grid("temperatures", temperatures, positive=False)
+  # A tau that takes ess/tau past the state's range is a point mass in all
+  # but name: the smallest tau that stays within it stands for them.
+  tau_floor = _smallest_temperature(posteriors)
+  taus = np.unique(np.where((taus > 0) & (taus < tau_floor), tau_floor, taus))
   kappas = _grid("prior_scales", prior_scales, positive=True)
   batches = list(batches)
   if not batches:
@@ -482,7 +488,7 @@ def calibrate_posterior(
     index = int(np.searchsorted(grid_taus, best[0]))
     low = grid_taus[index - 1] if index > 0 else best[0] / 10
     high = grid_taus[index + 1] if index + 1 < len(grid_taus) else best[0] * 10
-    low = max(low, best[0] / 10)  # low = 0 would not be log-spaced.
+    low = max(low, best[0] / 10, tau_floor)  # 0 would not be log-spaced.
     evaluate(np.geomspace(low, high, 10)[1:-1], best[1])
   chosen = _select(cache, per_example, selection)
   points = list(cache)
@@ -493,6 +499,15 @@ def calibrate_posterior(
       temperatures=np.array([p[0] for p in points]),
       prior_scales=np.array([p[1] for p in points]),
       nlls=np.array([cache[p] for p in points]))
+
+
+def _smallest_temperature(posteriors: list[Any]) -> float:
+  """The smallest tau > 0 with every ``ess / tau`` within the state's range
+  (0 where some ``ess`` is traced or infinite)."""
+  values = [validation.concrete_float(p.ess) for p in posteriors]
+  if any(e is None or not math.isfinite(e) for e in values):
+    return 0.0
+  return max(values) / validation.STATE_LIMIT * (1 + 1e-9)  # not past it
 
 
 def _select(cache: dict, per_example: dict, selection: str) -> tuple:
