@@ -19,7 +19,6 @@ Prints the median and the fastest round per step, as ratios to adamw.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,7 +28,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_init, mlp_loss, print_ratio_table, time_rounds  # noqa: E402
+from step_time import mlp_init, mlp_loss, print_ratio_table, time_rounds, timing_parser  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -66,12 +65,8 @@ def make_run(kind, opt):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="256,1024,1024,10")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--inner", type=int, default=10)
-  parser.add_argument("--rounds", type=int, default=9)
-  args = parser.parse_args()
+  args = timing_parser(__doc__.splitlines()[0], sizes="256,1024,1024,10", batch=128,
+                       inner=10, rounds=9).parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   key = jax.random.key(0)
   params = mlp_init(key, sizes)

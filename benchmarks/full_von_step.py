@@ -19,7 +19,6 @@ Prints the median and the fastest round per step, as ratios to adamw.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -30,7 +29,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_data, mlp_loss, print_ratio_table, time_rounds  # noqa: E402
+from step_time import mlp_data, mlp_loss, print_ratio_table, time_rounds, timing_parser  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -59,12 +58,8 @@ def make_run(kind, opt):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="16,24,10")
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--inner", type=int, default=20)
-  parser.add_argument("--rounds", type=int, default=9)
-  args = parser.parse_args()
+  args = timing_parser(__doc__.splitlines()[0], sizes="16,24,10", batch=64,
+                       inner=20, rounds=9).parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   params, xs, ys = mlp_data(sizes, args.batch, args.inner)
   n_params = sum(x.size for x in jax.tree.leaves(params))

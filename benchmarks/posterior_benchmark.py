@@ -110,10 +110,11 @@ WIDE_IVON_REGRESSION_GRID = tuple((lr, wd, 0, b2)
 FAMILY = {"von": 0.3, "vogn": 0.3, "evon": 1e-3}
 IVON_OPTIONS: dict = {}  # --ivon-options, for experiments
 CALIBRATION: dict = {}  # --selection
+IVON_EARLY_STOPPING = {"on": False}  # --ivon-early-stopping
 # What defines a run besides its tasks: kept when runs are merged, and named
 # in the table's first line when not the default.
 RUN_OPTIONS = ("seeds", "steps", "family", "wide_grids", "selection",
-               "ivon_options")
+               "ivon_options", "ivon_early_stopping")
 TASKS = ("digits", "digits25", "digits10", "cancer", "wine", "moons",
          "diabetes", "gap1d")
 
@@ -255,7 +256,7 @@ def make_trainer(task, method, steps, early_stopping):
   """A jitted program: (configs, seeds, data) -> (params, opt_state), vmapped
   over the configs (learning rate, weight decay; traced, so one compilation
   serves a whole grid) and the seeds; with ``early_stopping`` the params of
-  the epoch with the best validation NLL."""
+  the epoch with the best validation NLL (and its optimizer state)."""
   n_train, dim = task["x_train"].shape[1:]
   batch = min(BATCH, n_train)
   per_epoch = n_train // batch
@@ -293,14 +294,14 @@ def make_trainer(task, method, steps, early_stopping):
       if early_stopping:
         val = loss(params, xv, yv)
         better = val < best_nll
-        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), params, best)
+        best = jax.lax.cond(better, lambda: (params, state), lambda: best)
         best_nll = jnp.where(better, val, best_nll)
       return (params, state, best, best_nll), None
 
-    carry = (params, state, params, jnp.inf)
+    carry = (params, state, (params, state), jnp.inf)
     params, state, best, _ = jax.lax.scan(
         epoch, carry, jax.random.split(k_data, epochs))[0]
-    return (best if early_stopping else params), state
+    return best if early_stopping else (params, state)
 
   over_seeds = jax.vmap(run, in_axes=(None,) * 4 + (0,) * 5)
   return jax.jit(jax.vmap(over_seeds, in_axes=(0,) * 4 + (None,) * 5))
@@ -525,7 +526,8 @@ def run_task(name, seeds, steps, family, log):
   # IVON: a grid of the same size, picked by the validation NLL of the mean.
   ivon_grid = (IVON_GRID if task["kind"] == "classification" else
                IVON_REGRESSION_GRID)
-  params, states, costs["ivon"] = train(task, "ivon", ivon_grid, steps, seeds)
+  params, states, costs["ivon"] = train(task, "ivon", ivon_grid, steps, seeds,
+                                        IVON_EARLY_STOPPING["on"])
   picked = []
   for i, split in enumerate(splits):
     best = min(range(len(ivon_grid)),
@@ -645,6 +647,9 @@ def main(argv=None):
   parser.add_argument("--ivon-options", type=json.loads, default={},
                       help='extra blrax.ivon keywords as JSON, e.g. '
                       '\'{"hess_init_steps": null}\'')
+  parser.add_argument("--ivon-early-stopping", action="store_true",
+                      help="IVON keeps the epoch (params and state) with the "
+                      "best validation NLL of its mean, as AdamW does")
   parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                       help="only combine the .json results of earlier runs "
                       "(e.g. tasks run in parallel processes) into --out")
@@ -656,6 +661,7 @@ def main(argv=None):
     args.family = []
   IVON_OPTIONS.update(args.ivon_options)
   CALIBRATION["selection"] = args.selection
+  IVON_EARLY_STOPPING["on"] = args.ivon_early_stopping
   if args.wide_grids:
     global ADAMW_GRID, IVON_GRID, IVON_REGRESSION_GRID
     ADAMW_GRID, IVON_GRID = WIDE_ADAMW_GRID, WIDE_IVON_GRID
@@ -684,6 +690,7 @@ def main(argv=None):
   flags = "".join(
       [" --wide-grids" if args.wide_grids else "",
        f" --selection {args.selection}" if args.selection != "minimum" else "",
+       " --ivon-early-stopping" if args.ivon_early_stopping else "",
        f" --ivon-options '{json.dumps(args.ivon_options)}'"
        if args.ivon_options else "",
        " --family" + "".join(f" {m}" for m in args.family)

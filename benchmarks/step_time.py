@@ -158,14 +158,22 @@ def default_variants(n_train=60_000, with_vogn=True):
   return variants
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="256,1024,1024,10",
+def timing_parser(description: str, *, sizes: str, batch: int, inner: int,
+                  rounds: int) -> argparse.ArgumentParser:
+  """The command line every step-time benchmark shares, with its defaults."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--sizes", default=sizes,
                       help="MLP layer widths, comma separated")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--inner", type=int, default=20,
+  parser.add_argument("--batch", type=int, default=batch)
+  parser.add_argument("--inner", type=int, default=inner,
                       help="steps per timed call (inside one lax.scan)")
-  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--rounds", type=int, default=rounds)
+  return parser
+
+
+def main():
+  parser = timing_parser(__doc__.splitlines()[0], sizes="256,1024,1024,10",
+                         batch=128, inner=20, rounds=15)
   parser.add_argument("--no-vogn", action="store_true",
                       help="skip VOGN (per-example gradients are slow on CPU)")
   args = parser.parse_args()

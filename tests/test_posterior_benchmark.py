@@ -52,3 +52,25 @@ def test_smoke_run(tmp_path):
   text = (tmp_path / "bench.md").read_text()
   assert "| ivon/cal |" in text and "Targets" in text
   assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_params_and_state_of_one_epoch():
+  import jax
+  stacked, (task,) = pb.stack_tasks("wine", [0])
+  per_epoch = task["x_train"].shape[0] // pb.BATCH
+  steps = 40 * per_epoch  # wine overfits well before
+  config = [(0.3, 1e-3)]
+  best, best_state, _ = pb.train(stacked, "ivon", config, steps, [0], True)
+  final, final_state, _ = pb.train(stacked, "ivon", config, steps, [0],
+                                   False)
+  best, final = pb.index(best, 0, 0), pb.index(final, 0, 0)
+  count = int(best_state[0].count[0, 0])
+  # The kept state is the one the kept params were trained with: its step
+  # count ends an epoch, and its validation NLL is the lowest seen (so no
+  # higher than the last epoch's).
+  assert count % per_epoch == 0 and 0 < count < steps
+  assert int(final_state[0].count[0, 0]) == steps
+  assert pb.val_nll(task, best) <= pb.val_nll(task, final)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best),
+                                                       jax.tree.leaves(final)))

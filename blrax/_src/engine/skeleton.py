@@ -194,7 +194,9 @@ def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
     raise ValueError(
         "`hess_init` + `weight_decay` must be > 0 so the initial posterior "
         f"variance is finite, got hess_init={hess_init!r}, "
-        f"weight_decay={weight_decay!r}.")
+        f"weight_decay={weight_decay!r}"
+        + (" (0 on the leaves that weight_decay_mask leaves out)."
+           if weight_decay_mask is not None else "."))
 
 
 def _check_parts(estimator: Any, precision: Any, step: Any) -> None:

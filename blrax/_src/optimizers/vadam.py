@@ -114,7 +114,10 @@ def scale_by_vadam(
   validation.check_unit_interval("b1", b1, include_one=False)
   validation.check_unit_interval("b2", b2, include_one=False)
   prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
-  engine.check_curvature_floor(hess_init, weight_decay, ess, weight_decay_mask)
+  if weight_decay_mask is not None:  # Else the engine checks it.
+    # Masked leaves have no prior precision: hess_init alone must be > 0.
+    engine.check_curvature_floor(hess_init, weight_decay, ess,
+                                 weight_decay_mask)
   return engine.scale_by_blr(
       estimator=curvature.squared_gradient(batch_size),
       precision=curvature.ema, step=steps.adam(b1, b2, hess_init), ess=ess,
