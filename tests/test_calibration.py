@@ -143,20 +143,27 @@ def test_matches_brute_force_grid(ivon_state):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def _huge_ess_case(hess_scale=1.0):
+  """ess = 1e15 on a 1x2 linear model, 20% of the labels class 1."""
+  limit = float(np.sqrt(np.finfo(np.float32).max)) / 4
+  ess = 1e15
+  opt = blrax.ivon(0.1, ess=ess, hess_init=hess_scale * ess / limit / ess,
+                   weight_decay=0.0)
+  x = jnp.ones((40, 1))
+  y = jnp.asarray((np.arange(40) % 5 == 0).astype(np.int32))
+  return opt, ess / limit, x, y
+
+
 def test_temperatures_past_the_state_range_become_its_edge():
   # ess = 1e15: tau = 1e-10 would give ess/tau = 1e25, past the float32
   # state's range (4.6e18), which tempered() refuses. It is evaluated (and
   # returned) as the smallest tau within it, ess / 4.6e18; h is set so that
   # there sigma is about 1, the best width for these labels.
+  opt, floor, x, y = _huge_ess_case()
   limit = float(np.sqrt(np.finfo(np.float32).max)) / 4
-  ess = 1e15
-  floor = ess / limit
   params = {"w": jnp.array([[2.0, -2.0]])}
   apply = lambda p, x: x @ p["w"]
-  state = blrax.ivon(0.1, ess=ess, hess_init=floor / ess,
-                     weight_decay=0.0).init(params)
-  x = jnp.ones((40, 1))
-  y = jnp.asarray((np.arange(40) % 5 == 0).astype(np.int32))  # 20% class 1
+  state = opt.init(params)
   result = blrax.calibrate_posterior(apply, params, state, [(x, y)], key=KEY,
                                      num_samples=SAMPLES,
                                      temperatures=(1e-10,), refine=False)
@@ -170,6 +177,38 @@ def test_temperatures_past_the_state_range_become_its_edge():
   brute = -np.mean(np.log(np.mean(np.asarray(probs, np.float64)[
       :, np.arange(40), np.asarray(y)], axis=0)))
   np.testing.assert_allclose(result.nll, brute, rtol=2e-5)
+  assert result.nll < min(result.mean_nll, result.uncalibrated_nll)
+
+
+def test_refining_stays_within_the_state_range():
+  # sigma = 10 at the floor (h 100x smaller), so the floor is the best grid
+  # point and the refinement searches around it: never below it.
+  opt, floor, x, y = _huge_ess_case(hess_scale=1e-2)
+  params = {"w": jnp.array([[2.0, -2.0]])}
+  result = blrax.calibrate_posterior(lambda p, x: x @ p["w"], params,
+                                     opt.init(params), [(x, y)], key=KEY,
+                                     num_samples=SAMPLES,
+                                     temperatures=(1e-10, 1e-3))
+  taus = np.sort(result.temperatures)
+  assert taus[0] == 0.0 and len(taus) > 4
+  assert np.all(taus[1:] >= floor * (1 - 1e-6)), taus / floor
+
+
+@pytest.mark.parametrize("other_ess", [float("inf"), 1e3])
+def test_the_largest_finite_ess_sets_the_smallest_temperature(other_ess):
+  # Two posteriors (optax.multi_transform): the floor is set by the larger
+  # finite ess; an infinite one (a point mass) does not remove it. "b" does
+  # not reach the outputs, so the NLL is the one-posterior brute force.
+  opt, floor, x, y = _huge_ess_case()
+  params = {"a": jnp.array([[2.0, -2.0]]), "b": jnp.array([[0.5, 0.1]])}
+  apply = lambda p, x: x @ p["a"] + 0.0 * (x @ p["b"])
+  tx = optax.multi_transform(
+      {"a": opt, "b": blrax.ivon(0.1, ess=other_ess, hess_init=1.0)},
+      {"a": "a", "b": "b"})
+  result = blrax.calibrate_posterior(apply, params, tx.init(params), [(x, y)],
+                                     key=KEY, num_samples=SAMPLES,
+                                     temperatures=(1e-10,), refine=False)
+  np.testing.assert_allclose(result.temperature, floor, rtol=1e-6)
   assert result.nll < min(result.mean_nll, result.uncalibrated_nll)
 
 

@@ -107,9 +107,10 @@ def test_vadam_needs_positive_initial_precision():
   with pytest.raises(ValueError, match="hess_init.*weight_decay"):
     blrax.vadam(0.1, ess=10.0, hess_init=0.0, weight_decay=0.0)
   blrax.vadam(0.1, ess=float("inf"), hess_init=0.0, weight_decay=0.0)
-  # Leaves that the mask leaves out have no prior precision: hess_init = 0
-  # would give them an infinite variance.
-  with pytest.raises(ValueError, match="hess_init.*weight_decay_mask leaves"):
+  # Leaves the mask excludes have no prior precision: hess_init = 0 would
+  # give them an infinite variance.
+  with pytest.raises(ValueError,
+                     match="with weight_decay_mask, hess_init alone must be"):
     blrax.vadam(0.1, ess=10.0, batch_size=1, hess_init=0.0, weight_decay=1.0,
                 weight_decay_mask={"a": False})
 

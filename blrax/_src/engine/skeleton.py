@@ -195,7 +195,8 @@ def check_curvature_floor(hess_init: Any, weight_decay: Any, ess: Any,
         "`hess_init` + `weight_decay` must be > 0 so the initial posterior "
         f"variance is finite, got hess_init={hess_init!r}, "
         f"weight_decay={weight_decay!r}"
-        + (" (0 on the leaves that weight_decay_mask leaves out)."
+        + ("; with weight_decay_mask, hess_init alone must be > 0 (the "
+           "leaves it excludes have no prior precision)."
            if weight_decay_mask is not None else "."))
 
 

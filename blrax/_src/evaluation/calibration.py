@@ -349,9 +349,11 @@ def calibrate_posterior(
     key: PRNG key or int seed of the draws, shared by every candidate.
     num_samples: posterior draws :math:`S` per candidate.
     temperatures: the :math:`\tau` grid (values ``>= 0``); default 0 and 25
-      log-spaced values from 1e-4 to 10. A :math:`\tau > 0` that would take
-      ``ess`` past the float32 state's range (``ess``/4.6e18, which only a
-      huge ``ess`` reaches) is evaluated as that smallest value instead.
+      log-spaced values from 1e-4 to 10. A :math:`\tau > 0` below
+      ``ess``/4.6e18 (the largest finite ``ess`` of the state's posteriors;
+      only a huge ``ess`` makes it matter) would take ``ess`` past the
+      float32 state's range: it is evaluated, and reported in
+      ``temperature`` and ``temperatures``, as ``ess``/4.6e18 instead.
     prior_scales: the :math:`\kappa` grid (values ``> 0``); default ``(1.0,)``
       (the prior as trained). E.g. ``np.logspace(-2, 2, 5)`` fits it too.
     likelihood: ``"categorical"`` (softmax over the last axis) or
@@ -410,8 +412,8 @@ def calibrate_posterior(
   if temperatures is None:
     temperatures = np.concatenate([[0.0], np.logspace(-4, 1, 25)])
   taus = _grid("temperatures", temperatures, positive=False)
-  # A tau that takes ess/tau past the state's range is a point mass in all
-  # but name: the smallest tau that stays within it stands for them.
+  # A tau that takes ess/tau past the state's range cannot be held by the
+  # state: the smallest tau that can stands for it.
   tau_floor = _smallest_temperature(posteriors)
   taus = np.unique(np.where((taus > 0) & (taus < tau_floor), tau_floor, taus))
   kappas = _grid("prior_scales", prior_scales, positive=True)
@@ -502,12 +504,14 @@ def calibrate_posterior(
 
 
 def _smallest_temperature(posteriors: list[Any]) -> float:
-  """The smallest tau > 0 with every ``ess / tau`` within the state's range
-  (0 where some ``ess`` is traced or infinite)."""
+  """The smallest tau > 0 with every finite ``ess / tau`` within the state's
+  range: set by the largest finite ``ess`` (0 if there is none; an infinite
+  ``ess`` stays infinite at any tau)."""
   values = [validation.concrete_float(p.ess) for p in posteriors]
-  if any(e is None or not math.isfinite(e) for e in values):
+  finite = [e for e in values if e is not None and math.isfinite(e)]
+  if not finite:
     return 0.0
-  return max(values) / validation.STATE_LIMIT * (1 + 1e-9)  # not past it
+  return max(finite) / validation.STATE_LIMIT * (1 + 1e-9)  # not past it
 
 
 def _select(cache: dict, per_example: dict, selection: str) -> tuple:

@@ -115,7 +115,8 @@ def scale_by_vadam(
   validation.check_unit_interval("b2", b2, include_one=False)
   prior_lib.check(weight_decay, weight_decay_mask, prior_mean)
   if weight_decay_mask is not None:  # Else the engine checks it.
-    # Masked leaves have no prior precision: hess_init alone must be > 0.
+    # Leaves the mask excludes have no prior precision: hess_init alone
+    # must be > 0.
     engine.check_curvature_floor(hess_init, weight_decay, ess,
                                  weight_decay_mask)
   return engine.scale_by_blr(
