@@ -309,6 +309,11 @@ def test_posterior_headroom_runs():
        "--epochs", "1", "--seeds", "0"],
       capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [r for r in result.stdout.splitlines()
+  rows = [r.split("|")[1:-1] for r in result.stdout.splitlines()
           if r.startswith("| ") and "curvature" not in r]
   assert len(rows) == 8, result.stdout
+  mean = float(re.search(r"test NLL of the mean: ([0-9.]+)",
+                         result.stdout).group(1))
+  # The oracle's search includes tau = 0 (the mean) on the test split itself.
+  for row in rows:
+    assert float(row[3]) <= mean + 1e-4, row

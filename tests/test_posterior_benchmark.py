@@ -74,3 +74,20 @@ def test_early_stopping_keeps_the_params_and_state_of_one_epoch():
   assert pb.val_nll(task, best) <= pb.val_nll(task, final)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best),
                                                        jax.tree.leaves(final)))
+
+
+@pytest.mark.slow
+def test_ivon_early_stopping_flag_reaches_ivon_training(tmp_path, monkeypatch):
+  calls = []
+  real_train = pb.train
+
+  def recording(task, method, configs, steps, seeds, early_stopping=False):
+    calls.append((method, early_stopping))
+    return real_train(task, method, configs, steps, seeds, early_stopping)
+
+  monkeypatch.setattr(pb, "train", recording)
+  pb.main(["--smoke", "--ivon-early-stopping", "--out", str(tmp_path / "b")])
+  assert ("ivon", True) in calls and ("ivon", False) not in calls
+  assert ("adamw", True) in calls
+  first_line = (tmp_path / "b.md").read_text().splitlines()[0]
+  assert "--ivon-early-stopping" in first_line
