@@ -18,6 +18,7 @@ search reaches (tau = 0, the mean, is one of its points), the most that a
 posterior of that shape can gain over the mean.
 
     python benchmarks/posterior_headroom.py [--seeds 0 1 2] [--epochs 60]
+        [--samples 64] [--prior-scales 0.01 0.1 1 10 100]
 
 Results of 2026-12-07: benchmarks/results/posterior_headroom.txt.
 """
@@ -38,7 +39,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import quickstart  # noqa: E402
 
 BATCH = 32  # the quickstart's
-SAMPLES = 64  # posterior draws per model average
 SHAPES = ("trained", "data", "empirical_fisher", "fisher")
 
 
@@ -73,7 +73,7 @@ def curvatures(apply, mean, opt_state, x, y, steps, seed):
           "fisher": fisher}
 
 
-def run(seed, epochs):
+def run(seed, epochs, samples, prior_scales):
   x_train, x_val, x_test, y_train, y_val, y_test = quickstart.load(seed)
   model = quickstart.MLP([64, 128, 128, 10], nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -96,11 +96,11 @@ def run(seed, epochs):
       predict = (blrax.predictive.linearized_probs if linearized
                  else blrax.predictive.predictive_probs)
       fit = lambda batches: blrax.calibrate_posterior(
-          apply, mean, shaped, batches, key=seed, num_samples=SAMPLES,
-          linearized=linearized, prior_scales=np.logspace(-2, 2, 5))
+          apply, mean, shaped, batches, key=seed, num_samples=samples,
+          linearized=linearized, prior_scales=prior_scales)
       row[shape, linearized, "validation"] = nll(predict(
           apply, seed + 1, mean, fit(splits["validation"]).opt_state, xt,
-          num_samples=SAMPLES))
+          num_samples=samples))
       row[shape, linearized, "test (oracle)"] = fit(splits["test"]).nll
   return row
 
@@ -109,8 +109,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--epochs", type=int, default=60)
+  parser.add_argument("--samples", type=int, default=64,
+                      help="posterior draws per model average")
+  parser.add_argument("--prior-scales", type=float, nargs="+",
+                      default=[0.01, 0.1, 1.0, 10.0, 100.0])
   args = parser.parse_args(argv)
-  rows = [run(seed, args.epochs) for seed in args.seeds]
+  rows = [run(seed, args.epochs, args.samples, args.prior_scales)
+          for seed in args.seeds]
   mean_nll = np.mean([r["mean"] for r in rows])
   print(f"seeds {args.seeds}; quickstart IVON {quickstart.IVON_SETTINGS}, "
         f"lr {quickstart.IVON_LR}, {args.epochs} epochs, batch {BATCH}")

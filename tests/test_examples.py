@@ -306,7 +306,8 @@ def test_posterior_headroom_runs():
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks",
                                     "posterior_headroom.py"),
-       "--epochs", "1", "--seeds", "0"],
+       "--epochs", "1", "--seeds", "0", "--samples", "4", "--prior-scales",
+       "1"],
       capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [r.split("|")[1:-1] for r in result.stdout.splitlines()
