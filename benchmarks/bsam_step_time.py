@@ -28,7 +28,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_init, mlp_loss, print_ratio_table, time_rounds, timing_parser  # noqa: E402
+from step_time import compare, mlp_init, mlp_loss, timing_parser  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -82,18 +82,7 @@ def main():
       "blrax.ivon": ("ivon", blrax.ivon(1e-3, ess=n_train)),
       "blrax.bsam": ("bsam", blrax.bsam(1e-3, ess=n_train, rho=0.05)),
   }
-  runs = {}
-  for name, (kind, opt) in entries.items():
-    run = make_run(kind, opt)
-    call = (params, opt.init(params), xs, ys)
-    jax.block_until_ready(run(*call))  # compile and warm up
-    runs[name] = (run, call)
-  times = time_rounds(runs, args.rounds, args.inner)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"MLP {sizes}, {n_params:,} params, batch {args.batch}, "
-        f"{jax.devices()[0].platform}, {args.rounds} rounds of {args.inner} "
-        "steps\n")
-  print_ratio_table(times)
+  compare(entries, make_run, params, xs, ys, args)
 
 
 if __name__ == "__main__":

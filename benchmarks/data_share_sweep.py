@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import blrax
 
@@ -49,10 +48,7 @@ EPOCHS, BATCH = 60, 32  # the quickstart's defaults
 
 def run(setting, seed):
   x_train, x_val, x_test, y_train, y_val, y_test = quickstart.load(seed)
-  model = quickstart.MLP([64, 128, 128, 10], nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.as_pure(params)
-  apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+  params, apply = quickstart.model(seed)
   steps = EPOCHS * (len(x_train) // BATCH)
   options = {**quickstart.IVON_SETTINGS, **setting}
   ivon = blrax.ivon(optax.cosine_decay_schedule(quickstart.IVON_LR, steps),

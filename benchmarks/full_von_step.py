@@ -29,7 +29,7 @@ import optax
 import blrax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import mlp_data, mlp_loss, print_ratio_table, time_rounds, timing_parser  # noqa: E402
+from step_time import compare, mlp_data, mlp_loss, timing_parser  # noqa: E402
 
 
 def make_run(kind, opt):
@@ -72,17 +72,7 @@ def main():
       "blrax.von (full)": ("draw", full()),
       "blrax.von (full, hessian=)": ("hessian", full()),
   }
-  runs = {}
-  for name, (kind, opt) in entries.items():
-    run = make_run(kind, opt)
-    call = (params, opt.init(params), xs, ys)
-    jax.block_until_ready(run(*call))  # compile and warm up
-    runs[name] = (run, call)
-  times = time_rounds(runs, args.rounds, args.inner)
-  print(f"MLP {sizes}, {n_params:,} params, batch {args.batch}, "
-        f"{jax.devices()[0].platform}, {args.rounds} rounds of {args.inner} "
-        "steps\n")
-  print_ratio_table(times)
+  compare(entries, make_run, params, xs, ys, args)
 
 
 if __name__ == "__main__":

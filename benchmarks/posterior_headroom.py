@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import blrax
 
@@ -75,10 +74,7 @@ def curvatures(apply, mean, opt_state, x, y, steps, seed):
 
 def run(seed, epochs, samples, prior_scales):
   x_train, x_val, x_test, y_train, y_val, y_test = quickstart.load(seed)
-  model = quickstart.MLP([64, 128, 128, 10], nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.as_pure(params)
-  apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+  params, apply = quickstart.model(seed)
   steps = epochs * (len(x_train) // BATCH)
   ivon = blrax.ivon(optax.cosine_decay_schedule(quickstart.IVON_LR, steps),
                     ess=len(x_train), key=seed, **quickstart.IVON_SETTINGS)

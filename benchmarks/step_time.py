@@ -129,6 +129,23 @@ def time_rounds(runs, rounds, inner):
   return times
 
 
+def compare(entries, make_run, params, xs, ys, args):
+  """Compiles ``make_run(kind, opt)`` for each ``name: (kind, opt)``, times
+  them with :func:`time_rounds` and prints the MLP and the ratio table."""
+  runs = {}
+  for name, (kind, opt) in entries.items():
+    run = make_run(kind, opt)
+    call = (params, opt.init(params), xs, ys)
+    jax.block_until_ready(run(*call))  # compile and warm up
+    runs[name] = (run, call)
+  times = time_rounds(runs, args.rounds, args.inner)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"MLP {args.sizes}, {n_params:,} params, batch {args.batch}, "
+        f"{jax.devices()[0].platform}, {args.rounds} rounds of {args.inner} "
+        "steps\n")
+  print_ratio_table(times)
+
+
 def print_ratio_table(times, reference="adamw"):
   """The median and the fastest round per step of each entry of
   :func:`time_rounds`'s output, as ratios to ``reference``'s."""

@@ -58,6 +58,13 @@ def load(seed):
   return x_train, x_val, x_test, y_train, y_val, y_test
 
 
+def model(seed):
+  """The MLP's initial params (a pure pytree) and ``apply(params, x)``."""
+  graphdef, params = nnx.split(MLP([64, 128, 128, 10], nnx.Rngs(seed)),
+                               nnx.Param)
+  return nnx.as_pure(params), lambda p, xb: nnx.merge(graphdef, p)(xb)
+
+
 def train(opt, params, apply, x, y, epochs, batch, seed, variational, desc):
   """Plain optax loop; with a blrax optimizer, grads are taken at a sample."""
   state = opt.init(params)
@@ -106,10 +113,7 @@ def main():
   args = parser.parse_args()
 
   x_train, x_val, x_test, y_train, y_val, y_test = load(args.seed)
-  model = MLP([64, 128, 128, 10], nnx.Rngs(args.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.as_pure(params)
-  apply = lambda p, xb: nnx.merge(graphdef, p)(xb)
+  params, apply = model(args.seed)
   x_tr, y_tr = jnp.asarray(x_train), jnp.asarray(y_train)
   xv, xt = jnp.asarray(x_val), jnp.asarray(x_test)
   steps = args.epochs * (len(x_train) // args.batch)

@@ -1,5 +1,6 @@
 """The example scripts run end to end (tiny settings) and report what they say."""
 
+import importlib
 import json
 import os
 import re
@@ -76,13 +77,17 @@ def test_benchmark_runs(script):
   assert "| blrax.ivon |" in result.stdout
 
 
-def _char_gpt():
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
+def _module(folder, name):
+  """``folder/name.py`` of the repo, imported (it may import its siblings)."""
+  sys.path.insert(0, os.path.join(ROOT, folder))
   try:
-    import char_gpt
+    return importlib.import_module(name)
   finally:
     sys.path.pop(0)
-  return char_gpt
+
+
+def _char_gpt():
+  return _module("examples", "char_gpt")
 
 
 def test_char_gpt_tiny_bf16_two_devices_accumulate(tmp_path):
@@ -249,12 +254,7 @@ def test_device_scaling_benchmark_runs(tmp_path):
 
 
 def _headroom():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import posterior_headroom
-  finally:
-    sys.path.pop(0)
-  return posterior_headroom
+  return _module("benchmarks", "posterior_headroom")
 
 
 def test_posterior_headroom_curvatures_against_explicit_loops():
